@@ -1,0 +1,17 @@
+"""Resources, built in one place from the environment (see ``kommo_assets.settings``)."""
+
+import dagster as dg
+
+from kommo_assets.resources.kommo import KommoResource
+from kommo_assets.resources.postgres import PostgresResource
+
+
+def build_resources() -> dict[str, dg.ConfigurableResource]:
+    """Every value comes from an environment variable, read when a run starts, never baked into code."""
+    return {
+        "postgres": PostgresResource(database_url=dg.EnvVar("KOMMO_DATABASE_URL")),
+        "kommo": KommoResource(
+            base_url=dg.EnvVar("KOMMO_BASE_URL"),
+            access_token=dg.EnvVar("KOMMO_ACCESS_TOKEN"),
+        ),
+    }

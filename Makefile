@@ -1,0 +1,34 @@
+# The two commands of the README: `make run` and `make test`. Everything else is a step of theirs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run dev test lint system-deps install benchmark clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml setup.py | $(BIN)/activate
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+system-deps:
+	./scripts/ensure-system-deps.sh
+
+## Run the full refresh once on the embedded default (local Postgres + simulator when unset) and print it.
+run: system-deps install
+	$(BIN)/kommo-assets run
+
+## Lint and run the whole test suite against a real local Postgres and the simulator.
+test: system-deps install
+	$(BIN)/ruff check kommo_assets kommo_assets_tests
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check kommo_assets kommo_assets_tests
+
+clean:
+	rm -rf $(VENV) .kommo-dev .pytest_cache

@@ -1,0 +1,70 @@
+"""What the Kommo assets share: group name, asset keys, the run config and run bookkeeping."""
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dagster as dg
+from pydantic import Field
+
+from kommo_assets.db import runs
+from kommo_assets.settings import ConfigError, require_live
+
+KOMMO_GROUP = "kommo"
+FULL_REFRESH_JOB = "kommo_full_refresh_job"
+DRY_RUN_JOB = "kommo_dry_run_job"
+REQUESTED_BY_TAG = "kommo/requested_by"
+
+KOMMO_API = dg.AssetKey("kommo_api")
+STG_LEADS = dg.AssetKey("stg_kommo_leads")
+STG_CONTACTS = dg.AssetKey("stg_kommo_contacts")
+STG_BOOKING_VEHICLES = dg.AssetKey("stg_kommo_booking_vehicles")
+STAGING_KEYS = (STG_LEADS, STG_CONTACTS, STG_BOOKING_VEHICLES)
+PRODUCTION_KEYS = tuple(dg.AssetKey(k) for k in ("vehicles", "clients", "sales_leads", "bookings", "booking_vehicles"))
+CALENDAR_VIEW = dg.AssetKey("calendar_events_expanded")
+
+log = logging.getLogger(__name__)
+
+
+class KommoRefreshConfig(dg.Config):
+    """Run config of the staging step (``ops: {kommo_staging: {config: ...}}``)."""
+
+    year: int = Field(default=runs.DEFAULT_YEAR, description="Import leads created in this calendar year (UTC).")
+    created_from: str | None = Field(
+        default=None, description="ISO start of the creation window (inclusive); overrides year with created_to."
+    )
+    created_to: str | None = Field(default=None, description="ISO end of the creation window (exclusive).")
+    max_drop_ratio: float = Field(
+        default=runs.DEFAULT_MAX_DROP_RATIO,
+        ge=0.0,
+        le=1.0,
+        description="Largest accepted drop in leads against the last succeeded refresh (0.30 = 30%). "
+        "Raise it to accept a real drop.",
+    )
+
+
+def import_run_id(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> str:
+    """The import run id is the Dagster run id of the run that staged it. A re-execution of a failed run
+    reuses its root's staging, so it points at the root run (whose record then says it is closed)."""
+    run = context.run
+    return run.root_run_id or run.run_id
+
+
+def ensure_live() -> None:
+    try:
+        require_live()
+    except ConfigError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
+
+
+@contextmanager
+def closes_run_on_error(database_url: str, run_id: str, secret: str | None = None) -> Iterator[None]:
+    """Any exception inside closes the import run as failed (with a safe error) before propagating."""
+    try:
+        yield
+    except BaseException as exc:
+        try:
+            runs.close_run(database_url, run_id, "failed", exc, secret)
+        except Exception:  # the database itself may be what failed; the stale check closes it later
+            log.exception("could not close Kommo import run %s", run_id)
+        raise

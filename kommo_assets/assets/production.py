@@ -1,0 +1,90 @@
+"""Staging -> production: the transactional swap, and the calendar view it feeds."""
+
+import dagster as dg
+
+from kommo_assets.assets.common import (
+    CALENDAR_VIEW,
+    KOMMO_GROUP,
+    PRODUCTION_KEYS,
+    STAGING_KEYS,
+    closes_run_on_error,
+    ensure_live,
+    import_run_id,
+)
+from kommo_assets.db import runs
+from kommo_assets.resources.postgres import PostgresResource
+
+_DESCRIPTIONS = {
+    "vehicles": "Vehicles; Kommo vehicle enums missing here are created by the swap.",
+    "clients": "Clients upserted on kommo_contact_id; never deleted.",
+    "sales_leads": "Every staged lead ('kommo:' || lead id); leads gone from Kommo are archived.",
+    "bookings": "Staged leads outside statuses 79790631/91703923/143; bookings gone from Kommo are deactivated.",
+    "booking_vehicles": "The primary vehicle link of each Kommo booking.",
+}
+
+# Which swap counters describe which table.
+_COUNTS = {
+    "vehicles": ("vehicles_created",),
+    "clients": ("clients_added", "clients_updated"),
+    "sales_leads": ("sales_leads_added", "sales_leads_updated", "sales_leads_archived"),
+    "bookings": ("bookings_added", "bookings_updated", "bookings_deactivated"),
+    "booking_vehicles": ("booking_vehicles_added", "booking_vehicles_removed"),
+}
+
+_TABLE_ROWS_SQL = """
+SELECT (SELECT count(*) FROM vehicles),
+       (SELECT count(*) FROM clients),
+       (SELECT count(*) FROM sales_leads WHERE source = 'Kommo' AND archived_at IS NULL),
+       (SELECT count(*) FROM bookings WHERE channel = 'Kommo' AND is_active),
+       (SELECT count(*) FROM booking_vehicles)
+"""
+
+
+@dg.multi_asset(
+    name="kommo_swap",
+    specs=[
+        dg.AssetSpec(key, deps=list(STAGING_KEYS), group_name=KOMMO_GROUP, kinds={"postgres"},
+                     description=_DESCRIPTIONS[key.path[-1]])
+        for key in PRODUCTION_KEYS
+    ],
+)
+def kommo_swap(context: dg.AssetExecutionContext, postgres: PostgresResource):
+    """Runs ``run_kommo_full_refresh(run_id)``: one transaction; any error leaves production as it was."""
+    run_id = import_run_id(context)
+    url = postgres.database_url
+    with closes_run_on_error(url, run_id):
+        ensure_live()
+        counts = runs.swap(url, run_id)
+    context.log.info(f"Swap of run {run_id} committed in {counts['swap_seconds']} s: {counts}")
+    with postgres.connect() as conn:
+        live_rows = conn.execute(_TABLE_ROWS_SQL).fetchone()
+    for key, rows in zip(PRODUCTION_KEYS, live_rows, strict=True):
+        name = key.path[-1]
+        yield dg.MaterializeResult(
+            asset_key=key,
+            metadata={
+                "import_run_id": run_id,
+                "dagster/row_count": rows,
+                **{counter: counts[counter] for counter in _COUNTS[name]},
+                "swap_seconds": float(counts["swap_seconds"]),
+            },
+        )
+
+
+@dg.asset(
+    key=CALENDAR_VIEW,
+    deps=[dg.AssetKey("bookings"), dg.AssetKey("booking_vehicles")],
+    group_name=KOMMO_GROUP,
+    kinds={"postgres"},
+    description="View of manual calendar events plus active, dated Kommo bookings.",
+)
+def calendar_events_expanded(postgres: PostgresResource) -> dg.MaterializeResult:
+    with postgres.connect() as conn:
+        rows = dict(conn.execute("SELECT kind, count(*) FROM calendar_events_expanded GROUP BY kind").fetchall())
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": sum(rows.values()),
+            "kommo_bookings": rows.get("kommo_booking", 0),
+            "manual_events": rows.get("manual", 0),
+        }
+    )

@@ -1,0 +1,189 @@
+"""Kommo -> staging: the run record opens here, the snapshot streams in, the guard checks sit beside it."""
+
+import dagster as dg
+
+from kommo_assets.assets.common import (
+    DRY_RUN_JOB,
+    KOMMO_API,
+    KOMMO_GROUP,
+    REQUESTED_BY_TAG,
+    STG_BOOKING_VEHICLES,
+    STG_CONTACTS,
+    STG_LEADS,
+    KommoRefreshConfig,
+    closes_run_on_error,
+    ensure_live,
+    import_run_id,
+)
+from kommo_assets.db import runs
+from kommo_assets.db.staging import stage_snapshot
+from kommo_assets.resources.kommo import KommoResource
+from kommo_assets.resources.postgres import PostgresResource
+
+kommo_api = dg.AssetSpec(
+    KOMMO_API,
+    description="Kommo API v4 of the account: leads of the window, their main contacts, vehicle and source options.",
+    group_name=KOMMO_GROUP,
+    kinds={"api"},
+)
+
+
+@dg.multi_asset(
+    name="kommo_staging",
+    specs=[
+        dg.AssetSpec(STG_LEADS, deps=[KOMMO_API], group_name=KOMMO_GROUP, kinds={"postgres"},
+                     description="Leads of the window (status 143 excluded), raw payload plus typed columns."),
+        dg.AssetSpec(STG_CONTACTS, deps=[KOMMO_API], group_name=KOMMO_GROUP, kinds={"postgres"},
+                     description="Distinct main contacts of the staged leads."),
+        dg.AssetSpec(STG_BOOKING_VEHICLES, deps=[KOMMO_API], group_name=KOMMO_GROUP, kinds={"postgres"},
+                     description="Vehicle enum of each staged lead (field 1234163)."),
+    ],
+)
+def kommo_staging(
+    context: dg.AssetExecutionContext,
+    config: KommoRefreshConfig,
+    postgres: PostgresResource,
+    kommo: KommoResource,
+):
+    ensure_live()
+    try:
+        window = runs.window_for(config.year, config.created_from, config.created_to)
+    except ValueError as exc:
+        raise dg.Failure(description=f"invalid run config: {exc}", allow_retries=False) from None
+    run_id = import_run_id(context)
+    url = postgres.database_url
+    record = runs.start_run(
+        url,
+        run_id=run_id,
+        dagster_run_id=context.run_id,
+        job_name=context.job_name,
+        triggered_by=context.run.tags.get(REQUESTED_BY_TAG),
+        dry_run=context.job_name == DRY_RUN_JOB,
+        window=window,
+        max_drop_ratio=config.max_drop_ratio,
+    )
+    context.log.info(
+        f"Kommo import run {run_id} started ({'dry run' if record['dry_run'] else 'full refresh'}), "
+        f"leads created in [{window.created_from.isoformat()}, {window.created_to.isoformat()})"
+    )
+    with closes_run_on_error(url, run_id, kommo.access_token):
+        last_logged = {"pages": 0}
+
+        def progress(phase: str, result) -> None:
+            pages = result.lead_pages + result.contact_batches
+            if pages - last_logged["pages"] >= 20:
+                last_logged["pages"] = pages
+                context.log.info(f"{phase}: {result.lead_pages} lead pages, {result.contact_batches} contact batches")
+
+        with kommo.client() as client:
+            result = stage_snapshot(url, run_id, client, window.created_from, window.created_to,
+                                    on_progress=progress)
+            stats = {**result.as_metadata(), "client": client.stats.as_dict()}
+        runs.mark_staged(url, run_id, stats)
+
+    common = {
+        "import_run_id": run_id,
+        "window_from": window.created_from.isoformat(),
+        "window_to": window.created_to.isoformat(),
+        "seconds": round(result.seconds, 2),
+    }
+    yield dg.MaterializeResult(
+        asset_key=STG_LEADS,
+        metadata={
+            **common,
+            "dagster/row_count": result.leads,
+            "leads_received": result.leads_received,
+            "lead_pages": result.lead_pages,
+            "skipped": dg.MetadataValue.json(dict(result.skipped)),
+            "kommo_requests": stats["client"]["requests"],
+            "kommo_429s": stats["client"]["throttled_429"],
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key=STG_CONTACTS,
+        metadata={
+            **common,
+            "dagster/row_count": result.contacts,
+            "contacts_requested": result.contacts_requested,
+            "contacts_missing_in_kommo": result.contacts_requested - result.contacts,
+            "contact_batches": result.contact_batches,
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key=STG_BOOKING_VEHICLES,
+        metadata={**common, "dagster/row_count": result.vehicle_links},
+    )
+
+
+@dg.asset_check(
+    asset=STG_LEADS,
+    name="leads_count_within_drop_guard",
+    blocking=True,
+    description="Zero leads or contacts fails; a drop of more than max_drop_ratio against the last succeeded "
+    "refresh marks the run needs_review. The swap never runs after a failure.",
+)
+def leads_count_within_drop_guard(
+    context: dg.AssetCheckExecutionContext, postgres: PostgresResource
+) -> dg.AssetCheckResult:
+    run_id = import_run_id(context)
+    with closes_run_on_error(postgres.database_url, run_id):
+        verdict = runs.drop_guard(postgres.database_url, run_id)
+    metadata = {
+        "leads": verdict["leads"],
+        "contacts": verdict["contacts"],
+        "previous_leads": verdict["previous_leads"] if verdict["previous_leads"] is not None else "none",
+        "drop_ratio": float(verdict["drop_ratio"]),
+        "max_drop_ratio": float(verdict["max_drop_ratio"]),
+        "run_status": verdict["status"],
+    }
+    if verdict["reason"]:
+        metadata["reason"] = verdict["reason"]
+        context.log.error(f"Drop guard: {verdict['reason']}")
+    return dg.AssetCheckResult(passed=bool(verdict["passed"]), metadata=metadata)
+
+
+_WARNINGS_SQL = """
+SELECT
+  count(*) FILTER (WHERE m.status_id IS NULL AND coalesce(l.status_id, 0) NOT IN (79790631, 91703923, 143))
+      AS unmapped_status,
+  count(*) FILTER (WHERE l.delivery_at IS NULL AND l.collect_at IS NULL
+                     AND coalesce(l.status_id, 0) NOT IN (79790631, 91703923, 143)) AS booking_without_dates,
+  count(*) FILTER (WHERE l.contact_id IS NULL) AS lead_without_contact,
+  (SELECT count(DISTINCT bv.vehicle_enum_id) FROM stg_kommo_booking_vehicles bv
+     WHERE bv.run_id = %(r)s
+       AND NOT EXISTS (SELECT 1 FROM vehicles v WHERE v.kommo_vehicle_id = bv.vehicle_enum_id)) AS vehicles_to_create
+FROM stg_kommo_leads l
+LEFT JOIN kommo_status_map m ON m.status_id = l.status_id
+WHERE l.run_id = %(r)s
+"""
+
+
+@dg.multi_asset_check(
+    specs=[
+        dg.AssetCheckSpec("all_statuses_mapped", asset=STG_LEADS,
+                          description="Booking leads whose status has no kommo_status_map row import as 'pending'."),
+        dg.AssetCheckSpec("all_bookings_dated", asset=STG_LEADS,
+                          description="Bookings with neither delivery nor collect date stay off the calendar."),
+        dg.AssetCheckSpec("all_leads_have_contact", asset=STG_LEADS,
+                          description="Leads without a main contact import without a client."),
+        dg.AssetCheckSpec("no_vehicles_to_create", asset=STG_BOOKING_VEHICLES,
+                          description="Vehicle enums unknown to production are created by the swap."),
+    ],
+)
+def staging_warnings(context: dg.AssetCheckExecutionContext, postgres: PostgresResource):
+    with postgres.connect() as conn:
+        row = conn.execute(_WARNINGS_SQL, {"r": import_run_id(context)}).fetchone()
+    unmapped, undated, no_contact, to_create = row
+    for name, asset, count in (
+        ("all_statuses_mapped", STG_LEADS, unmapped),
+        ("all_bookings_dated", STG_LEADS, undated),
+        ("all_leads_have_contact", STG_LEADS, no_contact),
+        ("no_vehicles_to_create", STG_BOOKING_VEHICLES, to_create),
+    ):
+        yield dg.AssetCheckResult(
+            check_name=name,
+            asset_key=asset,
+            passed=count == 0,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"count": count},
+        )

@@ -1,0 +1,96 @@
+"""``kommo-assets``: migrate the schema, run a refresh on the embedded default, serve the simulator."""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from kommo_assets.settings import ConfigError, database_url
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from kommo_assets.db.migrate import migrate
+
+    result = migrate(database_url())
+    print(f"applied {len(result.applied)} migrations {result.applied}; re-applied {len(result.functions)} function files")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from kommo_assets.assets.common import DRY_RUN_JOB, FULL_REFRESH_JOB
+    from kommo_assets.db.runs import get_run
+    from kommo_assets.definitions import defs
+    from kommo_assets.devenv import start_local_environment
+
+    env = start_local_environment(Path(args.home), leads=args.leads)
+    for note in env.notes:
+        print(f"* {note}")
+    job_name = DRY_RUN_JOB if args.dry_run else FULL_REFRESH_JOB
+    config = {"year": args.year, "max_drop_ratio": args.max_drop_ratio}
+    print(f"* running {job_name} for {args.year} ...")
+    try:
+        with dg.DagsterInstance.ephemeral() as instance:
+            result = defs.resolve_job_def(job_name).execute_in_process(
+                instance=instance,
+                run_config={"ops": {"kommo_staging": {"config": config}}},
+                raise_on_error=False,
+            )
+        record = get_run(env.database_url, result.run_id)
+    finally:
+        env.close()
+    print(f"* Dagster run {result.run_id}: {'success' if result.success else 'FAILURE'}")
+    if record is None:
+        print("* no import run was recorded (the run failed before staging; see the error above)")
+        return 1
+    summary = {
+        key: record[key]
+        for key in ("status", "leads_count", "contacts_count", "vehicles_count", "previous_leads_count",
+                    "drop_ratio", "error")
+    }
+    summary["swap"] = record["swap_counts"]
+    print(json.dumps(summary, indent=2, default=str))
+    return 0 if result.success else 1
+
+
+def _simulator(args: argparse.Namespace) -> int:
+    from kommo_assets.simulator.cli import main as simulator_main
+
+    return simulator_main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kommo-assets", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("migrate", help="apply sql/ to KOMMO_DATABASE_URL (idempotent)").set_defaults(func=_migrate)
+
+    run = sub.add_parser(
+        "run",
+        help="run the full refresh once; starts a local Postgres and the simulator for whatever is not configured",
+    )
+    run.add_argument("--year", type=int, default=2025)
+    run.add_argument("--max-drop-ratio", type=float, default=0.30)
+    run.add_argument("--dry-run", action="store_true", help="stage and check only; production untouched")
+    run.add_argument("--leads", type=int, default=3000, help="size of the simulator's dataset")
+    run.add_argument("--home", default=os.environ.get("KOMMO_DEV_HOME", ".kommo-dev"),
+                     help="where the local Postgres keeps its data")
+    run.set_defaults(func=_run)
+
+    sim = sub.add_parser("simulator", help="serve the Kommo API simulator (see --help of the module)",
+                         add_help=False)
+    sim.add_argument("rest", nargs=argparse.REMAINDER)
+    sim.set_defaults(func=_simulator)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"kommo-assets: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

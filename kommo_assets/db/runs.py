@@ -1,0 +1,105 @@
+"""The import run record (``kommo_import_runs``): start, guard, swap and close, each one SQL call.
+
+The logic lives in ``sql/functions``; this module only calls it and keeps the error text safe.
+"""
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from kommo_assets.db import connect
+from kommo_assets.kommo.errors import redact
+
+DEFAULT_YEAR = 2025
+DEFAULT_MAX_DROP_RATIO = 0.30
+ERROR_MAX_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class Window:
+    """The half-open ``[created_from, created_to)`` range of lead creation times."""
+
+    created_from: datetime
+    created_to: datetime
+
+
+def _parse_instant(text: str, name: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{name} must be an ISO date or datetime such as 2025-01-01, got {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def window_for(year: int | None = DEFAULT_YEAR, created_from: str | None = None,
+               created_to: str | None = None) -> Window:
+    """An explicit ``created_from``/``created_to`` wins over ``year``; both ends are required together."""
+    if created_from or created_to:
+        if not (created_from and created_to):
+            raise ValueError("created_from and created_to must be given together")
+        start = _parse_instant(created_from, "created_from")
+        end = _parse_instant(created_to, "created_to")
+    else:
+        year = DEFAULT_YEAR if year is None else year
+        if not 2000 <= year <= 2100:
+            raise ValueError(f"year must be between 2000 and 2100, got {year}")
+        start = datetime(year, 1, 1, tzinfo=UTC)
+        end = datetime(year + 1, 1, 1, tzinfo=UTC)
+    if start >= end:
+        raise ValueError(f"created_from ({start.isoformat()}) must be before created_to ({end.isoformat()})")
+    return Window(start, end)
+
+
+def safe_error(exc: BaseException | str, secret: str | None = None) -> str:
+    """The text stored in ``kommo_import_runs.error``: type and message, token redacted, bounded."""
+    text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    return redact(text, secret)[:ERROR_MAX_CHARS]
+
+
+def start_run(database_url: str, *, run_id: str, dagster_run_id: str | None, job_name: str | None,
+              triggered_by: str | None, dry_run: bool, window: Window, max_drop_ratio: float,
+              stale_after: timedelta = timedelta(minutes=15)) -> dict[str, Any]:
+    with connect(database_url) as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT * FROM start_kommo_import_run(%s::uuid, %s::text, %s::text, %s::text, %s, %s, %s, %s::numeric, %s)",
+            (run_id, dagster_run_id, job_name, triggered_by, dry_run, window.created_from, window.created_to,
+             max_drop_ratio, stale_after),
+        )
+        return cur.fetchone()
+
+
+def mark_staged(database_url: str, run_id: str, stats: dict[str, Any]) -> None:
+    with connect(database_url) as conn:
+        conn.execute(
+            "UPDATE kommo_import_runs SET staged_at = now(), heartbeat_at = now(), stats = stats || %s"
+            " WHERE id = %s",
+            (Jsonb(stats), run_id),
+        )
+
+
+def drop_guard(database_url: str, run_id: str) -> dict[str, Any]:
+    with connect(database_url) as conn:
+        return conn.execute("SELECT kommo_drop_guard(%s::uuid)", (run_id,)).fetchone()[0]
+
+
+def swap(database_url: str, run_id: str) -> dict[str, Any]:
+    """Runs ``run_kommo_full_refresh`` in one transaction; it marks the run succeeded as it commits."""
+    with connect(database_url) as conn:
+        return conn.execute("SELECT run_kommo_full_refresh(%s::uuid)", (run_id,)).fetchone()[0]
+
+
+def close_run(database_url: str, run_id: str, status: str, error: BaseException | str | None,
+              secret: str | None = None) -> bool:
+    """Closes a running import; returns False when it was already closed. Never raises on a closed run."""
+    text = None if error is None else safe_error(error, secret)
+    with connect(database_url) as conn:
+        return conn.execute("SELECT close_kommo_import_run(%s::uuid, %s::text, %s::text)", (run_id, status, text)).fetchone()[0]
+
+
+def get_run(database_url: str, run_id: str) -> dict[str, Any] | None:
+    with connect(database_url) as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SELECT * FROM kommo_import_runs WHERE id = %s", (run_id,))
+        return cur.fetchone()

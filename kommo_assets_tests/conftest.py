@@ -1,0 +1,112 @@
+"""Shared fixtures: one real PostgreSQL server per session, a fresh migrated database per test, the
+Kommo simulator over HTTP, and the environment the Dagster code location reads."""
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from kommo_assets.db.local import LocalPostgres
+from kommo_assets.db.migrate import migrate
+
+TEMPLATE_DB = "kommo_test_template"
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A throwaway server (``KOMMO_TEST_ADMIN_URL`` points at an existing one instead)."""
+    if os.environ.get("KOMMO_TEST_ADMIN_URL"):
+        yield None
+        return
+    root = Path(tempfile.mkdtemp(prefix="kommo-test-pg-"))
+    server = LocalPostgres(root / "data")
+    server.start()
+    yield server
+    server.stop("immediate")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(pg_server) -> str:
+    return os.environ.get("KOMMO_TEST_ADMIN_URL") or pg_server.url("postgres")
+
+
+def _database_url(admin_url: str, name: str) -> str:
+    return psycopg.conninfo.make_conninfo(admin_url, dbname=name)
+
+
+def _create_database(admin_url: str, name: str, template: str | None = None) -> str:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template:
+            query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+        conn.execute(query)
+    return _database_url(admin_url, name)
+
+
+def _drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def template_url(pg_admin_url) -> str:
+    _drop_database(pg_admin_url, TEMPLATE_DB)
+    url = _create_database(pg_admin_url, TEMPLATE_DB)
+    migrate(url)
+    yield url
+    _drop_database(pg_admin_url, TEMPLATE_DB)
+
+
+@pytest.fixture
+def database_url(pg_admin_url, template_url) -> str:
+    """A fresh database with the whole schema, for this test only."""
+    name = f"kommo_test_{uuid.uuid4().hex[:12]}"
+    url = _create_database(pg_admin_url, name, template=TEMPLATE_DB)
+    yield url
+    _drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def empty_database_url(pg_admin_url) -> str:
+    """A fresh database without the schema (for migration tests)."""
+    name = f"kommo_test_{uuid.uuid4().hex[:12]}"
+    url = _create_database(pg_admin_url, name)
+    yield url
+    _drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def make_simulator():
+    """Starts Kommo simulators over real HTTP; all are stopped at the end of the test."""
+    from kommo_assets.simulator import KommoSimulator, SimulatorConfig
+
+    started = []
+
+    def factory(**config):
+        config.setdefault("token", f"test-token-{uuid.uuid4().hex}")
+        sim = KommoSimulator(SimulatorConfig(**config))
+        sim.start()
+        started.append(sim)
+        return sim
+
+    yield factory
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def kommo_env(monkeypatch, database_url, make_simulator):
+    """The environment of a code location pointed at a fresh database and a 600-lead simulator."""
+    sim = make_simulator(leads=600, seed=11)
+    monkeypatch.setenv("KOMMO_DATABASE_URL", database_url)
+    monkeypatch.setenv("KOMMO_BASE_URL", sim.base_url)
+    monkeypatch.setenv("KOMMO_ACCESS_TOKEN", sim.config.token)
+    monkeypatch.setenv("KOMMO_ENABLE_LIVE", "1")
+    monkeypatch.delenv("KOMMO_ENABLE_SLACK_ALERTS", raising=False)
+    return sim

@@ -1,0 +1,128 @@
+"""``run_kommo_full_refresh`` on hand-made staging rows: atomicity, refusals, history, vehicle links."""
+
+import uuid
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+
+from kommo_assets.db import runs
+from kommo_assets_tests.helpers import fetch_all, fetch_one, production_checksum
+
+T0 = datetime(2025, 3, 1, 10, tzinfo=UTC)
+
+
+def stage_run(url, leads, contacts=((900, "Ana", "+1", "ana@x"),), *, dry_run=False, guard=True,
+              max_drop_ratio=1.0) -> str:
+    """Opens a run and stages ``leads`` = [(lead_id, contact_id, status_id, vehicle_enum_id)]."""
+    run_id = str(uuid.uuid4())
+    runs.start_run(url, run_id=run_id, dagster_run_id=None, job_name="test", triggered_by=None, dry_run=dry_run,
+                   window=runs.window_for(2025), max_drop_ratio=max_drop_ratio)
+    with psycopg.connect(url) as conn:
+        for lead_id, contact_id, status_id, vehicle in leads:
+            conn.execute(
+                "INSERT INTO stg_kommo_leads (run_id, lead_id, payload, contact_id, status_id, vehicle_enum_id,"
+                " delivery_at, created_at, updated_at) VALUES (%s, %s, '{}', %s, %s, %s, %s, %s, %s)",
+                (run_id, lead_id, contact_id, status_id, vehicle, T0, T0, T0),
+            )
+        for contact_id, name, phone, email in contacts:
+            conn.execute(
+                "INSERT INTO stg_kommo_contacts (run_id, contact_id, payload, name, phone, email)"
+                " VALUES (%s, %s, '{}', %s, %s, %s)", (run_id, contact_id, name, phone, email))
+        conn.execute(
+            "INSERT INTO stg_kommo_booking_vehicles (run_id, lead_id, vehicle_enum_id)"
+            " SELECT run_id, lead_id, vehicle_enum_id FROM stg_kommo_leads WHERE run_id = %s"
+            " AND vehicle_enum_id IS NOT NULL", (run_id,))
+    runs.mark_staged(url, run_id, {})
+    if guard:
+        assert runs.drop_guard(url, run_id)["passed"]
+    return run_id
+
+
+def test_swap_error_rolls_everything_back(database_url):
+    runs.swap(database_url, stage_run(database_url, [(1, 900, 79790637, 11)]))
+    before = production_checksum(database_url)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("""
+            CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN IF NEW.source_payload_id = 'kommo:3' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$;
+            CREATE TRIGGER boom BEFORE INSERT ON bookings FOR EACH ROW EXECUTE FUNCTION boom();""")
+    run_id = stage_run(database_url, [(1, 900, 79790640, 12), (2, 901, 79790637, 13), (3, 902, 142, None)],
+                       contacts=[(900, "Ana B", "+2", None), (901, "Bo", None, None), (902, "Cy", None, None)])
+    with pytest.raises(psycopg.errors.RaiseException, match="boom"):
+        runs.swap(database_url, run_id)
+    # clients and vehicles were written before the failing bookings statement: all rolled back
+    assert production_checksum(database_url) == before
+    assert runs.get_run(database_url, run_id)["status"] == "running"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"guard": False}, "has not passed the drop guard"), ({"dry_run": True}, "is succeeded, not running")],
+)
+def test_swap_refuses_runs_that_may_not_swap(database_url, kwargs, message):
+    run_id = stage_run(database_url, [(1, 900, 79790637, 11)], **kwargs)
+    with pytest.raises(psycopg.errors.RaiseException, match=message):
+        runs.swap(database_url, run_id)
+    assert fetch_one(database_url, "SELECT count(*) FROM bookings")[0] == 0
+
+
+def test_swap_refuses_a_closed_run(database_url):
+    run_id = stage_run(database_url, [(1, 900, 79790637, 11)])
+    runs.close_run(database_url, run_id, "failed", "operator gave up")
+    with pytest.raises(psycopg.errors.RaiseException, match="is failed, not running"):
+        runs.swap(database_url, run_id)
+
+
+def test_history_is_kept_and_rows_come_back_with_the_same_ids(database_url):
+    runs.swap(database_url, stage_run(database_url, [(1, 900, 79790637, 11), (2, 900, 79790637, 11)]))
+    ids = dict(fetch_all(database_url, "SELECT source_payload_id, id FROM bookings"))
+    runs.swap(database_url, stage_run(database_url, [(1, 900, 79790637, 11)]))
+    assert dict(fetch_all(database_url, "SELECT source_payload_id, is_active FROM bookings")) == {
+        "kommo:1": True, "kommo:2": False}
+    runs.swap(database_url, stage_run(database_url, [(1, 900, 79790637, 11), (2, 900, 79790637, 11)]))
+    assert dict(fetch_all(database_url, "SELECT source_payload_id, id FROM bookings")) == ids
+    assert all(active for (active,) in fetch_all(database_url, "SELECT is_active FROM bookings"))
+    assert fetch_all(database_url, "SELECT archived_at FROM sales_leads") == [(None,), (None,)]
+
+
+def test_lead_leaving_booking_statuses_deactivates_its_booking_but_keeps_the_sales_lead(database_url):
+    runs.swap(database_url, stage_run(database_url, [(1, 900, 79790637, 11)]))
+    runs.swap(database_url, stage_run(database_url, [(1, 900, 91703923, 11)]))
+    assert fetch_one(database_url, "SELECT is_active, kommo_status_id FROM bookings")== (False, 79790637)
+    assert fetch_one(database_url, "SELECT stage_id, archived_at FROM sales_leads") == (91703923, None)
+
+
+def test_primary_vehicle_link_follows_the_vehicle_and_manual_links_stay(database_url):
+    runs.swap(database_url, stage_run(database_url, [(1, 900, 79790637, 11)]))
+    booking, v11 = fetch_one(database_url, "SELECT id, vehicle_id FROM bookings")
+    manual = fetch_one(database_url, "INSERT INTO vehicles (name) VALUES ('trailer') RETURNING id")[0]
+    fetch_one(database_url, "INSERT INTO booking_vehicles (booking_id, vehicle_id) VALUES (%s, %s) RETURNING 1",
+              (booking, manual))
+
+    runs.swap(database_url, stage_run(database_url, [(1, 900, 79790637, 12)]))
+    v12 = fetch_one(database_url, "SELECT id FROM vehicles WHERE kommo_vehicle_id = 12")[0]
+    links = set(fetch_all(database_url, 'SELECT vehicle_id, "primary" FROM booking_vehicles'))
+    assert links == {(v12, True), (manual, False)}
+    assert fetch_one(database_url, "SELECT vehicle_id FROM bookings")[0] == v12 != v11
+
+
+def test_rows_of_other_channels_are_never_touched(database_url):
+    fetch_one(database_url, "INSERT INTO bookings (channel, status, source_payload_id) VALUES"
+                            " ('manual', 'confirmed', 'web:1') RETURNING 1")
+    fetch_one(database_url, "INSERT INTO sales_leads (lead_code, source) VALUES ('web:1', 'Website') RETURNING 1")
+    runs.swap(database_url, stage_run(database_url, [(1, 900, 79790637, 11)]))
+    assert fetch_one(database_url, "SELECT is_active FROM bookings WHERE channel = 'manual'")[0] is True
+    assert fetch_one(database_url, "SELECT archived_at FROM sales_leads WHERE source = 'Website'")[0] is None
+
+
+def test_a_second_running_import_is_refused_and_a_stale_one_is_closed(database_url):
+    first = stage_run(database_url, [(1, 900, 79790637, 11)])
+    with pytest.raises(psycopg.errors.LockNotAvailable, match="another Kommo import is running"):
+        stage_run(database_url, [(1, 900, 79790637, 11)])
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE kommo_import_runs SET heartbeat_at = now() - interval '1 hour' WHERE id = %s", (first,))
+    second = stage_run(database_url, [(1, 900, 79790637, 11)])
+    closed = runs.get_run(database_url, first)
+    assert closed["status"] == "failed" and "abandoned" in closed["error"]
+    assert runs.get_run(database_url, second)["status"] == "running"

@@ -1,0 +1,49 @@
+"""Test helpers: run a job in process, read production state, checksum the production tables."""
+
+import hashlib
+from contextlib import nullcontext
+
+import dagster as dg
+import psycopg
+
+PRODUCTION_TABLES = ("clients", "vehicles", "sales_leads", "bookings", "booking_vehicles", "calendar_events",
+                     "zoho_outbox")
+
+# Small backoff so failure tests stay fast; every other setting is the production default.
+FAST_RETRY = {"resources": {"kommo": {"config": {"max_retries": 2, "backoff_base_seconds": 0.01}}}}
+
+
+def run_job(name: str, *, instance: dg.DagsterInstance | None = None, tags: dict | None = None,
+            fast_retry: bool = False, **config) -> dg.ExecuteInProcessResult:
+    from kommo_assets.definitions import defs
+
+    run_config: dict = {"ops": {"kommo_staging": {"config": config}}} if config else {}
+    if fast_retry:
+        run_config.update(FAST_RETRY)
+    context = nullcontext(instance) if instance else dg.DagsterInstance.ephemeral()
+    with context as inst:
+        return defs.resolve_job_def(name).execute_in_process(
+            instance=inst, run_config=run_config, raise_on_error=False, tags=tags
+        )
+
+
+def production_checksum(url: str) -> str:
+    """A digest of every production table's full contents, in a stable order."""
+    digest = hashlib.sha256()
+    with psycopg.connect(url) as conn:
+        for table in PRODUCTION_TABLES:
+            rows = conn.execute(
+                f"SELECT coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '') FROM {table} t"
+            ).fetchone()[0]
+            digest.update(f"{table}\n{rows}\n".encode())
+    return digest.hexdigest()
+
+
+def fetch_all(url: str, query: str, params=None) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def fetch_one(url: str, query: str, params=None):
+    with psycopg.connect(url) as conn:
+        return conn.execute(query, params).fetchone()

@@ -1,0 +1,143 @@
+-- Lifecycle of kommo_import_runs: start (one running import at a time), the drop guard, closing.
+
+CREATE OR REPLACE FUNCTION start_kommo_import_run(
+    p_id uuid,
+    p_dagster_run_id text,
+    p_job_name text,
+    p_triggered_by text,
+    p_dry_run boolean,
+    p_created_from timestamptz,
+    p_created_to timestamptz,
+    p_max_drop_ratio numeric,
+    p_stale_after interval DEFAULT interval '15 minutes'
+) RETURNS kommo_import_runs
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_other kommo_import_runs;
+    v_run kommo_import_runs;
+BEGIN
+    -- Serialize starters so the stale check and the insert see the same picture.
+    PERFORM pg_advisory_xact_lock(90901);
+    -- An import whose process died (killed, host lost) stops heartbeating: close it so it never wedges
+    -- the next run. Live imports heartbeat at least every page, far more often than p_stale_after.
+    UPDATE kommo_import_runs
+       SET status = 'failed',
+           finished_at = now(),
+           error = format('abandoned: no heartbeat since %s (the process running it died); closed by run %s',
+                          heartbeat_at, p_id)
+     WHERE status = 'running' AND heartbeat_at < now() - p_stale_after;
+
+    SELECT * INTO v_other FROM kommo_import_runs WHERE status = 'running' LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'another Kommo import is running: run % (Dagster run %, started %, last heartbeat %)',
+            v_other.id, coalesce(v_other.dagster_run_id, '-'), v_other.started_at, v_other.heartbeat_at
+            USING ERRCODE = 'lock_not_available',
+                  HINT = 'wait for it to finish; a dead run is closed automatically once its heartbeat is stale';
+    END IF;
+
+    INSERT INTO kommo_import_runs (id, dagster_run_id, job_name, triggered_by, dry_run,
+                                   created_from, created_to, max_drop_ratio)
+    VALUES (p_id, p_dagster_run_id, p_job_name, p_triggered_by, p_dry_run,
+            p_created_from, p_created_to, p_max_drop_ratio)
+    RETURNING * INTO v_run;
+    RETURN v_run;
+END;
+$$;
+
+-- Closes a running import as failed or needs_review; a no-op on an already closed one.
+CREATE OR REPLACE FUNCTION close_kommo_import_run(p_id uuid, p_status text, p_error text)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_status NOT IN ('succeeded', 'failed', 'needs_review') THEN
+        RAISE EXCEPTION 'cannot close an import run as %', p_status;
+    END IF;
+    UPDATE kommo_import_runs
+       SET status = p_status, finished_at = now(), error = p_error
+     WHERE id = p_id AND status = 'running';
+    RETURN FOUND;
+END;
+$$;
+
+-- The drop guard: zero leads or contacts fails the run; a drop of more than max_drop_ratio against
+-- the last succeeded refresh marks it needs_review. Either way the swap will refuse it. A dry run that
+-- passes is closed as succeeded here.
+-- Why a ratio guard at all: a wrong filter, a revoked pipeline permission or a half-broken Kommo answer
+-- look like "most bookings were deleted", and the swap would faithfully deactivate them.
+CREATE OR REPLACE FUNCTION kommo_drop_guard(p_run_id uuid) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_run kommo_import_runs;
+    v_leads integer;
+    v_contacts integer;
+    v_vehicles integer;
+    v_previous integer;
+    v_ratio numeric := 0;
+    v_status text;
+    v_reason text;
+BEGIN
+    SELECT * INTO v_run FROM kommo_import_runs WHERE id = p_run_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown Kommo import run %', p_run_id;
+    END IF;
+    IF v_run.status <> 'running' THEN
+        RAISE EXCEPTION 'Kommo import run % is %, not running', p_run_id, v_run.status;
+    END IF;
+
+    SELECT count(*) INTO v_leads FROM stg_kommo_leads WHERE run_id = p_run_id;
+    SELECT count(*) INTO v_contacts FROM stg_kommo_contacts WHERE run_id = p_run_id;
+    SELECT count(*) INTO v_vehicles FROM stg_kommo_booking_vehicles WHERE run_id = p_run_id;
+    SELECT leads_count INTO v_previous
+      FROM kommo_import_runs
+     WHERE status = 'succeeded' AND NOT dry_run AND id <> p_run_id
+     ORDER BY finished_at DESC
+     LIMIT 1;
+    IF v_previous > 0 THEN
+        v_ratio := round(greatest(0, (v_previous - v_leads)::numeric / v_previous), 4);
+    END IF;
+
+    IF v_leads = 0 THEN
+        v_status := 'failed';
+        v_reason := 'the snapshot has zero leads: Kommo returned nothing for the window; production left unchanged';
+    ELSIF v_contacts = 0 THEN
+        v_status := 'failed';
+        v_reason := format('the snapshot has %s leads but zero contacts; production left unchanged', v_leads);
+    ELSIF v_ratio > v_run.max_drop_ratio THEN
+        v_status := 'needs_review';
+        v_reason := format(
+            'leads dropped by %s%% (%s -> %s), more than max_drop_ratio %s; production left unchanged. '
+            'If the drop is real, re-run with a higher max_drop_ratio.',
+            round(v_ratio * 100, 1), v_previous, v_leads, v_run.max_drop_ratio);
+    END IF;
+
+    -- A dry run ends here: staged and checked, nothing to swap.
+    IF v_reason IS NULL AND v_run.dry_run THEN
+        v_status := 'succeeded';
+    END IF;
+
+    UPDATE kommo_import_runs
+       SET leads_count = v_leads,
+           contacts_count = v_contacts,
+           vehicles_count = v_vehicles,
+           previous_leads_count = v_previous,
+           drop_ratio = v_ratio,
+           heartbeat_at = now(),
+           guard_passed_at = CASE WHEN v_reason IS NULL THEN now() END,
+           status = coalesce(v_status, status),
+           finished_at = CASE WHEN v_status IS NULL THEN NULL ELSE now() END,
+           error = v_reason
+     WHERE id = p_run_id;
+
+    RETURN jsonb_build_object(
+        'passed', v_reason IS NULL,
+        'status', coalesce(v_status, 'running'),
+        'reason', v_reason,
+        'leads', v_leads,
+        'contacts', v_contacts,
+        'vehicle_links', v_vehicles,
+        'previous_leads', v_previous,
+        'drop_ratio', v_ratio,
+        'max_drop_ratio', v_run.max_drop_ratio
+    );
+END;
+$$;
