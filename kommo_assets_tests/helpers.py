@@ -9,17 +9,15 @@ import psycopg
 PRODUCTION_TABLES = ("clients", "vehicles", "sales_leads", "bookings", "booking_vehicles", "calendar_events",
                      "zoho_outbox")
 
-# Small backoff so failure tests stay fast; every other setting is the production default.
-FAST_RETRY = {"resources": {"kommo": {"config": {"max_retries": 2, "backoff_base_seconds": 0.01}}}}
 
 
 def run_job(name: str, *, instance: dg.DagsterInstance | None = None, tags: dict | None = None,
             fast_retry: bool = False, **config) -> dg.ExecuteInProcessResult:
     from kommo_assets.definitions import defs
 
-    run_config: dict = {"ops": {"kommo_staging": {"config": config}}} if config else {}
     if fast_retry:
-        run_config.update(FAST_RETRY)
+        defs = fast_retry_definitions(defs)
+    run_config: dict = {"ops": {"kommo_staging": {"config": config}}} if config else {}
     context = nullcontext(instance) if instance else dg.DagsterInstance.ephemeral()
     with context as inst:
         return defs.resolve_job_def(name).execute_in_process(
@@ -47,3 +45,14 @@ def fetch_all(url: str, query: str, params=None) -> list[tuple]:
 def fetch_one(url: str, query: str, params=None):
     with psycopg.connect(url) as conn:
         return conn.execute(query, params).fetchone()
+
+
+def fast_retry_definitions(defs: dg.Definitions) -> dg.Definitions:
+    """The same Definitions with a Kommo client that gives up after 2 quick retries (failure tests)."""
+    from kommo_assets.resources.kommo import KommoResource
+
+    kommo = KommoResource(base_url=dg.EnvVar("KOMMO_BASE_URL"), access_token=dg.EnvVar("KOMMO_ACCESS_TOKEN"),
+                          max_retries=2, backoff_base_seconds=0.01)
+    return dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs,
+                          sensors=defs.sensors, schedules=defs.schedules,
+                          resources={**defs.resources, "kommo": kommo})

@@ -1,5 +1,7 @@
 """Kommo -> staging: the run record opens here, the snapshot streams in, the guard checks sit beside it."""
 
+from dataclasses import asdict
+
 import dagster as dg
 
 from kommo_assets.assets.common import (
@@ -78,7 +80,7 @@ def kommo_staging(
         with kommo.client() as client:
             result = stage_snapshot(url, run_id, client, window.created_from, window.created_to,
                                     on_progress=progress)
-            stats = {**result.as_metadata(), "client": client.stats.as_dict()}
+            stats = {**result.as_metadata(), "client": asdict(client.stats)}
         runs.mark_staged(url, run_id, stats)
 
     common = {
