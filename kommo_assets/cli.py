@@ -55,6 +55,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if result.success else 1
 
 
+def _dev(args: argparse.Namespace) -> int:
+    from kommo_assets.devserver import serve
+
+    return serve(args)
+
+
 def _simulator(args: argparse.Namespace) -> int:
     from kommo_assets.simulator.cli import main as simulator_main
 
@@ -78,6 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--home", default=os.environ.get("KOMMO_DEV_HOME", ".kommo-dev"),
                      help="where the local Postgres keeps its data")
     run.set_defaults(func=_run)
+
+    dev = sub.add_parser(
+        "dev",
+        help="start the Dagster UI and daemon on the embedded default (local Postgres + simulator when unset)",
+    )
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=3000)
+    dev.add_argument("--leads", type=int, default=3000, help="size of the simulator's dataset")
+    dev.add_argument("--home", default=os.environ.get("KOMMO_DEV_HOME", ".kommo-dev"),
+                     help="where the local Postgres and the Dagster instance keep their data")
+    dev.set_defaults(func=_dev)
 
     sim = sub.add_parser("simulator", help="serve the Kommo API simulator (see --help of the module)",
                          add_help=False)

@@ -14,6 +14,8 @@ KOMMO_GROUP = "kommo"
 FULL_REFRESH_JOB = "kommo_full_refresh_job"
 DRY_RUN_JOB = "kommo_dry_run_job"
 REQUESTED_BY_TAG = "kommo/requested_by"
+REQUEST_ID_TAG = "kommo/request_id"
+REFRESH_TAG = "kommo/refresh"
 
 KOMMO_API = dg.AssetKey("kommo_api")
 STG_LEADS = dg.AssetKey("stg_kommo_leads")
