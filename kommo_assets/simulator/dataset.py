@@ -1,0 +1,1061 @@
+"""Deterministic, lazily generated Kommo account: leads, contacts, pipelines and custom fields.
+
+Lead ``i`` (id ``LEAD_ID_BASE + i``) and contact ``j`` (id ``CONTACT_ID_BASE + j``) are pure functions of
+``(seed, i)`` and ``(seed, j)``. Nothing is generated up front: the few attributes needed to filter and
+sort (status, update delay, contact links) come from small per-block tables that are cached in a bounded
+LRU, and whole records are built on demand, one page at a time. A million leads therefore start instantly
+and cost a few megabytes.
+
+Mutations (deletes, updates, additions, revoked tokens) are kept in an immutable snapshot that is replaced
+on every change, so readers never lock and always see one consistent state.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import math
+import random
+import threading
+import time
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+# --- account constants -------------------------------------------------------------------------------
+
+ACCOUNT_ID = 31_415_926
+LEAD_ID_BASE = 20_000_000
+CONTACT_ID_BASE = 30_000_000
+MAX_LEADS = 5_000_000
+
+PIPELINE_RENTAL = 8841234
+PIPELINE_CORPORATE = 8841299
+
+STATUS_BOT_ANSWERING = 79790631
+STATUS_FOLLOW_UP = 91703923
+STATUS_QUOTE_SENT = 79790634
+STATUS_CONFIRMED = 79790637
+STATUS_CAR_DELIVERED = 79790640
+STATUS_WON = 142
+STATUS_LOST = 143
+STATUS_CORPORATE_NEW = 91703950
+
+VEHICLE_FIELD_ID = 1234163
+SOURCE_FIELD_ID = 823206
+DELIVERY_FIELD_ID = 1218176
+COLLECT_FIELD_ID = 1218178
+DEPOSIT_FIELD_ID = 1218180
+CHILD_SEAT_FIELD_ID = 1218182
+
+CONTACT_PHONE_FIELD_ID = 514001
+CONTACT_EMAIL_FIELD_ID = 514003
+
+RESPONSIBLE_USER_IDS = (5550001, 5550002, 5550003, 5550004, 5550005, 5550006)
+
+VEHICLE_ENUM_BASE = 1_000_001
+VEHICLE_OPTIONS = 30
+DELETED_VEHICLE_OPTIONS = 10  # enum ids VEHICLE_ENUM_BASE+30 .. +39: used by leads, absent from the field
+SOURCE_ENUM_BASE = 2_000_001
+SOURCE_LABELS = ("Instagram", "Website", "Referral", "Google Ads", "Walk-in", "WhatsApp")
+
+PHONE_ENUMS = {"WORK": 715001, "MOB": 715005, "OTHER": 715009}
+EMAIL_ENUMS = {"WORK": 715011, "OTHER": 715015}
+
+LOSS_REASONS = {
+    4001: "Too expensive",
+    4002: "No cars available",
+    4003: "No response",
+    4004: "Booked elsewhere",
+}
+
+# (pipeline_id, status_id, weight in percent). 142/143 exist in both pipelines.
+_STATUS_TABLE = (
+    (PIPELINE_RENTAL, STATUS_LOST, 15.0),
+    (PIPELINE_RENTAL, STATUS_BOT_ANSWERING, 10.0),
+    (PIPELINE_RENTAL, STATUS_FOLLOW_UP, 10.0),
+    (PIPELINE_RENTAL, STATUS_QUOTE_SENT, 15.0),
+    (PIPELINE_RENTAL, STATUS_CONFIRMED, 20.0),
+    (PIPELINE_RENTAL, STATUS_CAR_DELIVERED, 10.0),
+    (PIPELINE_RENTAL, STATUS_WON, 15.0),
+    (PIPELINE_CORPORATE, STATUS_CORPORATE_NEW, 4.0),
+    (PIPELINE_CORPORATE, STATUS_WON, 0.5),
+    (PIPELINE_CORPORATE, STATUS_LOST, 0.5),
+)
+_STATUS_CODES = tuple(range(len(_STATUS_TABLE)))
+_STATUS_CUM = tuple(sum(row[2] for row in _STATUS_TABLE[: k + 1]) for k in range(len(_STATUS_TABLE)))
+# the one pipeline of every status that is not a system status (142/143 keep the lead's pipeline)
+_STATUS_PIPELINE = {status: pipeline for pipeline, status, _ in _STATUS_TABLE if status not in (142, 143)}
+
+# contact link kinds of a lead
+_NEW, _REPEAT, _NONE, _DELETED = 0, 1, 2, 3
+_KIND_CODES = (_NEW, _REPEAT, _NONE, _DELETED)
+_KIND_CUM = (68.0, 96.0, 99.0, 100.0)
+
+_BLOCK = 1024
+_BLOCK_CACHE = 1024  # blocks kept (about 7 KB each)
+_DAY = 86_400
+
+_LEAD_KEYS = (
+    "id", "name", "price", "responsible_user_id", "group_id", "status_id", "pipeline_id",
+    "loss_reason_id", "created_by", "updated_by", "created_at", "updated_at", "closed_at",
+    "closest_task_at", "is_deleted", "custom_fields_values", "score", "account_id", "labor_cost",
+)
+_UPDATABLE = frozenset(_LEAD_KEYS) - {"id", "created_at", "account_id"}
+
+_FIRST_NAMES = (
+    ("Jürgen", "juergen"), ("Zoë", "zoe"), ("Sören", "soeren"), ("Anna", "anna"), ("Lukas", "lukas"),
+    ("Sophie", "sophie"), ("Maximilian", "max"), ("José", "jose"), ("María", "maria"), ("Iñigo", "inigo"),
+    ("Lucía", "lucia"), ("Sergio", "sergio"), ("Сергей", "sergey"), ("Наталья", "natalya"),
+    ("Дмитрий", "dmitry"), ("Ольга", "olga"), ("John", "john"), ("Emily", "emily"), ("Chloé", "chloe"),
+    ("François", "francois"), ("Giulia", "giulia"), ("Mehmet", "mehmet"), ("Ayşe", "ayse"),
+    ("Łukasz", "lukasz"), ("Laura", "laura"), ("Jonas", "jonas"), ("Carmen", "carmen"), ("Ali", "ali"),
+)
+_LAST_NAMES = (
+    ("Müller", "mueller"), ("Schröder", "schroeder"), ("Weiß", "weiss"), ("Fischer", "fischer"),
+    ("Becker", "becker"), ("Núñez", "nunez"), ("García", "garcia"), ("Muñoz", "munoz"),
+    ("Иванов", "ivanov"), ("Смирнова", "smirnova"), ("Кузнецов", "kuznetsov"), ("Smith", "smith"),
+    ("O'Brien", "obrien"), ("Dubois", "dubois"), ("Rossi", "rossi"), ("Yılmaz", "yilmaz"),
+    ("Kowalski", "kowalski"), ("Schmidt", "schmidt"), ("Hoffmann", "hoffmann"), ("López", "lopez"),
+)
+_EMAIL_DOMAINS = ("gmail.com", "web.de", "gmx.de", "yandex.ru", "outlook.com", "hotmail.es", "icloud.com")
+_PHONE_PREFIXES = ("+49 151 ", "+49 160 ", "+49 176 ", "+7 916 ", "+34 612 ", "+44 7700 ", "0151 ", "+4917")
+_VEHICLE_MODELS = (
+    "Toyota Corolla", "VW Golf", "Renault Clio", "Fiat 500", "BMW 320d", "Mercedes-Benz A 180",
+    "Škoda Octavia", "Peugeot 208", "Opel Corsa", "Ford Focus", "Seat Ibiza", "Hyundai i20", "Kia Ceed",
+    "Dacia Duster", "Citroën C3", "Audi A3", "Tesla Model 3", "Nissan Qashqai", "Mazda 2", "Volvo XC40",
+    "VW Polo", "Toyota Yaris", "Cupra Born", "Mini Cooper", "Jeep Renegade",
+)
+_TAGS = ((70001, "instagram"), (70002, "vip"), (70003, "repeat customer"), (70004, "airport"),
+         (70005, "long term"), (70006, "Доставка"))
+_LEAD_TITLES = ("Anfrage über Website", "Заявка с сайта", "Reserva coche", "Booking request")
+_LOSS_CHOICES = (None, 4001, 4002, 4003, 4004)
+_COLLECT_SHIFT = (0, 0, 1800, 3600, -3600)
+_SOURCE_CUM = (30.0, 55.0, 70.0, 85.0, 90.0, 100.0)  # Instagram, Website, Referral, Google Ads, Walk-in, WhatsApp
+_COMPANIES = (
+    (40000001, "Müller Logistik GmbH"), (40000002, "Acme Events S.L."), (40000003, "ООО Вектор"),
+    (40000004, "Blue Harbour Ltd"),
+)
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """Everything that defines one simulated account and its server."""
+
+    leads: int = 2000
+    seed: int = 1
+    token: str = "simulator-token"
+    rate_limit_rps: float | None = 7.0  # 0 or None disables the limiter
+    latency_ms: float = 0.0
+    ban_after_violations: int | None = None  # after that many 429s every request gets 403
+    year: int = 2025
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.leads <= MAX_LEADS:
+            raise ValueError(f"leads must be between 0 and {MAX_LEADS}, got {self.leads}")
+        if not 1971 <= self.year <= 2100:
+            raise ValueError(f"year out of range: {self.year}")
+
+
+@dataclass(frozen=True)
+class LeadQuery:
+    """A normalized leads-list query (everything but paging). ``None`` means "no such filter"."""
+
+    created_from: int | None = None
+    created_to: int | None = None
+    updated_from: int | None = None
+    updated_to: int | None = None
+    ids: tuple[int, ...] | None = None
+    statuses: tuple[tuple[int, int], ...] | None = None  # (pipeline_id, status_id) pairs
+    pipelines: tuple[int, ...] | None = None
+    order_field: str = "id"  # id | created_at | updated_at
+    order_desc: bool = False
+
+    def is_plain_range(self) -> bool:
+        return (
+            self.ids is None
+            and self.statuses is None
+            and self.pipelines is None
+            and self.updated_from is None
+            and self.updated_to is None
+            and self.order_field in ("id", "created_at")
+        )
+
+
+@dataclass(frozen=True)
+class _State:
+    version: int = 0  # bumps on every lead mutation
+    deleted: frozenset[int] = frozenset()
+    stored: Mapping[int, dict] = field(default_factory=dict)  # id -> full core record (updated or added)
+    added: tuple[int, ...] = ()  # ids of added leads, ascending
+    deleted_contacts: frozenset[int] = frozenset()
+    next_id: int = 0
+
+
+class _Block:
+    __slots__ = ("status", "upd", "kind", "rep", "second")
+
+    def __init__(self, status: bytes, upd: array, kind: bytes, rep: bytes, second: bytes) -> None:
+        self.status = status
+        self.upd = upd
+        self.kind = kind
+        self.rep = rep
+        self.second = second
+
+
+def _ts(year: int, month: int, day: int) -> int:
+    return int(datetime(year, month, day, tzinfo=UTC).timestamp())
+
+
+class Dataset:
+    """The simulated Kommo account. Safe to read and mutate from many threads."""
+
+    def __init__(self, config: SimulatorConfig | None = None, **overrides) -> None:
+        if config is None:
+            config = SimulatorConfig(**overrides)
+        elif overrides:
+            raise TypeError("pass either a SimulatorConfig or keyword overrides, not both")
+        self.config = config
+        self.seed = config.seed
+        self.size = config.leads
+        self.token: str | None = config.token
+        self.base_url = "https://simulator.kommo.com"
+        y = config.year
+        self.window_start = _ts(y, 1, 1)
+        self.window_end = _ts(y + 1, 1, 1)  # exclusive
+        self.spread_start = _ts(y - 1, 11, 1)
+        self.spread_end = _ts(y + 1, 3, 1)  # exclusive: the last lead is created on Feb 28
+        self.now = self.spread_end  # the account's "today": nothing is updated later than this
+        n_pre = round(self.size * 0.10)
+        n_post = round(self.size * 0.10)
+        n_win = self.size - n_pre - n_post
+        self._segments: list[tuple[int, int, int, int, float]] = []  # (first index, count, start, end, step)
+        first = 0
+        for count, start, end in (
+            (n_pre, self.spread_start, self.window_start),
+            (n_win, self.window_start, self.window_end),
+            (n_post, self.window_end, self.spread_end),
+        ):
+            if count:
+                self._segments.append((first, count, start, end, (end - start) / count))
+            first += count
+        self._segment_firsts = [s[0] for s in self._segments]
+        self._blocks: OrderedDict[int, _Block] = OrderedDict()
+        self._blocks_lock = threading.Lock()
+        self._lock = threading.RLock()  # serializes mutations
+        self._cache_lock = threading.Lock()  # serializes materializations (identical queries share one)
+        self._cache: OrderedDict[tuple, array] = OrderedDict()
+        self._state = _State(next_id=LEAD_ID_BASE + self.size)
+        self._fields = self._build_fields()
+        # integer seeds are cheaper than strings; the offset keeps lead streams apart across seeds
+        self._lead_seed = (self.seed + 1) * 10_000_019 * 7
+
+    # --- cheap per-lead attributes -------------------------------------------------------------------
+
+    def created_at_of(self, i: int) -> int:
+        """created_at of base lead ``i``: strictly increasing in ``i``; segment edges hit exactly."""
+        seg = self._segments[bisect.bisect_right(self._segment_firsts, i) - 1]
+        first, count, start, end, step = seg
+        k = i - first
+        if k == 0:
+            return start
+        if k == count - 1:
+            return end - 1
+        whole = int(step)
+        jitter = 0
+        if whole >= 2:
+            h = (i * 2654435761 + self.seed * 40503 + 0x9E3779B9) & 0xFFFFFFFF
+            h ^= h >> 15
+            h = (h * 2246822519) & 0xFFFFFFFF
+            h ^= h >> 13
+            jitter = h % whole
+        return start + int(k * step) + jitter
+
+    def _block(self, b: int) -> _Block:
+        blocks = self._blocks
+        with self._blocks_lock:
+            blk = blocks.get(b)
+            if blk is not None:
+                blocks.move_to_end(b)
+                return blk
+        n = min(_BLOCK, self.size - b * _BLOCK)
+        rng = random.Random(f"kommo-sim/block/{self.seed}/{b}")
+        rnd = rng.random
+        status = bytes(rng.choices(_STATUS_CODES, cum_weights=_STATUS_CUM, k=n))
+        upd = array("i")
+        for _ in range(n):
+            r = rnd()
+            upd.append(0 if r < 0.2 else min(int(-math.log(1.0 - (r - 0.2) / 0.8) * 12 * _DAY), 200 * _DAY))
+        kind = bytes(rng.choices(_KIND_CODES, cum_weights=_KIND_CUM, k=n))
+        rep = bytes(1 + int(rnd() * 40) for _ in range(n))
+        second = bytearray(n)
+        for k in range(n):
+            if rnd() < 0.10:
+                second[k] = 1 + int(rnd() * 200)
+        blk = _Block(status, upd, kind, rep, bytes(second))
+        with self._blocks_lock:
+            blocks[b] = blk
+            while len(blocks) > _BLOCK_CACHE:
+                blocks.popitem(last=False)
+        return blk
+
+    def _base_updated(self, created: int, delta: int) -> int:
+        return min(created + delta, max(created, self.now - 1))
+
+    def _kind(self, i: int) -> int:
+        return self._block(i // _BLOCK).kind[i % _BLOCK]
+
+    def _main_contact_index(self, i: int) -> int | None:
+        """Index ``j`` of lead ``i``'s main contact (id ``CONTACT_ID_BASE + j``), or None."""
+        blk = self._block(i // _BLOCK)
+        kind = blk.kind[i % _BLOCK]
+        if kind == _NONE:
+            return None
+        if kind != _REPEAT:  # _NEW, or _DELETED (a contact that no longer exists)
+            return i
+        t = i
+        last_repeat = i
+        while True:
+            blk = self._block(t // _BLOCK)
+            kt = blk.kind[t % _BLOCK]
+            if kt == _NEW:
+                return t
+            if kt == _REPEAT:
+                nt = t - blk.rep[t % _BLOCK]
+                if nt < 0:
+                    return t
+                last_repeat = t
+                t = nt
+                continue
+            return last_repeat  # the chain ends at a lead without a usable contact: own contact
+
+    def _contact_index_exists(self, j: int) -> bool:
+        if not 0 <= j < self.size:
+            return False
+        kind = self._kind(j)
+        if kind in (_NONE, _DELETED):
+            return False
+        return kind == _NEW or self._main_contact_index(j) == j
+
+    def _base_contacts(self, i: int) -> list[tuple[int, bool]]:
+        main = self._main_contact_index(i)
+        if main is None:
+            return []
+        out = [(CONTACT_ID_BASE + main, True)]
+        offset = self._block(i // _BLOCK).second[i % _BLOCK]
+        if offset and i - offset >= 0:
+            other = self._main_contact_index(i - offset)
+            if other is not None and other != main and self._kind(other) != _DELETED:
+                out.append((CONTACT_ID_BASE + other, False))
+        return out
+
+    # --- field definitions ---------------------------------------------------------------------------
+
+    def _build_fields(self) -> dict[int, dict]:
+        rng = random.Random(f"kommo-sim/fields/{self.seed}")
+        labels: list[str] = []
+        plates: set[str] = set()
+        letters = "ABCDEFGHJKLMNPRSTUVWXYZ"
+        while len(labels) < VEHICLE_OPTIONS + DELETED_VEHICLE_OPTIONS:
+            plate = (
+                rng.choice(letters) + rng.choice(letters) + f"{rng.randrange(100, 1000)}"
+                + rng.choice(letters) + rng.choice(letters)
+            )
+            if plate in plates:
+                continue
+            plates.add(plate)
+            labels.append(f"{rng.choice(_VEHICLE_MODELS)} {rng.randrange(2019, 2026)} · {plate}")
+        self._vehicle_labels = {VEHICLE_ENUM_BASE + k: label for k, label in enumerate(labels)}
+
+        def enums(base: int, values: Iterable[str]) -> list[dict]:
+            return [{"id": base + k, "value": v, "sort": 500 + 10 * k} for k, v in enumerate(values)]
+
+        def definition(fid: int, name: str, ftype: str, sort: int, enum_list: list[dict] | None) -> dict:
+            return {
+                "id": fid,
+                "name": name,
+                "type": ftype,
+                "account_id": ACCOUNT_ID,
+                "code": None,
+                "sort": sort,
+                "is_api_only": False,
+                "enums": enum_list,
+                "group_id": None,
+                "required_statuses": [],
+                "is_deletable": True,
+                "is_predefined": False,
+                "entity_type": "leads",
+                "tracking_callback": None,
+                "remind": None,
+                "triggers": [],
+                "currency": None,
+                "hidden_statuses": [],
+                "chained_lists": None,
+                "_links": {"self": {"href": f"/api/v4/leads/custom_fields/{fid}"}},
+            }
+
+        return {
+            VEHICLE_FIELD_ID: definition(
+                VEHICLE_FIELD_ID, "Vehicle", "select", 502,
+                enums(VEHICLE_ENUM_BASE, labels[:VEHICLE_OPTIONS]),
+            ),
+            SOURCE_FIELD_ID: definition(
+                SOURCE_FIELD_ID, "Source", "select", 503, enums(SOURCE_ENUM_BASE, SOURCE_LABELS)
+            ),
+            DELIVERY_FIELD_ID: definition(DELIVERY_FIELD_ID, "Date/Time Delivery", "date_time", 504, None),
+            COLLECT_FIELD_ID: definition(COLLECT_FIELD_ID, "Date/Time Collect", "date_time", 505, None),
+            DEPOSIT_FIELD_ID: definition(DEPOSIT_FIELD_ID, "Deposit", "numeric", 506, None),
+            CHILD_SEAT_FIELD_ID: definition(CHILD_SEAT_FIELD_ID, "Child seat", "checkbox", 507, None),
+        }
+
+    def field(self, field_id: int) -> dict | None:
+        """A lead custom-field definition (with ``enums`` for selects), or None for an unknown id."""
+        f = self._fields.get(field_id)
+        return copy.deepcopy(f) if f is not None else None
+
+    def fields(self) -> list[dict]:
+        return [copy.deepcopy(f) for f in self._fields.values()]
+
+    def pipelines(self) -> list[dict]:
+        def status(pipeline_id: int, sid: int, name: str, sort: int, color: str, stype: int = 0) -> dict:
+            return {
+                "id": sid,
+                "name": name,
+                "sort": sort,
+                "is_editable": stype == 0 and sid not in (142, 143),
+                "pipeline_id": pipeline_id,
+                "color": color,
+                "type": stype,
+                "account_id": ACCOUNT_ID,
+                "_links": {"self": {"href": f"{self.base_url}/api/v4/leads/pipelines/{pipeline_id}/statuses/{sid}"}},
+            }
+
+        def pipeline(pid: int, name: str, sort: int, is_main: bool, statuses: list[dict]) -> dict:
+            return {
+                "id": pid,
+                "name": name,
+                "sort": sort,
+                "is_main": is_main,
+                "is_unsorted_on": True,
+                "is_archive": False,
+                "account_id": ACCOUNT_ID,
+                "_links": {"self": {"href": f"{self.base_url}/api/v4/leads/pipelines/{pid}"}},
+                "_embedded": {"statuses": statuses},
+            }
+
+        r, c = PIPELINE_RENTAL, PIPELINE_CORPORATE
+        return [
+            pipeline(r, "Car rental", 1, True, [
+                status(r, STATUS_BOT_ANSWERING, "Request bot answering", 10, "#c1c1c1", 1),
+                status(r, STATUS_FOLLOW_UP, "Follow up", 20, "#99ccff"),
+                status(r, STATUS_QUOTE_SENT, "Quote sent", 30, "#ffff99"),
+                status(r, STATUS_CONFIRMED, "Confirmed", 40, "#ffcc66"),
+                status(r, STATUS_CAR_DELIVERED, "Car delivered", 50, "#deff81"),
+                status(r, STATUS_WON, "Closed - won", 10000, "#CCFF66"),
+                status(r, STATUS_LOST, "Closed - lost", 11000, "#D5D8DB"),
+            ]),
+            pipeline(c, "Corporate", 2, False, [
+                status(c, STATUS_CORPORATE_NEW, "New corporate request", 10, "#c1c1c1", 1),
+                status(c, STATUS_WON, "Closed - won", 10000, "#CCFF66"),
+                status(c, STATUS_LOST, "Closed - lost", 11000, "#D5D8DB"),
+            ]),
+        ]
+
+    def _select_value(self, field_id: int, enum_id: int) -> dict:
+        label = None
+        if field_id == VEHICLE_FIELD_ID:
+            label = self._vehicle_labels.get(enum_id)
+        else:
+            for e in self._fields[field_id]["enums"] or ():
+                if e["id"] == enum_id:
+                    label = e["value"]
+        return {"value": label if label is not None else f"Option {enum_id}", "enum_id": enum_id, "enum_code": None}
+
+    def _cf_item(self, field_id: int, value) -> dict:
+        f = self._fields[field_id]
+        ftype = f["type"]
+        if ftype == "select":
+            values = [self._select_value(field_id, int(value))]
+        elif ftype == "date_time":
+            values = [{"value": int(value)}]
+        elif ftype == "numeric":
+            values = [{"value": str(value)}]
+        elif ftype == "checkbox":
+            values = [{"value": bool(value)}]
+        else:
+            values = [{"value": str(value)}]
+        return {"field_id": field_id, "field_name": f["name"], "field_code": None, "field_type": ftype,
+                "values": values}
+
+    # --- record generation ---------------------------------------------------------------------------
+
+    def _gen_custom_fields(self, rnd, created: int) -> list[dict] | None:
+        if rnd() < 0.03:
+            return None
+        items = []
+        if rnd() < 0.95:
+            if rnd() < 0.02:
+                enum_id = VEHICLE_ENUM_BASE + VEHICLE_OPTIONS + int(rnd() * DELETED_VEHICLE_OPTIONS)
+            else:
+                enum_id = VEHICLE_ENUM_BASE + int(rnd() * VEHICLE_OPTIONS)
+            items.append({"field_id": VEHICLE_FIELD_ID, "field_name": "Vehicle", "field_code": None,
+                          "field_type": "select", "values": [
+                              {"value": self._vehicle_labels[enum_id], "enum_id": enum_id, "enum_code": None}]})
+        if rnd() < 0.90:
+            src = bisect.bisect(_SOURCE_CUM, rnd() * 100.0)
+            items.append({"field_id": SOURCE_FIELD_ID, "field_name": "Source", "field_code": None,
+                          "field_type": "select", "values": [
+                              {"value": SOURCE_LABELS[src], "enum_id": SOURCE_ENUM_BASE + src, "enum_code": None}]})
+        r = rnd()
+        delivery = created + (2 * 3600 + int(rnd() * 58 * _DAY)) // 1800 * 1800
+        collect = delivery + (1 + int(rnd() * 14)) * _DAY + _COLLECT_SHIFT[int(rnd() * 5)]
+        if r < 0.87:
+            items.append({"field_id": DELIVERY_FIELD_ID, "field_name": "Date/Time Delivery", "field_code": None,
+                          "field_type": "date_time", "values": [{"value": delivery}]})
+        if r < 0.80 or 0.87 <= r < 0.92:
+            items.append({"field_id": COLLECT_FIELD_ID, "field_name": "Date/Time Collect", "field_code": None,
+                          "field_type": "date_time", "values": [{"value": collect}]})
+        if rnd() < 0.40:
+            items.append({"field_id": DEPOSIT_FIELD_ID, "field_name": "Deposit", "field_code": None,
+                          "field_type": "numeric", "values": [{"value": str(100 + 50 * int(rnd() * 19))}]})
+        if rnd() < 0.10:
+            items.append({"field_id": CHILD_SEAT_FIELD_ID, "field_name": "Child seat", "field_code": None,
+                          "field_type": "checkbox", "values": [{"value": True}]})
+        return items or None
+
+    def _gen_core(self, rng: random.Random, lead_id: int, created: int, updated: int, pipeline_id: int,
+                  status_id: int, contacts: list[tuple[int, bool]]) -> dict:
+        rnd = rng.random
+        users = RESPONSIBLE_USER_IDS
+        responsible = users[int(rnd() * 6)]
+        style = rnd()
+        if pipeline_id == PIPELINE_CORPORATE:
+            name = f"Corporate: {_COMPANIES[int(rnd() * len(_COMPANIES))][1]}"
+        elif style < 0.35:
+            name = f"Lead #{lead_id}"
+        elif style < 0.65:
+            first = _FIRST_NAMES[int(rnd() * len(_FIRST_NAMES))][0]
+            name = f"{first} – {_VEHICLE_MODELS[int(rnd() * len(_VEHICLE_MODELS))]}"
+        elif style < 0.80:
+            name = _LEAD_TITLES[int(rnd() * len(_LEAD_TITLES))]
+        else:
+            name = f"Rental {_VEHICLE_MODELS[int(rnd() * len(_VEHICLE_MODELS))]}"
+        if status_id == STATUS_BOT_ANSWERING and rnd() < 0.6:
+            price = 0
+        else:
+            price = 60 + 5 * int(rnd() * 948)
+        closed = status_id == STATUS_WON or status_id == STATUS_LOST
+        closed_at = None
+        if closed:
+            closed_at = created + int((updated - created) * rnd())
+            if closed_at == created and updated > created:
+                closed_at = updated
+        loss = _LOSS_CHOICES[int(rnd() * 5)] if status_id == STATUS_LOST else None
+        task = None if closed or rnd() < 0.6 else updated + 3600 + int(rnd() * 10 * _DAY)
+        created_by = 0 if rnd() < 0.5 else users[int(rnd() * 6)]
+        updated_by = created_by if updated == created else ((0,) + users)[int(rnd() * 7)]
+        cfv = self._gen_custom_fields(rnd, created)
+        tags = []
+        if rnd() < 0.15:
+            first_tag = int(rnd() * len(_TAGS))
+            picks = [first_tag]
+            if rnd() < 0.33:
+                picks.append((first_tag + 1 + int(rnd() * (len(_TAGS) - 1))) % len(_TAGS))
+            tags = [{"id": _TAGS[t][0], "name": _TAGS[t][1], "color": None} for t in picks]
+        companies = []
+        if pipeline_id == PIPELINE_CORPORATE and rnd() < 0.7:
+            companies.append(_COMPANIES[int(rnd() * len(_COMPANIES))][0])
+        catalog = []
+        if rnd() < 0.03:
+            catalog.append({"id": 900_001 + int(rnd() * 400),
+                            "metadata": {"quantity": 1 if rnd() < 0.7 else 2, "catalog_id": 6601, "price_id": None}})
+        return {
+            "id": lead_id,
+            "name": name,
+            "price": price,
+            "responsible_user_id": responsible,
+            "group_id": 0,
+            "status_id": status_id,
+            "pipeline_id": pipeline_id,
+            "loss_reason_id": loss,
+            "created_by": created_by,
+            "updated_by": updated_by,
+            "created_at": created,
+            "updated_at": updated,
+            "closed_at": closed_at,
+            "closest_task_at": task,
+            "is_deleted": False,
+            "custom_fields_values": cfv,
+            "score": None,
+            "account_id": ACCOUNT_ID,
+            "labor_cost": None,
+            "_contacts": contacts,
+            "_tags": tags,
+            "_companies": companies,
+            "_catalog": catalog,
+        }
+
+    def _base_core(self, i: int) -> dict:
+        blk = self._block(i // _BLOCK)
+        k = i % _BLOCK
+        pipeline_id, status_id, _ = _STATUS_TABLE[blk.status[k]]
+        created = self.created_at_of(i)
+        updated = self._base_updated(created, blk.upd[k])
+        rng = random.Random(self._lead_seed + i)
+        return self._gen_core(rng, LEAD_ID_BASE + i, created, updated, pipeline_id, status_id,
+                              self._base_contacts(i))
+
+    def _core(self, lead_id: int, st: _State) -> dict | None:
+        if lead_id in st.deleted:
+            return None
+        stored = st.stored.get(lead_id)
+        if stored is not None:
+            return copy.deepcopy(stored)
+        i = lead_id - LEAD_ID_BASE
+        if 0 <= i < self.size:
+            return self._base_core(i)
+        return None
+
+    def _render(self, core: dict, with_: Iterable[str] = ("contacts",)) -> dict:
+        with_ = set(with_)
+        lead = {k: core[k] for k in _LEAD_KEYS}
+        base = self.base_url
+        lead_id = core["id"]
+        if "source_id" in with_:
+            lead["source_id"] = None
+        if "is_price_modified_by_robot" in with_:
+            lead["is_price_modified_by_robot"] = False
+        lead["_links"] = {"self": {"href": f"{base}/api/v4/leads/{lead_id}"}}
+        embedded: dict = {
+            "tags": core["_tags"],
+            "companies": [{"id": cid, "_links": {"self": {"href": f"{base}/api/v4/companies/{cid}"}}}
+                          for cid in core["_companies"]],
+        }
+        if "contacts" in with_:
+            embedded["contacts"] = [
+                {"id": cid, "is_main": is_main, "_links": {"self": {"href": f"{base}/api/v4/contacts/{cid}"}}}
+                for cid, is_main in core["_contacts"]
+            ]
+        if "catalog_elements" in with_:
+            embedded["catalog_elements"] = core["_catalog"]
+        if "loss_reason" in with_:
+            rid = core["loss_reason_id"]
+            embedded["loss_reason"] = [] if rid is None else [{
+                "id": rid, "name": LOSS_REASONS.get(rid, f"Reason {rid}"), "sort": rid - 4000,
+                "created_at": self.spread_start, "updated_at": self.spread_start,
+                "_links": {"self": {"href": f"{base}/api/v4/leads/loss_reasons/{rid}"}},
+            }]
+        lead["_embedded"] = embedded
+        return lead
+
+    # --- ground truth --------------------------------------------------------------------------------
+
+    def lead(self, lead_id: int, with_: Iterable[str] = ("contacts",)) -> dict | None:
+        """One current lead in API shape (contacts embedded by default), or None if absent/deleted."""
+        core = self._core(int(lead_id), self._state)
+        return None if core is None else self._render(core, with_)
+
+    def leads(self, lead_ids: Iterable[int], with_: Iterable[str] = ("contacts",)) -> list[dict]:
+        st = self._state
+        out = []
+        for lead_id in lead_ids:
+            core = self._core(int(lead_id), st)
+            if core is not None:
+                out.append(self._render(core, with_))
+        return out
+
+    def iter_leads(self, with_: Iterable[str] = ("contacts",)) -> Iterator[dict]:
+        """Every current lead in API shape, ascending by id. Lazy: safe for a million leads."""
+        with_ = tuple(with_)
+        st = self._state
+        for i in range(self.size):
+            core = self._core(LEAD_ID_BASE + i, st)
+            if core is not None:
+                yield self._render(core, with_)
+        for lead_id in st.added:
+            core = self._core(lead_id, st)
+            if core is not None:
+                yield self._render(core, with_)
+
+    def lead_ids(self) -> Iterator[int]:
+        st = self._state
+        for i in range(self.size):
+            if LEAD_ID_BASE + i not in st.deleted:
+                yield LEAD_ID_BASE + i
+        for lead_id in st.added:
+            if lead_id not in st.deleted:
+                yield lead_id
+
+    def contact_exists(self, contact_id: int) -> bool:
+        if contact_id in self._state.deleted_contacts:
+            return False
+        return self._contact_index_exists(contact_id - CONTACT_ID_BASE)
+
+    def contact(self, contact_id: int) -> dict | None:
+        """A contact in API shape, or None if it never existed or was deleted."""
+        contact_id = int(contact_id)
+        if not self.contact_exists(contact_id):
+            return None
+        j = contact_id - CONTACT_ID_BASE
+        rng = random.Random(f"kommo-sim/contact/{self.seed}/{j}")
+        first, first_ascii = rng.choice(_FIRST_NAMES)
+        last, last_ascii = rng.choice(_LAST_NAMES)
+        shape = rng.random()
+        if shape < 0.08:
+            last = last_ascii = ""
+        name = f"{first} {last}".strip()
+        created = max(0, self.created_at_of(j) - rng.randrange(60, 7200))
+        updated = min(created + (0 if rng.random() < 0.4 else rng.randrange(60, 90 * _DAY)),
+                      max(created, self.now - 1))
+        cfv = []
+        r = rng.random()
+        if r < 0.88:
+            phones = [self._phone(rng)]
+            if rng.random() < 0.15:
+                phones.append(self._phone(rng))
+            values = []
+            for k, number in enumerate(phones):
+                code = "MOB" if k == 0 and rng.random() < 0.7 else rng.choice(("WORK", "OTHER"))
+                values.append({"value": number, "enum_id": PHONE_ENUMS[code], "enum_code": code})
+            cfv.append({"field_id": CONTACT_PHONE_FIELD_ID, "field_name": "Phone", "field_code": "PHONE",
+                        "field_type": "multitext", "values": values})
+        if rng.random() < 0.70:
+            local = f"{first_ascii}.{last_ascii}" if last_ascii else f"{first_ascii}{rng.randrange(10, 99)}"
+            code = "WORK" if rng.random() < 0.3 else "OTHER"
+            cfv.append({"field_id": CONTACT_EMAIL_FIELD_ID, "field_name": "Email", "field_code": "EMAIL",
+                        "field_type": "multitext",
+                        "values": [{"value": f"{local}@{rng.choice(_EMAIL_DOMAINS)}",
+                                    "enum_id": EMAIL_ENUMS[code], "enum_code": code}]})
+        created_by = rng.choice((0,) + RESPONSIBLE_USER_IDS)
+        return {
+            "id": contact_id,
+            "name": name,
+            "first_name": first,
+            "last_name": last,
+            "responsible_user_id": rng.choice(RESPONSIBLE_USER_IDS),
+            "group_id": 0,
+            "created_by": created_by,
+            "updated_by": created_by if updated == created else rng.choice(RESPONSIBLE_USER_IDS),
+            "created_at": created,
+            "updated_at": updated,
+            "closest_task_at": None,
+            "is_deleted": False,
+            "is_unsorted": False,
+            "custom_fields_values": cfv or None,
+            "account_id": ACCOUNT_ID,
+            "_links": {"self": {"href": f"{self.base_url}/api/v4/contacts/{contact_id}"}},
+            "_embedded": {"tags": [], "companies": []},
+        }
+
+    @staticmethod
+    def _phone(rng: random.Random) -> str:
+        prefix = rng.choice(_PHONE_PREFIXES)
+        return prefix + "".join(str(rng.randrange(10)) for _ in range(7))
+
+    # --- queries -------------------------------------------------------------------------------------
+
+    def _base_range(self, created_from: int | None, created_to: int | None) -> tuple[int, int]:
+        lo, hi = 0, self.size
+        if created_from is not None:
+            lo = bisect.bisect_left(range(self.size), created_from, key=self.created_at_of)
+        if created_to is not None:
+            hi = bisect.bisect_right(range(self.size), created_to, key=self.created_at_of)
+        return lo, max(lo, hi)
+
+    def find_lead_ids(self, query: LeadQuery, offset: int, limit: int) -> list[int]:
+        """Ids of one page of a leads-list query, in the query's order."""
+        st = self._state
+        if st.version == 0 and query.is_plain_range():
+            lo, hi = self._base_range(query.created_from, query.created_to)
+            if offset >= hi - lo:
+                return []
+            if not query.order_desc:
+                return list(range(LEAD_ID_BASE + lo + offset, LEAD_ID_BASE + min(hi, lo + offset + limit)))
+            top = hi - 1 - offset
+            return list(range(LEAD_ID_BASE + top, LEAD_ID_BASE + max(lo, top - limit + 1) - 1, -1))
+        ids = self._materialize(query, st)
+        return list(ids[offset:offset + limit])
+
+    def count_leads(self, query: LeadQuery = LeadQuery()) -> int:
+        """How many current leads match (ground truth for tests; the API never reports totals)."""
+        st = self._state
+        if st.version == 0 and query.is_plain_range():
+            lo, hi = self._base_range(query.created_from, query.created_to)
+            return hi - lo
+        return len(self._materialize(query, st))
+
+    def _attrs(self, lead_id: int, st: _State) -> tuple[int, int, int, int] | None:
+        """(created_at, updated_at, pipeline_id, status_id) of a current lead."""
+        if lead_id in st.deleted:
+            return None
+        stored = st.stored.get(lead_id)
+        if stored is not None:
+            return stored["created_at"], stored["updated_at"], stored["pipeline_id"], stored["status_id"]
+        i = lead_id - LEAD_ID_BASE
+        if not 0 <= i < self.size:
+            return None
+        blk = self._block(i // _BLOCK)
+        k = i % _BLOCK
+        pipeline_id, status_id, _ = _STATUS_TABLE[blk.status[k]]
+        created = self.created_at_of(i)
+        return created, self._base_updated(created, blk.upd[k]), pipeline_id, status_id
+
+    def _materialize(self, q: LeadQuery, st: _State) -> array:
+        key = (st.version, q)
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+            ids = self._compute(q, st)
+            self._cache[key] = ids
+            while len(self._cache) > 8:
+                self._cache.popitem(last=False)
+            return ids
+
+    def _compute(self, q: LeadQuery, st: _State) -> array:
+        statuses = set(q.statuses) if q.statuses is not None else None
+        pipelines = set(q.pipelines) if q.pipelines is not None else None
+        cf, ct = q.created_from, q.created_to
+        uf, ut = q.updated_from, q.updated_to
+        need_updated = uf is not None or ut is not None or q.order_field == "updated_at"
+        stored = st.stored
+        deleted = st.deleted
+
+        def keep(created: int, updated: int, pipeline_id: int, status_id: int) -> bool:
+            if cf is not None and created < cf:
+                return False
+            if ct is not None and created > ct:
+                return False
+            if uf is not None and updated < uf:
+                return False
+            if ut is not None and updated > ut:
+                return False
+            if statuses is not None and (pipeline_id, status_id) not in statuses:
+                return False
+            return pipelines is None or pipeline_id in pipelines
+
+        # entries are sort keys: (timestamp << 32) | id when ordering by a timestamp, else the id
+        by = q.order_field
+        mask = 0xFFFFFFFF
+
+        def entry(lead_id: int, created: int, updated: int) -> int:
+            if by == "updated_at":
+                return (updated << 32) | lead_id
+            if by == "created_at":
+                return (created << 32) | lead_id
+            return lead_id
+
+        out: list[int] = []
+        if q.ids is not None:
+            for lead_id in sorted(set(q.ids)):
+                a = self._attrs(lead_id, st)
+                if a is not None and keep(*a):
+                    out.append(entry(lead_id, a[0], a[1]))
+        else:
+            # base leads: created_at is immutable and increasing, so the range bounds the scan
+            lo, hi = self._base_range(cf, ct)
+            b = lo // _BLOCK
+            created_of = self.created_at_of
+            now_cap = self.now - 1
+            while b * _BLOCK < hi:
+                blk = self._block(b)
+                start = max(lo, b * _BLOCK)
+                end = min(hi, (b + 1) * _BLOCK)
+                bstatus, bupd = blk.status, blk.upd
+                for i in range(start, end):
+                    lead_id = LEAD_ID_BASE + i
+                    if lead_id in deleted:
+                        continue
+                    s = stored.get(lead_id)
+                    if s is not None:
+                        if keep(s["created_at"], s["updated_at"], s["pipeline_id"], s["status_id"]):
+                            out.append((s["updated_at"] << 32) | lead_id if by == "updated_at" else lead_id)
+                        continue
+                    k = i - b * _BLOCK
+                    pipeline_id, status_id, _ = _STATUS_TABLE[bstatus[k]]
+                    if statuses is not None and (pipeline_id, status_id) not in statuses:
+                        continue
+                    if pipelines is not None and pipeline_id not in pipelines:
+                        continue
+                    if need_updated:
+                        created = created_of(i)
+                        updated = created + bupd[k]
+                        if updated > now_cap:
+                            updated = max(created, now_cap)
+                        if (uf is not None and updated < uf) or (ut is not None and updated > ut):
+                            continue
+                        out.append((updated << 32) | lead_id if by == "updated_at" else lead_id)
+                    else:
+                        out.append(lead_id)
+                b += 1
+            if by == "created_at" and st.added:
+                out = [(created_of(x - LEAD_ID_BASE) << 32) | x for x in out]
+            for lead_id in st.added:
+                a = self._attrs(lead_id, st)
+                if a is not None and keep(*a):
+                    out.append(entry(lead_id, a[0], a[1]))
+        if by != "id" and (by == "updated_at" or st.added or q.ids is not None):
+            out.sort()
+            out = [x & mask for x in out]
+        if q.order_desc:
+            out.reverse()
+        return array("q", out)
+
+    def find_contact_ids(self, ids: Iterable[int] | None, offset: int, limit: int) -> list[int]:
+        """One page of existing contacts, ascending by id: among ``ids``, or all contacts when None."""
+        st = self._state
+        if ids is not None:
+            found = [c for c in sorted(set(ids)) if self.contact_exists(c)]
+            return found[offset:offset + limit]
+        key = ("contacts", st.deleted_contacts)
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is None:
+                hit = array("q", (CONTACT_ID_BASE + j for j in range(self.size)
+                                  if self._contact_index_exists(j)
+                                  and CONTACT_ID_BASE + j not in st.deleted_contacts))
+                self._cache[key] = hit
+                while len(self._cache) > 8:
+                    self._cache.popitem(last=False)
+        return list(hit[offset:offset + limit])
+
+    # --- mutations -----------------------------------------------------------------------------------
+
+    def _lead_exists(self, lead_id: int, st: _State) -> bool:
+        if lead_id in st.deleted:
+            return False
+        return lead_id in st.stored or 0 <= lead_id - LEAD_ID_BASE < self.size
+
+    def delete_leads(self, ids: Iterable[int]) -> int:
+        """Deletes leads (they vanish from lists and lookups). Returns how many existed."""
+        with self._lock:
+            st = self._state
+            gone = {int(x) for x in ids if self._lead_exists(int(x), st)}
+            if gone:
+                self._state = _State(st.version + 1, st.deleted | gone, st.stored, st.added,
+                                     st.deleted_contacts, st.next_id)
+            return len(gone)
+
+    def _apply_changes(self, core: dict, changes: Mapping) -> None:
+        changes = dict(changes)
+        custom = changes.pop("custom_fields", None)
+        contact_ids = changes.pop("contact_ids", None)
+        unknown = set(changes) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"cannot change {sorted(unknown)}; allowed: {sorted(_UPDATABLE)}")
+        old_status = core["status_id"]
+        core.update(changes)
+        if "status_id" in changes and "pipeline_id" not in changes:
+            core["pipeline_id"] = _STATUS_PIPELINE.get(core["status_id"], core["pipeline_id"])
+        if custom:
+            items = list(core["custom_fields_values"] or [])
+            for fid, value in custom.items():
+                fid = int(fid)
+                if fid not in self._fields:
+                    raise ValueError(f"unknown custom field {fid}")
+                pos = next((n for n, it in enumerate(items) if it["field_id"] == fid), None)
+                if value is None:
+                    if pos is not None:
+                        del items[pos]
+                elif pos is None:
+                    items.append(self._cf_item(fid, value))
+                else:
+                    items[pos] = self._cf_item(fid, value)
+            core["custom_fields_values"] = items or None
+        if contact_ids is not None:
+            core["_contacts"] = [(int(c), n == 0) for n, c in enumerate(contact_ids)]
+        if "status_id" in changes and core["status_id"] != old_status and "closed_at" not in changes:
+            core["closed_at"] = core["updated_at"] if core["status_id"] in (STATUS_WON, STATUS_LOST) else None
+
+    def update_lead(self, lead_id: int, **changes) -> dict:
+        """Changes a lead. Top-level keys (status_id, price, name, ...), ``custom_fields={field_id: value
+        or None}`` (select values are enum ids) and ``contact_ids=[main, ...]``. Bumps updated_at unless
+        given. Returns the lead in API shape."""
+        lead_id = int(lead_id)
+        with self._lock:
+            st = self._state
+            core = self._core(lead_id, st)
+            if core is None:
+                raise KeyError(f"lead {lead_id} does not exist")
+            if "updated_at" not in changes:
+                core["updated_at"] = max(int(time.time()), core["updated_at"] + 1)
+            self._apply_changes(core, changes)
+            stored = dict(st.stored)
+            stored[lead_id] = core
+            self._state = _State(st.version + 1, st.deleted, stored, st.added, st.deleted_contacts, st.next_id)
+            return self._render(copy.deepcopy(core))
+
+    def add_lead(self, created_at: int, **fields) -> int:
+        """Adds a lead with an id above every id the account ever had. ``fields`` as in update_lead;
+        unspecified attributes are generated (status, contacts referencing an existing contact, ...)."""
+        created_at = int(created_at)
+        with self._lock:
+            st = self._state
+            lead_id = st.next_id
+            rng = random.Random(f"kommo-sim/added/{self.seed}/{lead_id}")
+            code = rng.choices(_STATUS_CODES, cum_weights=_STATUS_CUM)[0]
+            pipeline_id, status_id, _ = _STATUS_TABLE[code]
+            contacts: list[tuple[int, bool]] = []
+            if self.size:
+                j = self._main_contact_index(rng.randrange(self.size))
+                if j is not None and self._contact_index_exists(j):
+                    contacts = [(CONTACT_ID_BASE + j, True)]
+            fields = dict(fields)
+            updated = int(fields.pop("updated_at", created_at))
+            core = self._gen_core(rng, lead_id, created_at, updated, pipeline_id, status_id, contacts)
+            if fields:
+                fields.setdefault("updated_at", updated)
+                self._apply_changes(core, fields)
+            stored = dict(st.stored)
+            stored[lead_id] = core
+            self._state = _State(st.version + 1, st.deleted, stored, st.added + (lead_id,),
+                                 st.deleted_contacts, lead_id + 1)
+            return lead_id
+
+    def delete_contacts(self, ids: Iterable[int]) -> int:
+        """Deletes contacts: the contacts endpoint stops returning them; leads keep referencing them."""
+        with self._lock:
+            st = self._state
+            gone = {int(x) for x in ids if self.contact_exists(int(x))}
+            if gone:
+                self._state = _State(st.version, st.deleted, st.stored, st.added,
+                                     st.deleted_contacts | gone, st.next_id)
+            return len(gone)
+
+    def revoke_token(self) -> None:
+        """Every API request gets 401 from now on (until set_token)."""
+        self.token = None
+
+    def set_token(self, token: str) -> None:
+        self.token = str(token)
+
+    def apply_mutation(self, spec: Mapping) -> dict:
+        """Applies a JSON mutation ``{"op": ..., ...}``; used by the HTTP control API and mutate faults."""
+        spec = dict(spec)
+        op = spec.pop("op", None)
+        if op == "delete_leads":
+            return {"deleted": self.delete_leads(spec["ids"])}
+        if op == "update_lead":
+            lead_id = spec.pop("lead_id", None)
+            if lead_id is None:
+                lead_id = spec.pop("id")
+            changes = spec.pop("changes", None) or {}
+            changes.update(spec)
+            return {"lead": self.update_lead(int(lead_id), **changes)}
+        if op == "add_lead":
+            created_at = spec.pop("created_at")
+            return {"id": self.add_lead(int(created_at), **spec)}
+        if op == "delete_contacts":
+            return {"deleted": self.delete_contacts(spec["ids"])}
+        if op == "revoke_token":
+            self.revoke_token()
+            return {}
+        if op == "set_token":
+            self.set_token(spec["token"])
+            return {}
+        raise ValueError(f"unknown mutation op {op!r}")
