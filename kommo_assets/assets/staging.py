@@ -19,6 +19,7 @@ from kommo_assets.assets.common import (
 )
 from kommo_assets.db import runs
 from kommo_assets.db.staging import stage_snapshot
+from kommo_assets.reporting import preview_markdown, preview_summary
 from kommo_assets.resources.kommo import KommoResource
 from kommo_assets.resources.postgres import PostgresResource
 
@@ -82,6 +83,8 @@ def kommo_staging(
                                     on_progress=progress)
             stats = {**result.as_metadata(), "client": asdict(client.stats)}
         runs.mark_staged(url, run_id, stats)
+        preview = runs.preview(url, run_id)
+    context.log.info(f"Change preview of run {run_id}: {preview_summary(preview)}")
 
     common = {
         "import_run_id": run_id,
@@ -99,6 +102,8 @@ def kommo_staging(
             "skipped": dg.MetadataValue.json(dict(result.skipped)),
             "kommo_requests": stats["client"]["requests"],
             "kommo_429s": stats["client"]["throttled_429"],
+            "change_preview": dg.MetadataValue.md(preview_markdown(preview)),
+            "change_counts": dg.MetadataValue.json({k: v for k, v in preview.items() if k != "samples"}),
         },
     )
     yield dg.MaterializeResult(

@@ -85,6 +85,14 @@ def drop_guard(database_url: str, run_id: str) -> dict[str, Any]:
         return conn.execute("SELECT kommo_drop_guard(%s::uuid)", (run_id,)).fetchone()[0]
 
 
+def preview(database_url: str, run_id: str, sample: int = 10) -> dict[str, Any]:
+    """Computes what the swap would change now (``kommo_change_preview``) and stores it on the run."""
+    with connect(database_url) as conn:
+        result = conn.execute("SELECT kommo_change_preview(%s::uuid, %s)", (run_id, sample)).fetchone()[0]
+        conn.execute("UPDATE kommo_import_runs SET change_preview = %s WHERE id = %s", (Jsonb(result), run_id))
+    return result
+
+
 def swap(database_url: str, run_id: str) -> dict[str, Any]:
     """Runs ``run_kommo_full_refresh`` in one transaction; it marks the run succeeded as it commits."""
     with connect(database_url) as conn:

@@ -45,47 +45,17 @@ BEGIN
 
     PERFORM set_config('kommo.suppress_outbox', 'on', true);
 
-    -- The snapshot, resolved once: one row per staged lead (status 143 is re-checked here too).
+    -- The snapshot, resolved once (see kommo_snapshot in 15_kommo_snapshot.sql).
     DROP TABLE IF EXISTS pg_temp.kommo_snapshot;
-    CREATE TEMP TABLE kommo_snapshot ON COMMIT DROP AS
-    SELECT l.lead_id,
-           'kommo:' || l.lead_id AS code,
-           l.contact_id,
-           l.status_id,
-           l.pipeline_id,
-           l.name,
-           l.price,
-           um.owner_id,
-           bv.vehicle_enum_id,
-           coalesce(srcmap.source, srcopt.value) AS source,
-           coalesce(stmap.booking_status, 'pending') AS booking_status,
-           coalesce(l.delivery_at, l.collect_at) AS start_at,
-           coalesce(l.collect_at, l.delivery_at) AS end_at,
-           l.created_at,
-           l.updated_at,
-           l.closed_at,
-           coalesce(l.status_id, 0) NOT IN (79790631, 91703923, 143) AS is_booking
-      FROM stg_kommo_leads l
-      LEFT JOIN stg_kommo_booking_vehicles bv ON bv.run_id = l.run_id AND bv.lead_id = l.lead_id
-      LEFT JOIN kommo_user_map um ON um.kommo_user_id = l.responsible_user_id
-      LEFT JOIN kommo_source_map srcmap ON srcmap.enum_id = l.source_enum_id
-      LEFT JOIN stg_kommo_field_options srcopt
-             ON srcopt.run_id = l.run_id AND srcopt.field_id = 823206 AND srcopt.enum_id = l.source_enum_id
-      LEFT JOIN kommo_status_map stmap ON stmap.status_id = l.status_id
-     WHERE l.run_id = p_run_id
-       AND coalesce(l.status_id, 0) <> 143;
+    CREATE TEMP TABLE kommo_snapshot ON COMMIT DROP AS SELECT * FROM kommo_snapshot(p_run_id);
     CREATE UNIQUE INDEX ON kommo_snapshot (code);
     ANALYZE kommo_snapshot;
 
     -- Vehicles the bookings need and production lacks; names from the field's enum options.
     WITH ins AS (
         INSERT INTO vehicles (kommo_vehicle_id, name)
-        SELECT DISTINCT ON (s.vehicle_enum_id)
-               s.vehicle_enum_id,
-               coalesce(opt.value, 'Kommo vehicle #' || s.vehicle_enum_id)
+        SELECT DISTINCT ON (s.vehicle_enum_id) s.vehicle_enum_id, s.vehicle_name
           FROM kommo_snapshot s
-          LEFT JOIN stg_kommo_field_options opt
-                 ON opt.run_id = p_run_id AND opt.field_id = 1234163 AND opt.enum_id = s.vehicle_enum_id
          WHERE s.is_booking AND s.vehicle_enum_id IS NOT NULL
          ORDER BY s.vehicle_enum_id
         ON CONFLICT (kommo_vehicle_id) DO NOTHING
