@@ -11,7 +11,9 @@ from kommo_assets.assets.common import (
     ensure_live,
     import_run_id,
 )
+from kommo_assets import settings
 from kommo_assets.db import runs
+from kommo_assets.db.export import export_snapshot
 from kommo_assets.resources.postgres import PostgresResource
 
 _DESCRIPTIONS = {
@@ -52,10 +54,23 @@ def kommo_swap(context: dg.AssetExecutionContext, postgres: PostgresResource):
     """Runs ``run_kommo_full_refresh(run_id)``: one transaction; any error leaves production as it was."""
     run_id = import_run_id(context)
     url = postgres.database_url
+    extra: dict = {}
     with closes_run_on_error(url, run_id):
         ensure_live()
+        directory = settings.snapshot_dir()
+        if directory:
+            # Before the swap, so what replaced production is on disk even if the swap then fails.
+            export = export_snapshot(url, run_id, directory, settings.snapshot_retention_days())
+            context.log.info(f"Raw snapshot exported: {export.rows} rows, {export.bytes_written} bytes")
+            extra["raw_snapshot"] = dg.MetadataValue.json({k: str(p) for k, p in export.files.items()})
+        else:
+            extra["raw_snapshot"] = "skipped: KOMMO_SNAPSHOT_DIR is not set"
         counts = runs.swap(url, run_id)
     context.log.info(f"Swap of run {run_id} committed in {counts['swap_seconds']} s: {counts}")
+    pruned = runs.prune_staging(url, *settings.staging_retention_days())
+    if pruned["runs"]:
+        context.log.info(f"Pruned the staging of {pruned['runs']} old runs ({pruned['leads']} leads)")
+    extra["staging_pruned_runs"] = pruned["runs"]
     with postgres.connect() as conn:
         live_rows = conn.execute(_TABLE_ROWS_SQL).fetchone()
     for key, rows in zip(PRODUCTION_KEYS, live_rows, strict=True):
@@ -67,6 +82,7 @@ def kommo_swap(context: dg.AssetExecutionContext, postgres: PostgresResource):
                 "dagster/row_count": rows,
                 **{counter: counts[counter] for counter in _COUNTS[name]},
                 "swap_seconds": float(counts["swap_seconds"]),
+                **(extra if name == "bookings" else {}),
             },
         )
 

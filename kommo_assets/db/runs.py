@@ -99,6 +99,14 @@ def swap(database_url: str, run_id: str) -> dict[str, Any]:
         return conn.execute("SELECT run_kommo_full_refresh(%s::uuid)", (run_id,)).fetchone()[0]
 
 
+def prune_staging(database_url: str, succeeded_days: float, failed_days: float) -> dict[str, Any]:
+    with connect(database_url) as conn:
+        return conn.execute(
+            "SELECT prune_kommo_staging(make_interval(secs => %s), make_interval(secs => %s))",
+            (succeeded_days * 86400, failed_days * 86400),
+        ).fetchone()[0]
+
+
 def close_run(database_url: str, run_id: str, status: str, error: BaseException | str | None,
               secret: str | None = None) -> bool:
     """Closes a running import; returns False when it was already closed. Never raises on a closed run."""
