@@ -59,3 +59,35 @@ def database_url(env: Mapping[str, str] | None = None) -> str:
             "(postgresql://user@host:port/dbname), or use `make run`, which starts a local one."
         )
     return url
+
+
+def _positive_number(name: str, default: float, env: Mapping[str, str] | None = None) -> float:
+    env = os.environ if env is None else env
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, got {raw!r}")
+    return value
+
+
+def snapshot_dir(env: Mapping[str, str] | None = None) -> str | None:
+    """``KOMMO_SNAPSHOT_DIR``: where raw snapshots are exported before each swap; unset = no export."""
+    env = os.environ if env is None else env
+    return env.get("KOMMO_SNAPSHOT_DIR", "").strip() or None
+
+
+def snapshot_retention_days(env: Mapping[str, str] | None = None) -> float:
+    """``KOMMO_SNAPSHOT_RETENTION_DAYS`` (default 90): exported snapshots older than this are deleted."""
+    return _positive_number("KOMMO_SNAPSHOT_RETENTION_DAYS", 90, env)
+
+
+def staging_retention_days(env: Mapping[str, str] | None = None) -> tuple[float, float]:
+    """Days the staging rows of succeeded runs (``KOMMO_STAGING_RETENTION_DAYS``, default 7) and of failed
+    or needs_review runs (``KOMMO_FAILED_STAGING_RETENTION_DAYS``, default 30) are kept."""
+    return (_positive_number("KOMMO_STAGING_RETENTION_DAYS", 7, env),
+            _positive_number("KOMMO_FAILED_STAGING_RETENTION_DAYS", 30, env))

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from kommo_assets import settings
 from kommo_assets.assets.common import (
     CALENDAR_VIEW,
     KOMMO_GROUP,
@@ -11,7 +12,6 @@ from kommo_assets.assets.common import (
     ensure_live,
     import_run_id,
 )
-from kommo_assets import settings
 from kommo_assets.db import runs
 from kommo_assets.db.export import export_snapshot
 from kommo_assets.resources.postgres import PostgresResource
