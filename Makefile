@@ -27,6 +27,10 @@ test: system-deps install
 	$(BIN)/ruff check kommo_assets kommo_assets_tests
 	$(BIN)/python -m pytest
 
+## Benchmark (not part of the tests): 100k leads at 7 requests/s and 400 ms latency, baseline, memory sweep.
+benchmark: system-deps install
+	$(BIN)/kommo-assets benchmark --memory-sweep
+
 lint: install
 	$(BIN)/ruff check kommo_assets kommo_assets_tests
 

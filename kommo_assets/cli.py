@@ -61,10 +61,20 @@ def _dev(args: argparse.Namespace) -> int:
     return serve(args)
 
 
-def _simulator(args: argparse.Namespace) -> int:
+def _benchmark(argv: list[str]) -> int:
+    from kommo_assets.benchmark import main as benchmark_main
+
+    return benchmark_main(argv)
+
+
+def _simulator(argv: list[str]) -> int:
     from kommo_assets.simulator.cli import main as simulator_main
 
-    return simulator_main(args.rest)
+    return simulator_main(argv)
+
+
+# Subcommands with options of their own: everything after the name is theirs.
+PASSTHROUGH = {"simulator": _simulator, "benchmark": _benchmark}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,11 +106,13 @@ def main(argv: list[str] | None = None) -> int:
                      help="where the local Postgres and the Dagster instance keep their data")
     dev.set_defaults(func=_dev)
 
-    sim = sub.add_parser("simulator", help="serve the Kommo API simulator (see --help of the module)",
-                         add_help=False)
-    sim.add_argument("rest", nargs=argparse.REMAINDER)
-    sim.set_defaults(func=_simulator)
+    sub.add_parser("simulator", help="serve the Kommo API simulator (kommo-assets simulator --help)")
 
+    sub.add_parser("benchmark", help="measure a full refresh against the rate-limit floor (kommo-assets benchmark --help)")
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        return PASSTHROUGH[argv[0]](argv[1:])
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,311 @@
+"""The benchmark: the real full-refresh job against the simulator at Kommo's rate limit, beside a naive
+baseline, and peak memory at growing sizes. ``kommo-assets benchmark --help``; not part of the tests.
+
+Every figure comes from one invocation: a local PostgreSQL server and the simulator (in its own process,
+so its CPU and memory are not the worker's) are started here; each measured run is a separate worker
+process that reports its own wall time and peak RSS.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from kommo_assets.kommo.client import MAX_PAGE_SIZE
+
+TOKEN = "benchmark-token"
+
+
+# --- the worker: one measured run, in its own process ----------------------------------------------
+
+def _worker_job(args: argparse.Namespace) -> dict:
+    """The real ``kommo_full_refresh_job``, in process, with the Kommo resource paced as asked."""
+    import dagster as dg
+
+    from kommo_assets.assets.common import FULL_REFRESH_JOB
+    from kommo_assets.db.runs import get_run
+    from kommo_assets.definitions import defs
+    from kommo_assets.resources.kommo import KommoResource
+
+    kommo = KommoResource(base_url=args.base_url, access_token=TOKEN, max_rps=args.max_rps,
+                          max_in_flight=args.max_in_flight)
+    bench_defs = dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs,
+                                resources={**defs.resources, "kommo": kommo})
+    job = bench_defs.resolve_job_def(FULL_REFRESH_JOB)
+    with dg.DagsterInstance.ephemeral() as instance:
+        started = time.perf_counter()
+        result = job.execute_in_process(instance=instance, raise_on_error=False,
+                                        run_config={"ops": {"kommo_staging": {"config": {"max_drop_ratio": 1.0}}}})
+        wall = time.perf_counter() - started
+    record = get_run(args.database_url, result.run_id) or {}
+    stats = record.get("stats") or {}
+    swap = record.get("swap_counts") or {}
+    return {
+        "success": result.success,
+        "status": record.get("status"),
+        "error": record.get("error"),
+        "wall_seconds": wall,
+        "staging_seconds": stats.get("seconds"),
+        "swap_seconds": float(swap.get("swap_seconds", "nan")),
+        "leads": record.get("leads_count"),
+        "contacts": record.get("contacts_count"),
+        "leads_received": stats.get("leads_received"),
+        "contacts_requested": stats.get("contacts_requested"),
+        "requests": (stats.get("client") or {}).get("requests"),
+        "retries": (stats.get("client") or {}).get("retries"),
+    }
+
+
+def _worker_naive(args: argparse.Namespace) -> dict:
+    """The baseline: pages one after another, every row its own INSERT, then the same guard and swap."""
+    import uuid
+
+    from kommo_assets.db import connect, runs
+    from kommo_assets.kommo.client import KommoClient
+    from kommo_assets.kommo.errors import InvalidPayload
+    from kommo_assets.kommo.fields import sanitize_payload, staged_contact, staged_lead
+
+    run_id = str(uuid.uuid4())
+    window = runs.window_for(2025)
+    started = time.perf_counter()
+    runs.start_run(args.database_url, run_id=run_id, dagster_run_id=None, job_name="baseline", triggered_by=None,
+                   dry_run=False, window=window, max_drop_ratio=1.0)
+    client = KommoClient(args.base_url, TOKEN, max_rps=args.max_rps, max_in_flight=1)
+    contact_ids: set[int] = set()
+    leads_received = 0
+    with connect(args.database_url, autocommit=True) as conn:
+        for field_id, options in ((1234163, client.field_enums(1234163)), (823206, client.field_enums(823206))):
+            for enum_id, value in options.items():
+                conn.execute("INSERT INTO stg_kommo_field_options VALUES (%s, %s, %s, %s)",
+                             (run_id, field_id, enum_id, value))
+        for page in client.iter_lead_pages(window.created_from, window.created_to):
+            leads_received += page.received
+            for lead in page.leads:
+                try:
+                    s = staged_lead(lead)
+                except InvalidPayload:
+                    continue
+                conn.execute(
+                    "INSERT INTO stg_kommo_leads (run_id, lead_id, payload, contact_id, status_id, pipeline_id,"
+                    " responsible_user_id, price, name, vehicle_enum_id, source_enum_id, delivery_at, collect_at,"
+                    " created_at, updated_at, closed_at) VALUES (%s, %s, %s::jsonb, %s, %s, %s, %s, %s, %s, %s,"
+                    " %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    (run_id, s.lead_id, json.dumps(sanitize_payload(lead)), s.contact_id, s.status_id,
+                     s.pipeline_id, s.responsible_user_id, s.price, s.name, s.vehicle_enum_id, s.source_enum_id,
+                     s.delivery_at, s.collect_at, s.created_at, s.updated_at, s.closed_at),
+                )
+                if s.contact_id:
+                    contact_ids.add(s.contact_id)
+        for batch in client.iter_contact_batches(sorted(contact_ids)):
+            for contact in batch:
+                c = staged_contact(contact)
+                conn.execute(
+                    "INSERT INTO stg_kommo_contacts (run_id, contact_id, payload, name, phone, email)"
+                    " VALUES (%s, %s, %s::jsonb, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    (run_id, c.contact_id, json.dumps(sanitize_payload(contact)), c.name, c.phone, c.email),
+                )
+        conn.execute("INSERT INTO stg_kommo_booking_vehicles SELECT run_id, lead_id, vehicle_enum_id"
+                     " FROM stg_kommo_leads WHERE run_id = %s AND vehicle_enum_id IS NOT NULL", (run_id,))
+    staging_seconds = time.perf_counter() - started
+    runs.mark_staged(args.database_url, run_id, {})
+    runs.drop_guard(args.database_url, run_id)
+    swap = runs.swap(args.database_url, run_id)
+    wall = time.perf_counter() - started
+    record = runs.get_run(args.database_url, run_id)
+    return {
+        "success": record["status"] == "succeeded",
+        "status": record["status"],
+        "wall_seconds": wall,
+        "staging_seconds": staging_seconds,
+        "swap_seconds": float(swap["swap_seconds"]),
+        "leads": record["leads_count"],
+        "contacts": record["contacts_count"],
+        "leads_received": leads_received,
+        "contacts_requested": len(contact_ids),
+        "requests": client.stats.requests,
+        "retries": client.stats.retries,
+    }
+
+
+def _worker(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kommo-assets benchmark worker")
+    parser.add_argument("--mode", choices=("job", "naive"), required=True)
+    parser.add_argument("--database-url", required=True)
+    parser.add_argument("--base-url", required=True)
+    parser.add_argument("--max-rps", type=float, required=True)
+    parser.add_argument("--max-in-flight", type=int, default=6)
+    args = parser.parse_args(argv)
+    os.environ.update({"KOMMO_DATABASE_URL": args.database_url, "KOMMO_BASE_URL": args.base_url,
+                       "KOMMO_ACCESS_TOKEN": TOKEN, "KOMMO_ENABLE_LIVE": "1"})
+    os.environ.pop("KOMMO_SNAPSHOT_DIR", None)
+    out = _worker_job(args) if args.mode == "job" else _worker_naive(args)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("BENCHMARK_RESULT " + json.dumps(out, default=str), flush=True)
+    return 0
+
+
+# --- the driver --------------------------------------------------------------------------------------
+
+@contextmanager
+def _simulator(leads: int, rps: float, latency_ms: float):
+    """The simulator in its own process; yields (base_url, stats function)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kommo_assets.simulator", "--leads", str(leads), "--port", "0", "--token", TOKEN,
+         "--rps", str(rps), "--latency-ms", str(latency_ms)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        if "KOMMO_SIMULATOR_READY" not in line:
+            raise RuntimeError(f"the simulator did not start: {line!r}")
+        base_url = line.strip().split("base_url=", 1)[1]
+
+        def control(path: str, method: str = "GET") -> dict:
+            request = urllib.request.Request(base_url + path, method=method, data=b"{}" if method == "POST" else None)
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"{}")
+
+        yield base_url, control
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _run_worker(mode: str, database_url: str, base_url: str, max_rps: float, max_in_flight: int) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "kommo_assets.benchmark", "worker", "--mode", mode, "--database-url", database_url,
+         "--base-url", base_url, "--max-rps", str(max_rps), "--max-in-flight", str(max_in_flight)],
+        capture_output=True, text=True,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCHMARK_RESULT "):
+            result = json.loads(line.split(" ", 1)[1])
+            if not result.get("success"):
+                raise RuntimeError(f"{mode} run did not succeed: {result}")
+            return result
+    raise RuntimeError(f"{mode} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def requests_needed(leads_received: int, contacts_requested: int) -> int:
+    """The fewest requests that can export this data: lead pages (plus the 204 that proves the end when
+    the last page is full), contact batches of 250, and the two select-field definitions."""
+    lead_pages = math.ceil(leads_received / MAX_PAGE_SIZE) + (1 if leads_received % MAX_PAGE_SIZE == 0 else 0)
+    return lead_pages + math.ceil(contacts_requested / MAX_PAGE_SIZE) + 2
+
+
+def _fresh_database(server, name: str) -> str:
+    from kommo_assets.db.migrate import migrate
+
+    url = server.ensure_database(name)
+    migrate(url)
+    return url
+
+
+def _measure(args: argparse.Namespace) -> dict:
+    from kommo_assets.db.local import LocalPostgres
+
+    root = Path(tempfile.mkdtemp(prefix="kommo-benchmark-"))
+    server = LocalPostgres(root / "pg")
+    server.start()
+    report: dict = {"config": vars(args).copy()}
+    try:
+        with _simulator(args.leads, args.rps, args.latency_ms) as (base_url, control):
+            url = _fresh_database(server, "bench_job")
+            control("/_simulator/reset_stats", "POST")
+            first = _run_worker("job", url, base_url, args.client_rps, args.max_in_flight)
+            first["throttled_429"] = control("/_simulator/stats")["throttled_429"]
+            control("/_simulator/reset_stats", "POST")
+            rerun = _run_worker("job", url, base_url, args.client_rps, args.max_in_flight)
+            rerun["throttled_429"] = control("/_simulator/stats")["throttled_429"]
+            report["job"], report["job_rerun"] = first, rerun
+            if args.baseline:
+                control("/_simulator/reset_stats", "POST")
+                naive = _run_worker("naive", _fresh_database(server, "bench_naive"), base_url, args.client_rps, 1)
+                naive["throttled_429"] = control("/_simulator/stats")["throttled_429"]
+                report["baseline"] = naive
+        if args.memory_sweep:
+            report["memory"] = {}
+            for size in args.memory_sizes:
+                with _simulator(size, args.sweep_rps, 0) as (base_url, _control):
+                    url = _fresh_database(server, f"bench_mem_{size}")
+                    result = _run_worker("job", url, base_url, args.sweep_rps * 0.97, args.max_in_flight)
+                    report["memory"][size] = result
+    finally:
+        server.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+    return report
+
+
+def _print(report: dict) -> None:
+    cfg = report["config"]
+    job = report["job"]
+    needed = requests_needed(job["leads_received"], job["contacts_requested"])
+    floor = needed / cfg["rps"]
+    rows = job["leads"] + job["contacts"]
+    print(f"\nFull refresh of {cfg['leads']:,} generated leads ({job['leads']:,} in the 2025 window, "
+          f"{job['contacts']:,} contacts); simulator: {cfg['rps']} requests/s, {cfg['latency_ms']:.0f} ms latency; "
+          f"client pace {cfg['client_rps']} requests/s, up to {cfg['max_in_flight']} in flight")
+    print(f"  total wall time          {job['wall_seconds']:8.1f} s")
+    print(f"  floor (requests/limit)   {floor:8.1f} s   ({needed} requests needed / {cfg['rps']} per s)")
+    print(f"  wall / floor             {job['wall_seconds'] / floor:8.3f}")
+    print(f"  requests made            {job['requests']:8d}   (retries {job['retries']})")
+    print(f"  429s received            {job['throttled_429']:8d}")
+    print(f"  staging rows/s           {rows / job['staging_seconds']:8.0f}   ({rows:,} rows in {job['staging_seconds']:.1f} s)")
+    print(f"  swap seconds             {job['swap_seconds']:8.2f}")
+    rerun = report["job_rerun"]
+    print(f"  re-run swap (unchanged)  {rerun['swap_seconds']:8.2f}   (re-run wall {rerun['wall_seconds']:.1f} s, "
+          f"429s {rerun['throttled_429']})")
+    print(f"  peak RSS of the worker   {job['peak_rss_mb']:8.0f} MB")
+    if "baseline" in report:
+        base = report["baseline"]
+        print("\nBaseline (same data, pages one after another, one INSERT per row, same swap)")
+        print(f"  total wall time          {base['wall_seconds']:8.1f} s   (staging {base['staging_seconds']:.1f} s, "
+              f"swap {base['swap_seconds']:.2f} s, 429s {base['throttled_429']})")
+        print(f"  peak RSS                 {base['peak_rss_mb']:8.0f} MB")
+        print(f"  baseline / job           {base['wall_seconds'] / job['wall_seconds']:8.2f}x")
+    if "memory" in report:
+        print(f"\nPeak RSS by size (simulator at {cfg['sweep_rps']} requests/s, no latency)")
+        sizes = sorted(report["memory"], key=int)
+        for size in sizes:
+            m = report["memory"][size]
+            print(f"  {int(size):>9,} leads  {m['peak_rss_mb']:6.0f} MB   (wall {m['wall_seconds']:.0f} s, "
+                  f"swap {m['swap_seconds']:.1f} s, {m['leads']:,} leads staged)")
+        if len(sizes) >= 2:
+            a, b = report["memory"][sizes[-2]]["peak_rss_mb"], report["memory"][sizes[-1]]["peak_rss_mb"]
+            print(f"  {int(sizes[-1]):,} vs {int(sizes[-2]):,}: {100 * (b - a) / a:+.1f}%")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        return _worker(argv[1:])
+    parser = argparse.ArgumentParser(prog="kommo-assets benchmark", description=__doc__)
+    parser.add_argument("--leads", type=int, default=100_000, help="generated leads (about 80%% in the window)")
+    parser.add_argument("--rps", type=float, default=7.0, help="the simulator's rate limit")
+    parser.add_argument("--latency-ms", type=float, default=400.0, help="the simulator's latency per request")
+    parser.add_argument("--client-rps", type=float, default=6.8, help="the client's pace")
+    parser.add_argument("--max-in-flight", type=int, default=6)
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false")
+    parser.add_argument("--memory-sweep", action="store_true", help="also measure peak RSS at --memory-sizes")
+    parser.add_argument("--memory-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--sweep-rps", type=float, default=400.0, help="simulator rate limit for the memory sweep")
+    parser.add_argument("--json", help="also write the raw figures to this file")
+    args = parser.parse_args(argv)
+    report = _measure(args)
+    _print(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
