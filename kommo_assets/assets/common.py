@@ -60,13 +60,15 @@ def ensure_live() -> None:
 
 
 @contextmanager
-def closes_run_on_error(database_url: str, run_id: str, secret: str | None = None) -> Iterator[None]:
-    """Any exception inside closes the import run as failed (with a safe error) before propagating."""
+def working_on_run(database_url: str, run_id: str, secret: str | None = None) -> Iterator[None]:
+    """A step's hold on the import run: its owner lock while the step works, and on any exception the
+    run closed as failed (with a safe error) before the exception propagates."""
     try:
-        yield
+        with runs.owning(database_url, run_id):
+            yield
     except BaseException as exc:
         try:
-            runs.close_run(database_url, run_id, "failed", exc, secret)
-        except Exception:  # the database itself may be what failed; the stale check closes it later
+            runs.close_run(database_url, run_id, "failed", exc, secret, attempts=10)
+        except Exception:  # the database is gone for good; the next start closes the dead run
             log.exception("could not close Kommo import run %s", run_id)
         raise

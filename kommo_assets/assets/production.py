@@ -8,9 +8,9 @@ from kommo_assets.assets.common import (
     KOMMO_GROUP,
     PRODUCTION_KEYS,
     STAGING_KEYS,
-    closes_run_on_error,
     ensure_live,
     import_run_id,
+    working_on_run,
 )
 from kommo_assets.db import runs
 from kommo_assets.db.export import export_snapshot
@@ -55,7 +55,7 @@ def kommo_swap(context: dg.AssetExecutionContext, postgres: PostgresResource):
     run_id = import_run_id(context)
     url = postgres.database_url
     extra: dict = {}
-    with closes_run_on_error(url, run_id):
+    with working_on_run(url, run_id):
         ensure_live()
         directory = settings.snapshot_dir()
         if directory:

@@ -1,9 +1,11 @@
 """Kommo -> staging: the run record opens here, the snapshot streams in, the guard checks sit beside it."""
 
 from dataclasses import asdict
+from datetime import timedelta
 
 import dagster as dg
 
+from kommo_assets import settings
 from kommo_assets.assets.common import (
     DRY_RUN_JOB,
     KOMMO_API,
@@ -13,9 +15,9 @@ from kommo_assets.assets.common import (
     STG_CONTACTS,
     STG_LEADS,
     KommoRefreshConfig,
-    closes_run_on_error,
     ensure_live,
     import_run_id,
+    working_on_run,
 )
 from kommo_assets.db import runs
 from kommo_assets.db.staging import stage_snapshot
@@ -55,21 +57,22 @@ def kommo_staging(
         raise dg.Failure(description=f"invalid run config: {exc}", allow_retries=False) from None
     run_id = import_run_id(context)
     url = postgres.database_url
-    record = runs.start_run(
-        url,
-        run_id=run_id,
-        dagster_run_id=context.run_id,
-        job_name=context.job_name,
-        triggered_by=context.run.tags.get(REQUESTED_BY_TAG),
-        dry_run=context.job_name == DRY_RUN_JOB,
-        window=window,
-        max_drop_ratio=config.max_drop_ratio,
-    )
-    context.log.info(
-        f"Kommo import run {run_id} started ({'dry run' if record['dry_run'] else 'full refresh'}), "
-        f"leads created in [{window.created_from.isoformat()}, {window.created_to.isoformat()})"
-    )
-    with closes_run_on_error(url, run_id, kommo.access_token):
+    with working_on_run(url, run_id, kommo.access_token):
+        record = runs.start_run(
+            url,
+            run_id=run_id,
+            dagster_run_id=context.run_id,
+            job_name=context.job_name,
+            triggered_by=context.run.tags.get(REQUESTED_BY_TAG),
+            dry_run=context.job_name == DRY_RUN_JOB,
+            window=window,
+            max_drop_ratio=config.max_drop_ratio,
+            grace=timedelta(seconds=settings.abandoned_grace_seconds()),
+        )
+        context.log.info(
+            f"Kommo import run {run_id} started ({'dry run' if record['dry_run'] else 'full refresh'}), "
+            f"leads created in [{window.created_from.isoformat()}, {window.created_to.isoformat()})"
+        )
         last_logged = {"pages": 0}
 
         def progress(phase: str, result) -> None:
@@ -133,7 +136,7 @@ def leads_count_within_drop_guard(
     context: dg.AssetCheckExecutionContext, postgres: PostgresResource
 ) -> dg.AssetCheckResult:
     run_id = import_run_id(context)
-    with closes_run_on_error(postgres.database_url, run_id):
+    with working_on_run(postgres.database_url, run_id):
         verdict = runs.drop_guard(postgres.database_url, run_id)
     metadata = {
         "leads": verdict["leads"],

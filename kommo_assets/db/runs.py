@@ -3,10 +3,14 @@
 The logic lives in ``sql/functions``; this module only calls it and keeps the error text safe.
 """
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -59,14 +63,38 @@ def safe_error(exc: BaseException | str, secret: str | None = None) -> str:
     return redact(text, secret)[:ERROR_MAX_CHARS]
 
 
+OWNER_LOCK_CLASS = 90903  # pg_advisory_lock(90903, hashtext(run id)): held by the step working on a run
+
+
+@contextmanager
+def owning(database_url: str, run_id: str) -> Iterator[None]:
+    """Holds the run's owner lock on a connection of its own while a step works on the run.
+
+    A process that dies drops the connection and so the lock: that is how the next start knows an
+    import marked ``running`` is dead (see ``start_kommo_import_run``). The heartbeat is refreshed on
+    the way in and out, so the grace between two steps counts from the end of the last one.
+    """
+    conn = connect(database_url, autocommit=True)
+    try:
+        conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (OWNER_LOCK_CLASS, run_id))
+        conn.execute("UPDATE kommo_import_runs SET heartbeat_at = now() WHERE id = %s", (run_id,))
+        yield
+    finally:
+        try:
+            conn.execute("UPDATE kommo_import_runs SET heartbeat_at = now() WHERE id = %s", (run_id,))
+        except Exception:  # noqa: BLE001 - the connection may be what failed; closing releases the lock
+            pass
+        conn.close()
+
+
 def start_run(database_url: str, *, run_id: str, dagster_run_id: str | None, job_name: str | None,
               triggered_by: str | None, dry_run: bool, window: Window, max_drop_ratio: float,
-              stale_after: timedelta = timedelta(minutes=15)) -> dict[str, Any]:
+              grace: timedelta = timedelta(seconds=60)) -> dict[str, Any]:
     with connect(database_url) as conn, conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             "SELECT * FROM start_kommo_import_run(%s::uuid, %s::text, %s::text, %s::text, %s, %s, %s, %s::numeric, %s)",
             (run_id, dagster_run_id, job_name, triggered_by, dry_run, window.created_from, window.created_to,
-             max_drop_ratio, stale_after),
+             max_drop_ratio, grace),
         )
         return cur.fetchone()
 
@@ -108,11 +136,20 @@ def prune_staging(database_url: str, succeeded_days: float, failed_days: float) 
 
 
 def close_run(database_url: str, run_id: str, status: str, error: BaseException | str | None,
-              secret: str | None = None) -> bool:
-    """Closes a running import; returns False when it was already closed. Never raises on a closed run."""
+              secret: str | None = None, *, attempts: int = 1, pause: float = 1.0) -> bool:
+    """Closes a running import; returns False when it was already closed. ``attempts`` > 1 rides out a
+    database that is restarting (the error that is being recorded may be that very restart)."""
     text = None if error is None else safe_error(error, secret)
-    with connect(database_url) as conn:
-        return conn.execute("SELECT close_kommo_import_run(%s::uuid, %s::text, %s::text)", (run_id, status, text)).fetchone()[0]
+    for attempt in range(attempts):
+        try:
+            with connect(database_url) as conn:
+                return conn.execute("SELECT close_kommo_import_run(%s::uuid, %s::text, %s::text)",
+                                    (run_id, status, text)).fetchone()[0]
+        except psycopg.OperationalError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(pause)
+    return False
 
 
 def get_run(database_url: str, run_id: str) -> dict[str, Any] | None:

@@ -126,3 +126,23 @@ def test_a_second_running_import_is_refused_and_a_stale_one_is_closed(database_u
     closed = runs.get_run(database_url, first)
     assert closed["status"] == "failed" and "abandoned" in closed["error"]
     assert runs.get_run(database_url, second)["status"] == "running"
+
+
+def test_a_running_import_whose_owner_is_alive_is_never_closed(database_url):
+    first = str(uuid.uuid4())
+    with runs.owning(database_url, first):
+        runs.start_run(database_url, run_id=first, dagster_run_id=None, job_name="t", triggered_by=None,
+                       dry_run=False, window=runs.window_for(2025), max_drop_ratio=0.3)
+        with psycopg.connect(database_url) as conn:
+            conn.execute("UPDATE kommo_import_runs SET heartbeat_at = now() - interval '1 day' WHERE id = %s",
+                         (first,))
+        with pytest.raises(psycopg.errors.LockNotAvailable, match="another Kommo import is running"):
+            stage_run(database_url, [(1, 900, 79790637, 11)])
+        assert runs.get_run(database_url, first)["status"] == "running"
+    # the owner let go (its process ended without closing the run): once the grace is over, the next
+    # start closes it
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE kommo_import_runs SET heartbeat_at = now() - interval '61 seconds' WHERE id = %s",
+                     (first,))
+    stage_run(database_url, [(1, 900, 79790637, 11)])
+    assert "abandoned" in runs.get_run(database_url, first)["error"]

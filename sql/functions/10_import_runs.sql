@@ -1,6 +1,21 @@
 -- Lifecycle of kommo_import_runs: start (one running import at a time), the drop guard, closing.
 
-CREATE OR REPLACE FUNCTION start_kommo_import_run(
+-- Every step of a live import holds this session advisory lock (key: 90903, hashtext(run id)) on a
+-- connection of its own; a killed process or a lost host drops its connections and so the lock.
+CREATE OR REPLACE FUNCTION kommo_import_run_owner_alive(p_id uuid) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_try_advisory_lock(90903, hashtext(p_id::text)) THEN
+        PERFORM pg_advisory_unlock(90903, hashtext(p_id::text));
+        RETURN false;
+    END IF;
+    RETURN true;
+END;
+$$;
+
+DROP FUNCTION IF EXISTS start_kommo_import_run(uuid, text, text, text, boolean, timestamptz, timestamptz,
+                                               numeric, interval);
+CREATE FUNCTION start_kommo_import_run(
     p_id uuid,
     p_dagster_run_id text,
     p_job_name text,
@@ -9,30 +24,32 @@ CREATE OR REPLACE FUNCTION start_kommo_import_run(
     p_created_from timestamptz,
     p_created_to timestamptz,
     p_max_drop_ratio numeric,
-    p_stale_after interval DEFAULT interval '15 minutes'
+    p_grace interval DEFAULT interval '60 seconds'
 ) RETURNS kommo_import_runs
 LANGUAGE plpgsql AS $$
 DECLARE
     v_other kommo_import_runs;
     v_run kommo_import_runs;
 BEGIN
-    -- Serialize starters so the stale check and the insert see the same picture.
+    -- Serialize starters so the liveness check and the insert see the same picture.
     PERFORM pg_advisory_xact_lock(90901);
-    -- An import whose process died (killed, host lost) stops heartbeating: close it so it never wedges
-    -- the next run. Live imports heartbeat at least every page, far more often than p_stale_after.
-    UPDATE kommo_import_runs
+    -- An import whose process died (killed, host lost) holds no owner lock any more: close it so it
+    -- never wedges the next run. The grace covers the moment between two steps, when no step holds it.
+    UPDATE kommo_import_runs r
        SET status = 'failed',
            finished_at = now(),
-           error = format('abandoned: no heartbeat since %s (the process running it died); closed by run %s',
-                          heartbeat_at, p_id)
-     WHERE status = 'running' AND heartbeat_at < now() - p_stale_after;
+           error = format('abandoned: the process running it died (no owner since %s); closed when run %s started',
+                          r.heartbeat_at, p_id)
+     WHERE r.status = 'running'
+       AND r.heartbeat_at < now() - p_grace
+       AND NOT kommo_import_run_owner_alive(r.id);
 
     SELECT * INTO v_other FROM kommo_import_runs WHERE status = 'running' LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'another Kommo import is running: run % (Dagster run %, started %, last heartbeat %)',
             v_other.id, coalesce(v_other.dagster_run_id, '-'), v_other.started_at, v_other.heartbeat_at
             USING ERRCODE = 'lock_not_available',
-                  HINT = 'wait for it to finish; a dead run is closed automatically once its heartbeat is stale';
+                  HINT = 'wait for it to finish; an import whose process died is closed automatically';
     END IF;
 
     INSERT INTO kommo_import_runs (id, dagster_run_id, job_name, triggered_by, dry_run,
