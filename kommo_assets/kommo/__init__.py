@@ -1,0 +1,61 @@
+"""The Kommo API client and payload parsers, free of Dagster: paging, pacing, retries, parsing."""
+
+from kommo_assets.kommo.client import ClientStats, KommoClient, LeadPage
+from kommo_assets.kommo.errors import (
+    InvalidPayload,
+    KommoAuthError,
+    KommoError,
+    KommoResponseError,
+    KommoUnavailableError,
+    redact,
+)
+from kommo_assets.kommo.fields import (
+    COLLECT_FIELD_ID,
+    DELIVERY_FIELD_ID,
+    SOURCE_FIELD_ID,
+    VEHICLE_FIELD_ID,
+    StagedContact,
+    StagedLead,
+    clean_text,
+    custom_field_values,
+    extract_kommo_epoch,
+    first_value,
+    main_contact_id,
+    parse_amount,
+    positive_int,
+    sanitize_payload,
+    select_enum_id,
+    staged_contact,
+    staged_lead,
+)
+from kommo_assets.kommo.pacing import Pacer
+
+__all__ = [
+    "COLLECT_FIELD_ID",
+    "DELIVERY_FIELD_ID",
+    "SOURCE_FIELD_ID",
+    "VEHICLE_FIELD_ID",
+    "ClientStats",
+    "InvalidPayload",
+    "KommoAuthError",
+    "KommoClient",
+    "KommoError",
+    "KommoResponseError",
+    "KommoUnavailableError",
+    "LeadPage",
+    "Pacer",
+    "StagedContact",
+    "StagedLead",
+    "clean_text",
+    "custom_field_values",
+    "extract_kommo_epoch",
+    "first_value",
+    "main_contact_id",
+    "parse_amount",
+    "positive_int",
+    "redact",
+    "sanitize_payload",
+    "select_enum_id",
+    "staged_contact",
+    "staged_lead",
+]

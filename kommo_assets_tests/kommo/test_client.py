@@ -1,0 +1,585 @@
+"""Tests of the Kommo client against the Kommo simulator over real HTTP (nothing is mocked).
+
+Tests about data and failures run the simulator without its rate limiter and the client at a high
+pace, to stay fast; the pacing tests run both at Kommo's real limits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import pytest
+
+from kommo_assets.kommo import (
+    VEHICLE_FIELD_ID,
+    KommoAuthError,
+    KommoClient,
+    KommoError,
+    KommoResponseError,
+    KommoUnavailableError,
+    main_contact_id,
+    redact,
+)
+from kommo_assets.kommo.client import _ceil_epoch, _retry_after
+from kommo_assets.simulator import KommoSimulator, LeadQuery, SimulatorConfig
+
+TOKEN = "simulator-token"
+LEADS = "/api/v4/leads"
+YEAR_FROM = datetime(2025, 1, 1, tzinfo=UTC)
+YEAR_TO = datetime(2026, 1, 1, tzinfo=UTC)
+WITH = ("contacts", "catalog_elements")
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def sim() -> Iterator[KommoSimulator]:
+    """2000 leads, ~1600 of them created in 2025; no rate limiter (pacing has its own tests)."""
+    with KommoSimulator(SimulatorConfig(leads=2000, seed=1, token=TOKEN, rate_limit_rps=None)) as simulator:
+        yield simulator
+
+
+def fast_client(simulator: KommoSimulator, **overrides: object) -> KommoClient:
+    options: dict = {"max_rps": 200.0, "backoff_base": 0.01, "backoff_max": 0.05, "max_retries": 4}
+    options.update(overrides)
+    return KommoClient(simulator.base_url, TOKEN, **options)
+
+
+def truth(simulator: KommoSimulator, start: datetime = YEAR_FROM, end: datetime = YEAR_TO) -> dict[int, dict]:
+    """The simulator's own view of what the export must return: created in [start, end), not lost."""
+    lo, hi = start.timestamp(), end.timestamp()
+    return {
+        lead["id"]: lead
+        for lead in simulator.dataset.iter_leads(WITH)
+        if lo <= lead["created_at"] < hi and lead["status_id"] != 143
+    }
+
+
+def collect(client: KommoClient, start: datetime = YEAR_FROM, end: datetime = YEAR_TO) -> list[dict]:
+    return [lead for page in client.iter_lead_pages(start, end) for lead in page.leads]
+
+
+def assert_exactly(leads: list[dict], expected: dict[int, dict]) -> None:
+    ids = [lead["id"] for lead in leads]
+    assert len(ids) == len(set(ids)), "a lead was yielded twice"
+    assert set(ids) == set(expected)
+    for lead in leads:
+        assert lead == expected[lead["id"]]
+
+
+def kommo_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(("kommo-leads", "kommo-contacts"))]
+
+
+def window_query() -> LeadQuery:
+    return LeadQuery(created_from=int(YEAR_FROM.timestamp()), created_to=int(YEAR_TO.timestamp()) - 1)
+
+
+def serve_page(simulator: KommoSimulator, path: str, page: int, body: object) -> None:
+    """Makes the simulator answer ``page`` of ``path`` with ``body`` from now on."""
+    simulator.add_fault(
+        kind="status",
+        path=path,
+        query={"page": str(page)},
+        status=200,
+        times=-1,
+        body=json.dumps(body),
+        content_type="application/hal+json",
+    )
+
+
+# --- leads ---------------------------------------------------------------------------------------
+
+
+def test_leads_of_the_window_are_yielded_exactly_once_and_equal_the_ground_truth(sim: KommoSimulator) -> None:
+    expected = truth(sim)
+    with fast_client(sim) as client:
+        pages = list(client.iter_lead_pages(YEAR_FROM, YEAR_TO))
+        stats = client.stats
+    leads = [lead for page in pages for lead in page.leads]
+    assert_exactly(leads, expected)
+    in_window = sim.dataset.count_leads(window_query())
+    assert sum(page.received for page in pages) == in_window
+    assert sum(page.skipped.get("excluded_status", 0) for page in pages) == in_window - len(expected)
+    assert all(0 < len(page.leads) <= page.received <= 250 for page in pages)
+    data_pages = -(-in_window // 250)
+    assert sorted(page.page for page in pages) == list(range(1, data_pages + 1))
+    # Paging ends at the short last page: at most the speculative pages in flight are wasted.
+    assert data_pages < stats.requests <= data_pages + client.max_in_flight
+    assert stats.by_status[200] == data_pages and stats.retries == 0
+
+
+def test_the_query_asks_for_the_window_with_an_inclusive_upper_bound(sim: KommoSimulator) -> None:
+    # A lead created in the last second of 2024 and one in the first second of 2026 sit on the edges.
+    before = sim.dataset.add_lead(int(YEAR_FROM.timestamp()) - 1, status_id=79790634)
+    first = sim.dataset.add_lead(int(YEAR_FROM.timestamp()), status_id=79790634)
+    last = sim.dataset.add_lead(int(YEAR_TO.timestamp()) - 1, status_id=79790634)
+    after = sim.dataset.add_lead(int(YEAR_TO.timestamp()), status_id=79790634)
+    with fast_client(sim) as client:
+        pages = list(client.iter_lead_pages(YEAR_FROM, YEAR_TO))
+    ids = {lead["id"] for page in pages for lead in page.leads}
+    assert {first, last} <= ids
+    assert not {before, after} & ids
+    # The server did the window filtering here: nothing had to be dropped for being outside.
+    assert sum(page.skipped.get("outside_window", 0) for page in pages) == 0
+
+
+def test_client_side_filters_hold_when_the_server_ignores_them(sim: KommoSimulator) -> None:
+    """Kommo silently ignores filters it does not understand: serve every lead, unfiltered, and
+    check that the client still yields exactly the window minus lost leads, deleted and duplicates."""
+    everything = list(sim.dataset.iter_leads(WITH))
+    lo, hi = YEAR_FROM.timestamp(), YEAR_TO.timestamp()
+    victim = next(
+        lead for lead in everything[300:] if lo <= lead["created_at"] < hi and lead["status_id"] != 143
+    )
+    victim["is_deleted"] = True  # a deleted lead served anyway
+    pages = [everything[start : start + 250] for start in range(0, len(everything), 250)]
+    # Data moved while paging: a kept lead of page 4 shows up again on page 5 (which stays full).
+    moved = next(lead for lead in reversed(pages[3]) if lead["status_id"] != 143)
+    pages[4] = [moved, *pages[4][:-1]]
+    for number, items in enumerate(pages, start=1):
+        links = {"self": {"href": f"{LEADS}?page={number}"}, "next": {"href": f"{LEADS}?page={number + 1}"}}
+        serve_page(sim, LEADS, number, {"_page": number, "_links": links, "_embedded": {"leads": items}})
+    served = {lead["id"]: lead for items in pages for lead in items}
+    expected = {
+        lead_id: lead
+        for lead_id, lead in served.items()
+        if lo <= lead["created_at"] < hi and lead["status_id"] != 143 and not lead["is_deleted"]
+    }
+    with fast_client(sim) as client:
+        result = list(client.iter_lead_pages(YEAR_FROM, YEAR_TO))
+    assert_exactly([lead for page in result for lead in page.leads], expected)
+    skipped: dict[str, int] = {}
+    for page in result:
+        for reason, count in page.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    outside = sum(1 for lead in served.values() if not lo <= lead["created_at"] < hi)
+    assert skipped["outside_window"] == outside > 300
+    assert skipped["deleted"] == 1
+    assert skipped["excluded_status"] > 0
+    assert skipped["duplicate"] == 1
+    assert sum(page.received for page in result) == sum(len(items) for items in pages)
+
+
+def test_paging_ends_at_a_204_when_the_total_is_a_multiple_of_the_page_size() -> None:
+    with KommoSimulator(SimulatorConfig(leads=1000, seed=3, rate_limit_rps=None)) as simulator:
+        start, end = datetime(2020, 1, 1, tzinfo=UTC), datetime(2030, 1, 1, tzinfo=UTC)
+        with fast_client(simulator, max_in_flight=1) as client:
+            pages = list(client.iter_lead_pages(start, end))
+            stats = client.stats
+        assert_exactly([lead for page in pages for lead in page.leads], truth(simulator, start, end))
+        assert [page.received for page in pages] == [250] * 4
+        # 4 full pages, then page 5 answers 204 and is asked once more before the client believes it.
+        assert stats.requests == 6 and stats.by_status == {200: 4, 204: 2}
+
+
+def test_a_spurious_204_in_the_middle_does_not_cut_the_export_short(sim: KommoSimulator) -> None:
+    sim.add_fault(kind="empty", path=LEADS, query={"page": "2"}, times=1)
+    with fast_client(sim) as client:
+        assert_exactly(collect(client), truth(sim))
+
+
+def test_an_empty_window_yields_nothing(sim: KommoSimulator) -> None:
+    with fast_client(sim) as client:
+        assert (
+            list(client.iter_lead_pages(datetime(2030, 1, 1, tzinfo=UTC), datetime(2031, 1, 1, tzinfo=UTC)))
+            == []
+        )
+    with pytest.raises(ValueError):
+        KommoClient(sim.base_url, TOKEN).iter_lead_pages(YEAR_TO, YEAR_FROM).__next__()
+
+
+def test_stopping_early_cancels_pending_pages_and_joins_the_threads(sim: KommoSimulator) -> None:
+    sim.set_latency(100)
+    with fast_client(sim, max_rps=20.0) as client:
+        pages = client.iter_lead_pages(YEAR_FROM, YEAR_TO)
+        first = next(pages)
+        pages.close()
+        assert first.leads
+        assert kommo_threads() == []
+        sent = sim.stats()["requests"]
+        time.sleep(0.3)
+        assert sim.stats()["requests"] == sent
+        assert sent <= 1 + 2 * client.max_in_flight
+
+
+def test_a_full_page_without_a_next_link_ends_the_range(sim: KommoSimulator) -> None:
+    items = sim.dataset.leads(sim.dataset.find_lead_ids(window_query(), 0, 250), WITH)
+    assert len(items) == 250
+    serve_page(
+        sim,
+        LEADS,
+        1,
+        {"_page": 1, "_links": {"self": {"href": f"{sim.base_url}{LEADS}"}}, "_embedded": {"leads": items}},
+    )
+    with fast_client(sim, max_in_flight=1) as client:
+        pages = list(client.iter_lead_pages(YEAR_FROM, YEAR_TO))
+        assert client.stats.requests == 1
+    assert [page.page for page in pages] == [1] and pages[0].received == 250
+
+
+def test_a_json_array_instead_of_an_object_is_a_response_error(sim: KommoSimulator) -> None:
+    serve_page(sim, LEADS, 1, [])
+    with fast_client(sim, max_in_flight=1) as client, pytest.raises(KommoResponseError) as caught:
+        collect(client)
+    assert "JSON list instead of an object" in str(caught.value)
+    assert client.stats.retries == 0
+
+
+def test_a_redirect_is_not_followed(sim: KommoSimulator) -> None:
+    sim.add_fault(
+        kind="status",
+        path="/api/v4/leads/pipelines",
+        path_exact=True,
+        status=301,
+        times=-1,
+        headers={"Location": "https://www.kommo.com/"},
+    )
+    with fast_client(sim) as client, pytest.raises(KommoResponseError) as caught:
+        client.get_pipelines()
+    assert "HTTP 301" in str(caught.value) and "KOMMO_BASE_URL" in str(caught.value)
+    assert client.stats.requests == 1
+
+
+# --- contacts, fields, pipelines -----------------------------------------------------------------
+
+
+def test_contact_batches_return_exactly_the_existing_contacts(sim: KommoSimulator) -> None:
+    main_ids = [cid for lead in truth(sim).values() if (cid := main_contact_id(lead)) is not None]
+    deleted = main_ids[10:15]
+    sim.dataset.delete_contacts(deleted)
+    asked = main_ids + main_ids[:50] + [1, 999_999_999]  # repeats and ids that never existed
+    with fast_client(sim) as client:
+        batches = list(client.iter_contact_batches(asked, batch_size=100))
+    distinct = list(dict.fromkeys(asked))
+    assert len(batches) == -(-len(distinct) // 100)
+    contacts = [contact for batch in batches for contact in batch]
+    ids = [contact["id"] for contact in contacts]
+    expected = {cid for cid in distinct if sim.dataset.contact(cid) is not None}
+    assert len(ids) == len(set(ids))
+    assert set(ids) == expected
+    assert not set(deleted) & set(ids) and len(expected) < len(distinct)
+    for contact in contacts[:200]:
+        assert contact == sim.dataset.contact(contact["id"])
+
+
+def test_contacts_of_no_ids_make_no_request(sim: KommoSimulator) -> None:
+    with fast_client(sim) as client:
+        assert list(client.iter_contact_batches([])) == []
+        assert client.stats.requests == 0
+
+
+def test_contacts_from_a_server_that_ignores_the_id_filter_are_refused(sim: KommoSimulator) -> None:
+    everyone = [sim.dataset.contact(cid) for cid in sim.dataset.find_contact_ids(None, 0, 750)]
+    for page in (1, 2, 3):
+        chunk = everyone[(page - 1) * 250 : page * 250]
+        serve_page(
+            sim,
+            "/api/v4/contacts",
+            page,
+            {
+                "_page": page,
+                "_links": {"self": {"href": "x"}, "next": {"href": "y"}},
+                "_embedded": {"contacts": chunk},
+            },
+        )
+    asked = [everyone[3]["id"], everyone[600]["id"], 999_999_999]
+    with fast_client(sim) as client, pytest.raises(KommoResponseError) as caught:
+        list(client.iter_contact_batches(asked))
+    assert "ignore filter[id][]" in str(caught.value)
+    # On a short batch the unasked contacts of an ignoring server are dropped, not passed on.
+    sim.clear_faults()
+    serve_page(
+        sim, "/api/v4/contacts", 1, {"_page": 1, "_links": {}, "_embedded": {"contacts": everyone[:5]}}
+    )
+    with fast_client(sim) as client:
+        assert list(client.iter_contact_batches([everyone[3]["id"], None, 0])) == [[everyone[3]]]
+
+
+def test_field_enums_custom_fields_and_pipelines(sim: KommoSimulator) -> None:
+    with fast_client(sim) as client:
+        enums = client.field_enums(VEHICLE_FIELD_ID)
+        assert enums == {item["id"]: item["value"] for item in sim.dataset.field(VEHICLE_FIELD_ID)["enums"]}
+        assert len(enums) == 30
+        assert client.get_custom_field(VEHICLE_FIELD_ID)["type"] == "select"
+        assert client.get_custom_field(4242) is None
+        assert client.field_enums(4242) == {}
+        pipelines = client.get_pipelines()
+        assert pipelines == sim.dataset.pipelines()
+        assert {status["id"] for p in pipelines for status in p["_embedded"]["statuses"]} >= {142, 143}
+
+
+# --- authentication ------------------------------------------------------------------------------
+
+
+def assert_token_free(exc: BaseException) -> None:
+    texts = [str(exc), repr(exc), *map(str, exc.args), "".join(traceback.format_exception(exc))]
+    for text in texts:
+        assert TOKEN not in text
+    assert exc.__cause__ is None and exc.__context__ is None
+
+
+def test_a_revoked_token_fails_fast_without_retries(sim: KommoSimulator) -> None:
+    sim.dataset.revoke_token()
+    with fast_client(sim) as client:
+        started = time.monotonic()
+        with pytest.raises(KommoAuthError) as caught:
+            list(client.iter_lead_pages(YEAR_FROM, YEAR_TO))
+        assert time.monotonic() - started < 2
+        assert client.stats.retries == 0
+    assert "HTTP 401" in str(caught.value) and "KOMMO_ACCESS_TOKEN" in str(caught.value)
+    assert f"GET {LEADS}" in str(caught.value)
+    assert caught.value.status == 401
+    assert_token_free(caught.value)
+    # Every speculative page got its 401 at once; none was retried.
+    assert sim.stats()["by_status"] == {"401": sim.stats()["requests"]}
+    assert sim.stats()["requests"] <= 6
+
+
+def test_a_banned_account_raises_an_auth_error() -> None:
+    config = SimulatorConfig(leads=10, rate_limit_rps=1.0, ban_after_violations=1)
+    with KommoSimulator(config) as simulator, fast_client(simulator, max_rps=50.0) as client:
+        client.get_pipelines()
+        with pytest.raises(KommoAuthError) as caught:
+            client.get_pipelines()  # 429 (the violation that bans the account), then 403
+    message = str(caught.value)
+    assert "HTTP 403" in message and "support" in message and "do not retry" in message
+    assert_token_free(caught.value)
+    assert simulator.stats()["banned"] is True
+
+
+def test_errors_survive_pickling_for_other_processes() -> None:
+    error = KommoUnavailableError("Kommo kept failing", method="GET", path=LEADS, page=7, status=503)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (str(copy), copy.path, copy.page, copy.status) == ("Kommo kept failing", LEADS, 7, 503)
+    assert isinstance(copy, KommoError)
+
+
+def test_the_token_is_not_in_the_client_repr() -> None:
+    client = KommoClient("https://acme.kommo.com", "secret-token-value")
+    assert "secret-token-value" not in repr(client)
+    assert redact("Bearer secret-token-value!", "secret-token-value") == "Bearer <redacted>!"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"base_url": "acme.kommo.com"}, {"access_token": " "}, {"page_size": 251}, {"max_in_flight": 0}],
+)
+def test_bad_configuration_is_refused(kwargs: dict) -> None:
+    options = {"base_url": "https://acme.kommo.com", "access_token": "t", **kwargs}
+    with pytest.raises(ValueError):
+        KommoClient(options.pop("base_url"), options.pop("access_token"), **options)
+
+
+# --- failures and retries ------------------------------------------------------------------------
+
+
+def test_a_burst_of_server_errors_is_retried_and_the_data_is_complete(sim: KommoSimulator) -> None:
+    sim.add_fault(kind="status", path=LEADS, after=2, times=3, status=500)
+    sim.add_fault(kind="status", path=LEADS, query={"page": "4"}, times=1, status=502)
+    with fast_client(sim) as client:
+        leads = collect(client)
+        stats = client.stats
+    assert_exactly(leads, truth(sim))
+    assert stats.retries == 4 and stats.by_status[500] == 3 and stats.by_status[502] == 1
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"kind": "reset"},
+        {"kind": "truncate", "mode": "full_length"},
+        {"kind": "truncate", "mode": "honest"},
+        {"kind": "status", "status": 200, "body": "<html>gateway hiccup</html>", "content_type": "text/html"},
+    ],
+    ids=["reset", "truncated-body", "truncated-json", "html-200"],
+)
+def test_broken_responses_are_retried(sim: KommoSimulator, fault: dict) -> None:
+    sim.add_fault(path=LEADS, after=1, times=2, **fault)
+    with fast_client(sim) as client:
+        leads = collect(client)
+        stats = client.stats
+    assert_exactly(leads, truth(sim))
+    assert stats.retries == 2 and stats.errors == 2
+
+
+def test_a_slow_answer_beyond_the_timeout_is_retried(sim: KommoSimulator) -> None:
+    sim.add_fault(kind="slow", path=LEADS, query={"page": "2"}, times=1, delay_s=1.5)
+    with fast_client(sim, timeout=0.4) as client:
+        leads = collect(client)
+        assert client.stats.retries == 1
+    assert_exactly(leads, truth(sim))
+
+
+def test_persistent_failure_raises_unavailable_after_the_retries(sim: KommoSimulator) -> None:
+    sim.add_fault(kind="status", path=LEADS, query={"page": "3"}, times=-1, status=503)
+    with fast_client(sim, max_retries=2) as client:
+        with pytest.raises(KommoUnavailableError) as caught:
+            collect(client)
+    message = str(caught.value)
+    assert message == (
+        "Kommo kept failing (HTTP 503) on GET /api/v4/leads page 3 after 3 attempts; "
+        "the run can be retried later."
+    )
+    assert caught.value.page == 3 and caught.value.status == 503
+    assert_token_free(caught.value)
+    assert kommo_threads() == []
+    page_3 = [f for f in sim.faults() if f["query"] == {"page": "3"}][0]
+    assert page_3["fired"] == 3
+
+
+def test_persistent_timeouts_name_the_timeout(sim: KommoSimulator) -> None:
+    sim.add_fault(kind="slow", path="/api/v4/leads/pipelines", path_exact=True, times=-1, delay_s=0.6)
+    with (
+        fast_client(sim, timeout=0.2, max_retries=1) as client,
+        pytest.raises(KommoUnavailableError) as caught,
+    ):
+        client.get_pipelines()
+    assert "no response within 0.2 s" in str(caught.value)
+    assert "GET /api/v4/leads/pipelines after 2 attempts" in str(caught.value)
+
+
+def test_an_unexpected_client_error_is_not_retried(sim: KommoSimulator) -> None:
+    sim.add_fault(kind="status", path=LEADS, times=-1, status=400)
+    with fast_client(sim, max_in_flight=1) as client, pytest.raises(KommoResponseError) as caught:
+        collect(client)
+    assert "Unexpected HTTP 400 on GET /api/v4/leads page 1" in str(caught.value)
+    assert client.stats.retries == 0
+
+
+def test_throttling_is_retried_after_cooling_down_and_honours_retry_after(
+    sim: KommoSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim.add_fault(kind="status", path=LEADS, query={"page": "2"}, times=1, status=429)
+    sim.add_fault(
+        kind="status", path=LEADS, query={"page": "5"}, times=1, status=429, headers={"Retry-After": "1"}
+    )
+    with fast_client(sim) as client:
+        started = time.monotonic()
+        leads = collect(client)
+        elapsed = time.monotonic() - started
+        stats = client.stats
+    assert_exactly(leads, truth(sim))
+    assert stats.throttled_429 == 2 and stats.retries == 2
+    assert elapsed >= 0.95  # Retry-After: 1 held every thread back, not just the throttled one
+    assert "pacing down to 180.00 requests/s" in caplog.text
+
+
+def test_retries_are_logged_and_the_token_never_is(
+    sim: KommoSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    sim.add_fault(kind="status", path=LEADS, after=1, times=1, status=500)
+    sim.add_fault(kind="reset", path=LEADS, after=3, times=1)
+    with fast_client(sim) as client:
+        collect(client)
+        list(client.iter_contact_batches([30_000_001, 30_000_002]))
+        sim.dataset.revoke_token()
+        with pytest.raises(KommoError):
+            client.get_pipelines()
+    ours = [r for r in caplog.records if r.name == "kommo_assets.kommo"]
+    assert any(r.levelno == logging.WARNING and "HTTP 500" in r.getMessage() for r in ours)
+    assert any(
+        r.levelno == logging.DEBUG and "GET /api/v4/leads page 1 -> 200" in r.getMessage() for r in ours
+    )
+    assert TOKEN not in caplog.text
+    assert all(TOKEN not in r.getMessage() for r in caplog.records)
+
+
+# --- pacing against the simulator's real limiter -------------------------------------------------
+
+
+@contextmanager
+def simulator_process(*args: str) -> Iterator[str]:
+    """The simulator in its own process, as Kommo is: the server's work then cannot delay the
+    client's threads (or the other way round) through one shared GIL, which would blur arrival times
+    by more than the 29 ms the 6.8-vs-7 margin leaves over 8 requests."""
+    command = [sys.executable, "-m", "kommo_assets.simulator", "--port", "0", "--token", TOKEN, *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline() if process.stdout else ""
+        assert line.startswith("KOMMO_SIMULATOR_READY base_url="), line
+        yield line.split("base_url=", 1)[1].strip()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def server_stats(base_url: str) -> dict:
+    with urllib.request.urlopen(f"{base_url}/_simulator/stats", timeout=10) as response:
+        return json.load(response)
+
+
+WIDE_FROM, WIDE_TO = datetime(2020, 1, 1, tzinfo=UTC), datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def test_sixty_requests_at_the_default_pace_never_hit_the_limit() -> None:
+    with simulator_process("--leads", "15000", "--seed", "5", "--rps", "7") as base_url:
+        with KommoClient(base_url, TOKEN) as client:
+            started = time.monotonic()
+            pages = list(client.iter_lead_pages(WIDE_FROM, WIDE_TO))
+            elapsed = time.monotonic() - started
+            stats = client.stats
+        server = server_stats(base_url)
+    assert sum(page.received for page in pages) == 15_000
+    assert stats.requests >= 60
+    assert server["throttled_429"] == 0 and stats.throttled_429 == 0
+    assert server["max_requests_in_any_second"] <= 7
+    assert elapsed >= (stats.requests - 1) / 6.8 - 0.05
+
+
+def test_concurrency_keeps_the_pace_under_latency() -> None:
+    with simulator_process("--leads", "7400", "--seed", "6", "--rps", "7", "--latency-ms", "400") as base_url:
+        with KommoClient(base_url, TOKEN) as client:
+            started = time.monotonic()
+            pages = list(client.iter_lead_pages(WIDE_FROM, WIDE_TO))
+            elapsed = time.monotonic() - started
+            requests = client.stats.requests
+        server = server_stats(base_url)
+    assert len(pages) == 30 and sum(page.received for page in pages) == 7_400
+    assert 30 < requests <= 36
+    # One at a time, 400 ms each, would take 12 s or more; paced and concurrent it is ~requests/6.8
+    # plus the last round trip (the slack absorbs timer and scheduling delays on a busy machine).
+    assert elapsed <= requests / 6.8 + 1.5
+    assert server["max_in_flight"] >= 3
+    assert server["throttled_429"] == 0
+
+
+# --- small pure helpers --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [(None, None), ("", None), ("3", 3.0), (" 2.5 ", 2.5), ("-4", 0.0), ("soon", None)],
+)
+def test_retry_after_seconds(header: str | None, expected: float | None) -> None:
+    assert _retry_after(header) == expected
+
+
+def test_retry_after_http_date() -> None:
+    from email.utils import format_datetime
+
+    when = datetime.now(UTC).replace(microsecond=0)
+    seconds = _retry_after(format_datetime(when.fromtimestamp(when.timestamp() + 10, UTC), usegmt=True))
+    assert seconds is not None and 8 <= seconds <= 10.5
+
+
+def test_window_bounds_round_up_to_whole_seconds() -> None:
+    assert _ceil_epoch(datetime(2025, 1, 1, tzinfo=UTC)) == 1735689600
+    assert _ceil_epoch(datetime(2025, 1, 1, 0, 0, 0, 1, tzinfo=UTC)) == 1735689601
+    assert _ceil_epoch(datetime(2025, 1, 1)) == 1735689600  # naive is UTC

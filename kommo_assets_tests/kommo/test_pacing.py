@@ -1,0 +1,169 @@
+"""Tests of the pacer: even spacing, no bursts across threads, penalties, cancellation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from kommo_assets.kommo.pacing import Pacer
+
+
+class FakeTime:
+    """A clock that only moves when someone sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_slots_are_exactly_one_interval_apart_with_a_fake_clock() -> None:
+    fake = FakeTime()
+    pacer = Pacer(5.0, clock=fake.clock, sleep=fake.sleep)
+    grants = []
+    for _ in range(6):
+        assert pacer.acquire()
+        grants.append(fake.now)
+    assert grants[0] == 100.0  # the first slot is immediate
+    assert [round(b - a, 9) for a, b in zip(grants, grants[1:], strict=False)] == [0.2] * 5
+
+
+def test_idle_time_is_not_banked_into_a_burst() -> None:
+    fake = FakeTime()
+    pacer = Pacer(5.0, clock=fake.clock, sleep=fake.sleep)
+    pacer.acquire()
+    fake.now += 10.0  # idle for a long time
+    pacer.acquire()
+    start = fake.now
+    pacer.acquire()
+    assert fake.now - start == pytest.approx(0.2)
+
+
+def test_penalize_pushes_the_next_slot_back_and_never_forward() -> None:
+    fake = FakeTime()
+    pacer = Pacer(5.0, clock=fake.clock, sleep=fake.sleep)
+    pacer.acquire()
+    pacer.penalize(3.0)
+    pacer.acquire()
+    assert fake.now == pytest.approx(103.0)
+    pacer.penalize(0.01)  # smaller than the normal interval: no effect
+    pacer.penalize(-1)
+    pacer.acquire()
+    assert fake.now == pytest.approx(103.2)
+
+
+def test_rejects_a_non_positive_rate() -> None:
+    with pytest.raises(ValueError):
+        Pacer(0)
+
+
+def test_n_acquires_take_n_minus_one_intervals_in_real_time() -> None:
+    pacer = Pacer(20.0)
+    start = time.monotonic()
+    for _ in range(11):
+        pacer.acquire()
+    elapsed = time.monotonic() - start
+    assert 0.5 - 0.01 <= elapsed <= 0.5 + 0.15
+
+
+def test_concurrent_threads_never_get_slots_closer_than_the_interval() -> None:
+    rate = 25.0
+    pacer = Pacer(rate)
+    grants: list[float] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(5):
+            pacer.acquire()
+            stamp = time.monotonic()
+            with lock:
+                grants.append(stamp)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    start = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - start
+    grants.sort()
+    gaps = [b - a for a, b in zip(grants, grants[1:], strict=False)]
+    assert len(grants) == 30
+    # A slot is granted under the pacer's lock no sooner than 1/rate after the previous grant; the
+    # stamp is taken just after, so allow a little scheduling noise.
+    assert min(gaps) >= 1 / rate - 0.004
+    assert elapsed >= 29 / rate - 0.01
+    assert elapsed <= 29 / rate + 0.3
+
+
+def test_penalize_delays_threads_already_waiting() -> None:
+    pacer = Pacer(10.0)
+    pacer.acquire()
+    granted: list[float] = []
+    start = time.monotonic()
+    waiter = threading.Thread(target=lambda: (pacer.acquire(), granted.append(time.monotonic())))
+    waiter.start()
+    time.sleep(0.02)  # the waiter is now sleeping toward its slot at +0.1 s
+    pacer.penalize(0.4)
+    waiter.join()
+    assert granted[0] - start >= 0.4 - 0.01
+
+
+def test_cancel_releases_a_waiter_without_a_slot() -> None:
+    pacer = Pacer(1.0)
+    pacer.acquire()
+    cancel = threading.Event()
+    results: list[bool] = []
+    waiter = threading.Thread(target=lambda: results.append(pacer.acquire(cancel)))
+    start = time.monotonic()
+    waiter.start()
+    time.sleep(0.05)
+    cancel.set()
+    waiter.join()
+    assert results == [False]
+    assert time.monotonic() - start < 0.5
+
+
+def test_slow_down_lowers_the_rate_once_per_burst_and_keeps_a_floor() -> None:
+    fake = FakeTime()
+    pacer = Pacer(10.0, clock=fake.clock, sleep=fake.sleep)
+    assert pacer.slow_down(0.5, floor=3.0) == 5.0
+    assert pacer.slow_down(0.5, floor=3.0) == 5.0  # same burst: ignored
+    fake.now += 1.5
+    assert pacer.slow_down(0.5, floor=3.0) == 3.0  # floor
+    pacer.acquire()
+    start = fake.now
+    pacer.acquire()
+    assert fake.now - start == pytest.approx(1 / 3.0)
+
+
+def test_a_held_slot_measures_the_next_one_from_the_release() -> None:
+    fake = FakeTime()
+    pacer = Pacer(5.0, clock=fake.clock, sleep=fake.sleep)
+    assert pacer.acquire(hold=True)
+    fake.now += 0.5  # the send was late (a pause between the grant and the write)
+    pacer.release()
+    pacer.acquire()
+    assert fake.now == pytest.approx(100.7)
+
+
+def test_nobody_gets_a_slot_while_one_is_held() -> None:
+    pacer = Pacer(100.0)
+    assert pacer.acquire(hold=True)
+    granted: list[float] = []
+    waiter = threading.Thread(target=lambda: (pacer.acquire(), granted.append(time.monotonic())))
+    waiter.start()
+    time.sleep(0.2)
+    assert granted == []
+    released = time.monotonic()
+    pacer.release()
+    waiter.join()
+    assert granted[0] - released >= 0.01 - 0.002
