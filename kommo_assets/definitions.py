@@ -9,6 +9,17 @@ from kommo_assets.assets.staging import (
     leads_count_within_drop_guard,
     staging_warnings,
 )
+from kommo_assets.automation.request_sensor import kommo_refresh_request_sensor
+from kommo_assets.automation.run_status_sensors import (
+    kommo_run_canceled_sensor,
+    kommo_run_failure_sensor,
+    kommo_run_started_sensor,
+    kommo_run_succeeded_sensor,
+)
+from kommo_assets.automation.schedules import (
+    kommo_nightly_dry_run_schedule,
+    kommo_nightly_full_refresh_schedule,
+)
 from kommo_assets.jobs import kommo_dry_run_job, kommo_full_refresh_job
 from kommo_assets.resources import build_resources
 
@@ -16,5 +27,13 @@ defs = dg.Definitions(
     assets=[kommo_api, kommo_staging, kommo_swap, calendar_events_expanded],
     asset_checks=[leads_count_within_drop_guard, staging_warnings],
     jobs=[kommo_full_refresh_job, kommo_dry_run_job],
+    schedules=[kommo_nightly_dry_run_schedule, kommo_nightly_full_refresh_schedule],
+    sensors=[
+        kommo_refresh_request_sensor,
+        kommo_run_started_sensor,
+        kommo_run_succeeded_sensor,
+        kommo_run_canceled_sensor,
+        kommo_run_failure_sensor,
+    ],
     resources=build_resources(),
 )

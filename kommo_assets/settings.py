@@ -5,6 +5,7 @@ Everything else asks this module; nothing reads ``os.environ`` for these names o
 
 import os
 from collections.abc import Mapping
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 FALSE_VALUES = frozenset({"0", "false", "no", "off", ""})
@@ -91,3 +92,60 @@ def staging_retention_days(env: Mapping[str, str] | None = None) -> tuple[float,
     or needs_review runs (``KOMMO_FAILED_STAGING_RETENTION_DAYS``, default 30) are kept."""
     return (_positive_number("KOMMO_STAGING_RETENTION_DAYS", 7, env),
             _positive_number("KOMMO_FAILED_STAGING_RETENTION_DAYS", 30, env))
+
+
+def is_set(name: str, env: Mapping[str, str] | None = None) -> bool:
+    """True when the variable holds something other than blanks."""
+    env = os.environ if env is None else env
+    return bool(env.get(name, "").strip())
+
+
+def kommo_access_token(env: Mapping[str, str] | None = None) -> str | None:
+    """The Kommo token when configured, for redacting it out of texts; None when unset."""
+    env = os.environ if env is None else env
+    return env.get("KOMMO_ACCESS_TOKEN", "").strip() or None
+
+
+DEFAULT_WEBSERVER_URL = "http://127.0.0.1:3000"
+
+
+def dagster_webserver_url(env: Mapping[str, str] | None = None) -> str:
+    """Where operators open the Dagster UI (``DAGSTER_WEBSERVER_URL``), for links in alerts."""
+    env = os.environ if env is None else env
+    url = env.get("DAGSTER_WEBSERVER_URL", "").strip() or DEFAULT_WEBSERVER_URL
+    return url.rstrip("/")
+
+
+DEFAULT_DRY_RUN_CRON = "0 2 * * *"
+DEFAULT_FULL_REFRESH_CRON = "30 2 * * *"
+
+
+def dry_run_cron(env: Mapping[str, str] | None = None) -> str:
+    """Cron of the nightly dry run (``KOMMO_DRY_RUN_CRON``); the schedule validates it."""
+    env = os.environ if env is None else env
+    return env.get("KOMMO_DRY_RUN_CRON", "").strip() or DEFAULT_DRY_RUN_CRON
+
+
+def full_refresh_cron(env: Mapping[str, str] | None = None) -> str:
+    """Cron of the nightly full refresh (``KOMMO_FULL_REFRESH_CRON``); the schedule validates it."""
+    env = os.environ if env is None else env
+    return env.get("KOMMO_FULL_REFRESH_CRON", "").strip() or DEFAULT_FULL_REFRESH_CRON
+
+
+def schedule_timezone(env: Mapping[str, str] | None = None) -> str:
+    """IANA timezone of both schedules (``KOMMO_SCHEDULE_TIMEZONE``, default UTC)."""
+    env = os.environ if env is None else env
+    name = env.get("KOMMO_SCHEDULE_TIMEZONE", "").strip() or "UTC"
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"KOMMO_SCHEDULE_TIMEZONE must be an IANA timezone such as UTC or Europe/Berlin, got {name!r}"
+        ) from None
+    return name
+
+
+def abandoned_grace_seconds(env: Mapping[str, str] | None = None) -> float:
+    """``KOMMO_ABANDONED_GRACE_SECONDS`` (default 60): how long an import marked running may have no live
+    owner (between two steps) before the next start closes it as abandoned."""
+    return _positive_number("KOMMO_ABANDONED_GRACE_SECONDS", 60, env)

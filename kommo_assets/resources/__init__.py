@@ -4,6 +4,7 @@ import dagster as dg
 
 from kommo_assets.resources.kommo import KommoResource
 from kommo_assets.resources.postgres import PostgresResource
+from kommo_assets.resources.slack import slack_resource
 
 
 def build_resources() -> dict[str, dg.ConfigurableResource]:
@@ -14,4 +15,6 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             base_url=dg.EnvVar("KOMMO_BASE_URL"),
             access_token=dg.EnvVar("KOMMO_ACCESS_TOKEN"),
         ),
+        # Only the run-status sensors use Slack; unset Slack variables leave it unconfigured, not broken.
+        "slack": slack_resource(),
     }

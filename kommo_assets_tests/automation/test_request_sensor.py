@@ -1,0 +1,81 @@
+"""kommo_refresh_request_sensor against a real database: one run per request, stable run keys, refusals."""
+
+import psycopg
+import pytest
+
+from kommo_assets.assets.common import REQUEST_ID_TAG, REQUESTED_BY_TAG
+from kommo_assets.automation import request_table
+from kommo_assets.settings import ConfigError
+from kommo_assets_tests.helpers import fetch_one
+
+SENSOR = "kommo_refresh_request_sensor"
+
+
+def _request(url: str, user) -> int:
+    return fetch_one(url, "SELECT id FROM request_kommo_refresh(%s)", (user,))[0]
+
+
+def _status(url: str, request_id: int) -> tuple:
+    return fetch_one(url, "SELECT status, reason FROM kommo_refresh_requests WHERE id = %s", (request_id,))
+
+
+def _flag(url: str):
+    row = fetch_one(url, "SELECT enabled FROM kommo_runtime_flags WHERE name = 'KOMMO_ENABLE_LIVE'")
+    return row[0] if row else None
+
+
+def test_staff_request_starts_one_run_and_a_repeat_tick_none(automation_env, database_url, staff, ticker):
+    first = ticker.tick(SENSOR)
+    assert not first.run_requests and "No pending" in first.skip_message
+    assert _flag(database_url) is True  # the tick synced the live flag for the app
+
+    request_id = _request(database_url, staff)
+    result = ticker.tick(SENSOR)
+    assert [r.run_key for r in result.run_requests] == [f"kommo-refresh-request-{request_id}"]
+    tags = result.run_requests[0].tags
+    assert tags[REQUESTED_BY_TAG] == str(staff) and tags[REQUEST_ID_TAG] == str(request_id)
+    assert result.cursor == str(request_id)
+    assert _status(database_url, request_id) == ("queued", None)
+
+    repeat = ticker.tick(SENSOR)
+    assert repeat.run_requests == [] and repeat.skip_message == f"No pending Kommo refresh requests (last handled: #{request_id})."
+    assert repeat.cursor == str(request_id)
+
+
+def test_a_claim_whose_tick_never_finished_is_requested_again_with_the_same_key(
+        automation_env, database_url, staff, live_synced, ticker):
+    request_id = _request(database_url, staff)
+    assert len(ticker.tick(SENSOR).run_requests) == 1
+    # the daemon died before storing the cursor: the next tick starts from the old one
+    again = ticker.tick(SENSOR, cursor="0")
+    assert [r.run_key for r in again.run_requests] == [f"kommo-refresh-request-{request_id}"]
+
+
+def test_live_flag_off_refuses_pending_requests_with_the_reason(automation_env, database_url, staff, ticker,
+                                                                monkeypatch):
+    assert ticker.tick(SENSOR).skip_message  # syncs the flag on, so the app accepts the request
+    request_id = _request(database_url, staff)
+
+    monkeypatch.setenv("KOMMO_ENABLE_LIVE", "0")
+    result = ticker.tick(SENSOR)
+    assert result.run_requests == []
+    assert result.skip_message == f"KOMMO_ENABLE_LIVE is off: refused refresh request(s) #{request_id}."
+    assert result.cursor == str(request_id)
+    status, reason = _status(database_url, request_id)
+    assert status == "refused" and "KOMMO_ENABLE_LIVE is off" in reason and "KOMMO_ENABLE_LIVE=1" in reason
+    assert request_table.request_status(database_url, request_id)["error"] == reason
+    assert _flag(database_url) is False
+
+    # the app is now refused up front, with the same advice
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="Set KOMMO_ENABLE_LIVE=1"):
+        _request(database_url, staff)
+    assert "KOMMO_ENABLE_LIVE is off" in ticker.tick(SENSOR).skip_message
+
+
+def test_unreadable_live_flag_fails_the_tick_and_counts_as_off(automation_env, database_url, staff, ticker,
+                                                               monkeypatch):
+    ticker.tick(SENSOR)
+    monkeypatch.setenv("KOMMO_ENABLE_LIVE", "maybe")
+    with pytest.raises(ConfigError, match="KOMMO_ENABLE_LIVE"):
+        ticker.tick(SENSOR)
+    assert _flag(database_url) is False
