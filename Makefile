@@ -22,6 +22,10 @@ system-deps:
 run: system-deps install
 	$(BIN)/kommo-assets run
 
+## Serve the Dagster UI and daemon on the embedded default (Ctrl-C stops it and everything it started).
+dev: system-deps install
+	$(BIN)/kommo-assets dev
+
 ## Lint and run the whole test suite against a real local Postgres and the simulator.
 test: system-deps install
 	$(BIN)/ruff check kommo_assets kommo_assets_tests

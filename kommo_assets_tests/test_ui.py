@@ -1,0 +1,199 @@
+"""End to end through the Dagster UI: `kommo-assets dev` on its own local Postgres and simulator, a real
+Chromium clicking Materialize, the run queue holding a second refresh, and a clean shutdown.
+
+One dev server serves the whole module (it takes ~15 s to start). Deselect with ``-m "not ui"``.
+"""
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from kommo_assets.assets.common import FULL_REFRESH_JOB, REFRESH_TAG
+from kommo_assets.db.local import LocalPostgres
+from kommo_assets.devserver import REPO_ROOT, DevServer, launch
+from kommo_assets_tests.ui_support import (
+    CHROMIUM_ARGS,
+    IN_PROGRESS,
+    DagsterGraphQL,
+    chromium_path,
+    isolated_env,
+)
+
+pytestmark = [pytest.mark.ui, pytest.mark.timeout(360)]
+
+SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
+LEADS = 800
+
+
+@pytest.fixture(scope="module")
+def dev_server():
+    home = Path(tempfile.mkdtemp(prefix="kommo-ui-"))
+    server: DevServer | None = None
+    try:
+        server = launch(home, leads=LEADS, env=isolated_env())
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
+        # The dev server stops the Postgres it started; this covers a dev server that died first.
+        LocalPostgres(home / "pg").stop("immediate")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def graphql(dev_server) -> DagsterGraphQL:
+    client = DagsterGraphQL(dev_server.url)
+    client.set_nux_seen()
+    return client
+
+
+@pytest.fixture(scope="module")
+def kommo_db(dev_server) -> str:
+    port = int((dev_server.home / "pg.port").read_text().strip())
+    return f"postgresql://postgres@127.0.0.1:{port}/kommo"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the playwright package is missing: `make install` (pip install -e '.[test]') installs it")
+    try:
+        executable = chromium_path()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(executable), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    yield page
+    context.close()
+
+
+def _dismiss_community_modal(page) -> None:
+    """setNuxSeen normally prevents it; the Skip button is the fallback if it still shows up."""
+    skip = page.get_by_role("button", name="Skip")
+    try:
+        skip.wait_for(state="visible", timeout=2_000)
+    except Exception:  # playwright's TimeoutError: no modal, nothing to do
+        return
+    skip.click()
+
+
+def _fetch_one(url: str, query: str, params=None):
+    with psycopg.connect(url) as conn:
+        return conn.execute(query, params).fetchone()
+
+
+def test_materialize_full_refresh_from_the_ui(dev_server, graphql, kommo_db, page):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.goto(f"{dev_server.url}/locations/kommo_assets/jobs/{FULL_REFRESH_JOB}")
+    materialize = page.get_by_role("button", name="Materialize all")
+    materialize.wait_for()
+    _dismiss_community_modal(page)
+
+    clicked_at = time.monotonic()
+    materialize.click()
+    page.get_by_text("Launched run").wait_for()
+    view = page.get_by_role("link", name="View", exact=True)  # the toast's link to the new run
+    run_id = view.get_attribute("href").rstrip("/").split("/runs/")[1]
+    view.click()
+    page.wait_for_url(f"**/runs/{run_id}")
+
+    # Queued first (QueuedRunCoordinator): only the daemon of `dagster dev` can move it on.
+    state = graphql.wait_for_run(run_id)
+    assert state.status == "SUCCESS", (
+        f"run {run_id} ended {state.status}: {graphql.run_errors(run_id)}\n{dev_server.log_tail()}"
+    )
+    assert graphql.run_tags(run_id).get(REFRESH_TAG) == "kommo"
+    print(f"click -> success in {time.monotonic() - clicked_at:.1f}s")
+
+    page.goto(f"{dev_server.url}/runs/{run_id}")  # a fresh load: no launch toast over the screenshot
+    page.get_by_text("Success", exact=True).first.wait_for()
+    page.get_by_text("RUN_SUCCESS").first.wait_for()
+    page.wait_for_timeout(1_500)  # the step timeline lays itself out after the events load
+    page.screenshot(path=str(SCREENSHOTS / "ui-run-succeeded.png"))
+
+    bookings = _fetch_one(kommo_db, "SELECT count(*) FROM bookings WHERE channel = 'Kommo' AND is_active")[0]
+    assert bookings > 0
+    run_row = _fetch_one(
+        kommo_db, "SELECT status, leads_count FROM kommo_import_runs WHERE dagster_run_id = %s", (run_id,)
+    )
+    assert run_row is not None and run_row[0] == "succeeded", run_row
+    assert run_row[1] > 0
+
+    page.goto(f"{dev_server.url}/asset-groups")
+    for name in ("kommo_api", "stg_kommo_leads", "bookings", "calendar_events_expanded"):
+        page.get_by_text(name, exact=True).first.wait_for()
+    page.wait_for_timeout(1_000)  # the graph animates into place
+    page.screenshot(path=str(SCREENSHOTS / "asset-graph.png"))
+
+
+def test_second_refresh_waits_in_the_queue(dev_server, graphql, kommo_db):
+    """dagster.yaml limits the kommo/refresh tag to one run: of two refreshes submitted together, the
+    second stays QUEUED until the first has finished, then runs."""
+    # In-process execution only skips the subprocess per step (seconds each); the queue, the tag and the
+    # job are the same as for a run launched from the UI.
+    run_config = {"execution": {"config": {"in_process": {}}}}
+    run_ids = [graphql.launch_run(FULL_REFRESH_JOB, run_config) for _ in range(2)]
+    history: list[dict[str, str]] = []
+    deadline = time.monotonic() + 240
+    while True:
+        states = {run_id: graphql.run(run_id).status for run_id in run_ids}
+        history.append(states)
+        in_progress = [run_id for run_id, status in states.items() if status in IN_PROGRESS]
+        assert len(in_progress) <= 1, f"two refreshes in progress at once: {history}"
+        if all(status in ("SUCCESS", "FAILURE", "CANCELED") for status in states.values()):
+            break
+        assert time.monotonic() < deadline, f"refreshes did not finish: {history[-5:]}"
+        time.sleep(0.5)
+
+    final = {run_id: graphql.run(run_id) for run_id in run_ids}
+    assert all(s.status == "SUCCESS" for s in final.values()), (
+        {r: (s.status, graphql.run_errors(r)) for r, s in final.items()}
+    )
+    first, second = sorted(final.values(), key=lambda s: s.start_time)
+    assert second.start_time >= first.end_time, (first, second)
+    # The second was seen waiting while the first ran.
+    assert any(h[first.run_id] in IN_PROGRESS and h[second.run_id] == "QUEUED" for h in history), history
+
+    succeeded = _fetch_one(
+        kommo_db, "SELECT count(*) FROM kommo_import_runs WHERE status = 'succeeded' AND dagster_run_id = ANY(%s)",
+        (run_ids,),
+    )[0]
+    assert succeeded == 2
+
+
+def test_dev_server_stops_cleanly(dev_server: DevServer):
+    """SIGTERM stops `dagster dev` (webserver, daemon, code server) and the Postgres the dev server
+    started, leaving no process behind."""
+    dagster_pgid = dev_server.dagster_pgid()
+    assert dagster_pgid is not None
+    started = time.monotonic()
+    returncode = dev_server.stop()
+    elapsed = time.monotonic() - started
+    log = dev_server.log_tail(20_000)
+    assert returncode == 0, log
+    assert "Dagster stopped" in log, log
+    assert "killing" not in log, log  # neither `dagster dev` nor a straggler needed SIGKILL
+    assert not dev_server.forced, "processes of `dagster dev` outlived kommo-assets dev"
+    print(f"stopped in {elapsed:.1f}s")
+
+    with pytest.raises(ProcessLookupError):
+        os.killpg(dagster_pgid, 0)
+    assert not (dev_server.home / "pg" / "postmaster.pid").exists(), "the dev server left its Postgres running"
