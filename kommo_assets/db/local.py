@@ -125,7 +125,9 @@ class LocalPostgres:
 
     def restart(self) -> None:
         """Restarts the server in place (used by fault tests)."""
-        self._run("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60", "restart")
+        # -l again: a restarted server that kept our stdout pipe would hang this call.
+        self._run("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-l", str(self.data_dir / "server.log"),
+                  "-w", "-t", "60", "restart")
 
     def ensure_database(self, name: str, template: str | None = None) -> str:
         with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
