@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run dev test lint system-deps install benchmark clean
+.PHONY: run dev test lint validate system-deps install benchmark clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: system-deps install
 ## Benchmark (not part of the tests): 100k leads at 7 requests/s and 400 ms latency, baseline, memory sweep.
 benchmark: system-deps install
 	$(BIN)/kommo-assets benchmark --memory-sweep
+
+## Load the code location the way Dagster does (a throwaway DAGSTER_HOME: the repo's dagster.yaml needs
+## DAGSTER_POSTGRES_URL, which only a deployment sets).
+validate: install
+	DAGSTER_HOME=$$(mktemp -d) $(BIN)/dagster definitions validate -m kommo_assets.definitions
 
 lint: install
 	$(BIN)/ruff check kommo_assets kommo_assets_tests
