@@ -28,10 +28,18 @@ def preview_summary(preview: dict[str, Any] | None) -> str:
 
 def _cell(value: Any) -> str:
     if isinstance(value, dict):
-        value = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
+        value = "; ".join(f"{k}: {v}" if "→" in str(v) else f"{k}={v}" for k, v in value.items() if v is not None)
     elif isinstance(value, list):
         value = ", ".join(map(str, value))
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _diff(row: dict[str, Any]) -> dict[str, Any]:
+    """A sample of a changing row as ``code``, ``changes`` and only the fields that differ, before → after."""
+    before, after = row.get("before") or {}, row.get("after") or {}
+    moved = {k: f"{before.get(k)} → {after.get(k)}" for k in after if before.get(k) != after.get(k)}
+    key = "code" if "code" in row else "contact_id"
+    return {key: row.get(key), "changes": row.get("changes", sorted(moved)), "before → after": moved}
 
 
 def preview_markdown(preview: dict[str, Any] | None) -> str:
@@ -55,6 +63,8 @@ def preview_markdown(preview: dict[str, Any] | None) -> str:
     for kind, rows in preview.get("samples", {}).items():
         if not rows:
             continue
+        if "before" in rows[0]:
+            rows = [_diff(row) for row in rows]
         columns = list(rows[0].keys())
         lines += ["", f"**{_SAMPLE_TITLES.get(kind, kind)}** (first {len(rows)})", "",
                   "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
