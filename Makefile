@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run dev test lint validate system-deps install benchmark clean
+.PHONY: run dev stop test lint validate system-deps install benchmark clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ benchmark: system-deps install
 ## DAGSTER_POSTGRES_URL, which only a deployment sets).
 validate: install
 	DAGSTER_HOME=$$(mktemp -d) $(BIN)/dagster definitions validate -m kommo_assets.definitions
+
+## Stop the local PostgreSQL that `make run` / `make dev` started (its data stays in .kommo-dev).
+stop: install
+	$(BIN)/kommo-assets stop
 
 lint: install
 	$(BIN)/ruff check kommo_assets kommo_assets_tests

@@ -42,6 +42,9 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         env.close()
     print(f"* Dagster run {result.run_id}: {'success' if result.success else 'FAILURE'}")
+    if env.postgres is not None:
+        print(f"* the local PostgreSQL keeps running for `make dev` and psql ({env.database_url}); "
+              "`make stop` stops it")
     if record is None:
         print("* no import run was recorded (the run failed before staging; see the error above)")
         return 1
@@ -53,6 +56,18 @@ def _run(args: argparse.Namespace) -> int:
     summary["swap"] = record["swap_counts"]
     print(json.dumps(summary, indent=2, default=str))
     return 0 if result.success else 1
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from kommo_assets.db.local import LocalPostgres
+
+    server = LocalPostgres(Path(args.home) / "pg")
+    if not server.is_running():
+        print(f"no local PostgreSQL running in {server.data_dir}")
+        return 0
+    server.stop()
+    print(f"stopped the local PostgreSQL in {server.data_dir} (its data stays there)")
+    return 0
 
 
 def _dev(args: argparse.Namespace) -> int:
@@ -94,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--home", default=os.environ.get("KOMMO_DEV_HOME", ".kommo-dev"),
                      help="where the local Postgres keeps its data")
     run.set_defaults(func=_run)
+
+    stop = sub.add_parser("stop", help="stop the local PostgreSQL that `run` or `dev` started (data is kept)")
+    stop.add_argument("--home", default=os.environ.get("KOMMO_DEV_HOME", ".kommo-dev"))
+    stop.set_defaults(func=_stop)
 
     dev = sub.add_parser(
         "dev",

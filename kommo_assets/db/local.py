@@ -86,6 +86,8 @@ class LocalPostgres:
             os.chown(self.data_dir.parent, pg.pw_uid, pg.pw_gid)
 
     def is_running(self) -> bool:
+        if self.port is None and self._port_file.exists():
+            self.port = int(self._port_file.read_text().strip())
         if self.port is None or not (self.data_dir / "postmaster.pid").exists():
             return False
         try:
@@ -96,8 +98,6 @@ class LocalPostgres:
 
     def start(self) -> str:
         """Starts (or reuses) the server and makes sure the default database exists; returns its URL."""
-        if self.port is None and self._port_file.exists():
-            self.port = int(self._port_file.read_text().strip())
         if self.is_running():
             self.ensure_database(DEFAULT_DATABASE)
             return self.url()
