@@ -9,6 +9,7 @@ from typing import Any
 
 from kommo_assets.assets.common import DRY_RUN_JOB, FULL_REFRESH_JOB
 from kommo_assets.kommo.errors import redact
+from kommo_assets.reporting import preview_summary
 
 ERROR_MAX_CHARS = 1500
 NEEDS_REVIEW_FIX = (
@@ -79,6 +80,9 @@ def failure_message(alert: RunAlert, webserver_url: str, secret: str | None = No
         previous = record.get("previous_leads_count")
         lines.append(f"*Drop:* {_ratio(record.get('drop_ratio') or 0)} against the previous {previous} leads "
                      f"(max_drop_ratio {float(record.get('max_drop_ratio') or 0):.2f})")
+
+    if record.get("change_preview"):
+        lines.append(f"*Change preview:* {_escape(preview_summary(record['change_preview']))}")
 
     error = record.get("error") or alert.error
     if error:

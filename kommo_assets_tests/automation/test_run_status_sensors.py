@@ -90,6 +90,9 @@ def test_needs_review_runs_post_exactly_one_slack_message_each(automation_env, d
     assert f"against the previous {len(staged)} leads" in text
     assert f"{float(record['drop_ratio']) * 100:.1f}%" in text
     assert "re-run with a higher max_drop_ratio" in text
+    # the drift alert quotes the change preview: the deleted leads' bookings would be deactivated
+    deactivate = record["change_preview"]["bookings"]["deactivate"]
+    assert deactivate > 0 and f"*Change preview:* bookings +0 ~0 -{deactivate}" in text
     assert f"<https://dagster.example.com/runs/{second.run_id}|{second.run_id}>" in text
     assert f"refresh request #{request_id}" in text and str(staff) in text
     _assert_no_secrets(fake_slack, sim.config.token)
