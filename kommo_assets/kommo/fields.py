@@ -26,6 +26,11 @@ MIN_YEAR = 2000
 MAX_YEAR = 2100
 # A unix-seconds value this large is milliseconds: 1e11 seconds is the year 5138.
 _MILLISECONDS_ABOVE = 1e11
+# Ids are stored as Postgres bigint and amounts as numeric(14, 2): a larger value cannot be a real Kommo
+# id or price, and staging it would fail the whole page's COPY (and with it the run).
+MAX_ID = 2**63 - 1
+MAX_AMOUNT = Decimal("999999999999.99")
+_AMOUNT_OVERFLOW = MAX_AMOUNT + Decimal("0.005")  # Postgres rounds half away from zero, to cents
 
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 # C0 control characters except \t and \n, plus lone UTF-16 surrogates (they cannot be encoded as
@@ -64,9 +69,10 @@ def _as_int(value: object) -> int | None:
 
 
 def positive_int(value: object) -> int | None:
-    """A Kommo id: a positive int from an int, an integral float or a digit string; else None."""
+    """A Kommo id: a positive int (at most ``MAX_ID``, the bigint range) from an int, an integral float or
+    a digit string; else None."""
     number = _as_int(value)
-    return number if number is not None and number > 0 else None
+    return number if number is not None and 0 < number <= MAX_ID else None
 
 
 # --- timestamps ----------------------------------------------------------------------------------
@@ -229,7 +235,8 @@ def parse_amount(value: object) -> Decimal | None:
     Strings may use a comma or a dot as the decimal separator and spaces as thousands separators
     (``"1 234,50"``); when both ``,`` and ``.`` appear, the rightmost one is the decimal separator and
     the other is a thousands separator (``"1,234.50"``, ``"1.234,50"``). None for: None, bools,
-    negatives, NaN/inf, and anything unparseable.
+    negatives, NaN/inf, anything unparseable, and amounts that round to more than ``MAX_AMOUNT`` (what
+    the ``numeric(14, 2)`` columns hold).
     """
     if value is None or isinstance(value, bool):
         return None
@@ -258,6 +265,8 @@ def parse_amount(value: object) -> Decimal | None:
     except (InvalidOperation, ValueError):
         return None
     if not amount.is_finite() or amount < 0:
+        return None
+    if amount >= _AMOUNT_OVERFLOW:
         return None
     return amount
 

@@ -21,7 +21,7 @@ import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 # --- account constants -------------------------------------------------------------------------------
@@ -194,6 +194,7 @@ class _State:
     added: tuple[int, ...] = ()  # ids of added leads, ascending
     deleted_contacts: frozenset[int] = frozenset()
     next_id: int = 0
+    raw_contacts: Mapping[int, object] = field(default_factory=dict)  # id -> payload served verbatim
 
 
 class _Block:
@@ -621,6 +622,8 @@ class Dataset:
         return None
 
     def _render(self, core: dict, with_: Iterable[str] = ("contacts",)) -> dict:
+        if "_raw" in core:  # an entry put with put_raw_lead: served exactly as given
+            return core["_raw"]
         with_ = set(with_)
         lead = {k: core[k] for k in _LEAD_KEYS}
         base = self.base_url
@@ -691,8 +694,11 @@ class Dataset:
                 yield lead_id
 
     def contact_exists(self, contact_id: int) -> bool:
-        if contact_id in self._state.deleted_contacts:
+        st = self._state
+        if contact_id in st.deleted_contacts:
             return False
+        if contact_id in st.raw_contacts:
+            return True
         return self._contact_index_exists(contact_id - CONTACT_ID_BASE)
 
     def contact(self, contact_id: int) -> dict | None:
@@ -700,6 +706,9 @@ class Dataset:
         contact_id = int(contact_id)
         if not self.contact_exists(contact_id):
             return None
+        raw = self._state.raw_contacts.get(contact_id)
+        if raw is not None:
+            return copy.deepcopy(raw)
         j = contact_id - CONTACT_ID_BASE
         rng = random.Random(f"kommo-sim/contact/{self.seed}/{j}")
         first, first_ascii = rng.choice(_FIRST_NAMES)
@@ -912,13 +921,12 @@ class Dataset:
         if ids is not None:
             found = [c for c in sorted(set(ids)) if self.contact_exists(c)]
             return found[offset:offset + limit]
-        key = ("contacts", st.deleted_contacts)
+        key = ("contacts", st.deleted_contacts, frozenset(st.raw_contacts))
         with self._cache_lock:
             hit = self._cache.get(key)
             if hit is None:
-                hit = array("q", (CONTACT_ID_BASE + j for j in range(self.size)
-                                  if self._contact_index_exists(j)
-                                  and CONTACT_ID_BASE + j not in st.deleted_contacts))
+                base = {CONTACT_ID_BASE + j for j in range(self.size) if self._contact_index_exists(j)}
+                hit = array("q", sorted((base | set(st.raw_contacts)) - st.deleted_contacts))
                 self._cache[key] = hit
                 while len(self._cache) > 8:
                     self._cache.popitem(last=False)
@@ -937,8 +945,7 @@ class Dataset:
             st = self._state
             gone = {int(x) for x in ids if self._lead_exists(int(x), st)}
             if gone:
-                self._state = _State(st.version + 1, st.deleted | gone, st.stored, st.added,
-                                     st.deleted_contacts, st.next_id)
+                self._state = replace(st, version=st.version + 1, deleted=st.deleted | gone)
             return len(gone)
 
     def _apply_changes(self, core: dict, changes: Mapping) -> None:
@@ -987,7 +994,7 @@ class Dataset:
             self._apply_changes(core, changes)
             stored = dict(st.stored)
             stored[lead_id] = core
-            self._state = _State(st.version + 1, st.deleted, stored, st.added, st.deleted_contacts, st.next_id)
+            self._state = replace(st, version=st.version + 1, stored=stored)
             return self._render(copy.deepcopy(core))
 
     def add_lead(self, created_at: int, **fields) -> int:
@@ -1013,8 +1020,8 @@ class Dataset:
                 self._apply_changes(core, fields)
             stored = dict(st.stored)
             stored[lead_id] = core
-            self._state = _State(st.version + 1, st.deleted, stored, st.added + (lead_id,),
-                                 st.deleted_contacts, lead_id + 1)
+            self._state = replace(st, version=st.version + 1, stored=stored, added=st.added + (lead_id,),
+                                  next_id=lead_id + 1)
             return lead_id
 
     def delete_contacts(self, ids: Iterable[int]) -> int:
@@ -1023,9 +1030,46 @@ class Dataset:
             st = self._state
             gone = {int(x) for x in ids if self.contact_exists(int(x))}
             if gone:
-                self._state = _State(st.version, st.deleted, st.stored, st.added,
-                                     st.deleted_contacts | gone, st.next_id)
+                self._state = replace(st, deleted_contacts=st.deleted_contacts | gone)
             return len(gone)
+
+    def restore_leads(self, ids: Iterable[int]) -> int:
+        """Restores deleted leads (Kommo can): they reappear at their place in id order, so a list being
+        paged shifts down by one from there. Returns how many were deleted."""
+        with self._lock:
+            st = self._state
+            back = {int(x) for x in ids} & st.deleted
+            if back:
+                self._state = replace(st, version=st.version + 1, deleted=st.deleted - back)
+            return len(back)
+
+    def put_raw_lead(self, payload: object, *, created_at: int, updated_at: int | None = None,
+                     status_id: int = 0, pipeline_id: int = 0) -> int:
+        """Adds a list entry served exactly as ``payload``: any JSON value (a lead with malformed fields, a
+        second copy of an existing id, a string instead of an object). ``created_at``/``updated_at``/
+        ``status_id``/``pipeline_id`` are what the server filters and sorts on, whatever the payload
+        claims. The entry sorts after every lead the account had (by its key, which is returned; it is
+        also the id that ``/api/v4/leads/{key}`` answers to). For the bad-input tests."""
+        created_at = int(created_at)
+        with self._lock:
+            st = self._state
+            key = st.next_id
+            core = {"id": key, "created_at": created_at,
+                    "updated_at": created_at if updated_at is None else int(updated_at),
+                    "status_id": int(status_id), "pipeline_id": int(pipeline_id), "_raw": copy.deepcopy(payload)}
+            stored = dict(st.stored)
+            stored[key] = core
+            self._state = replace(st, version=st.version + 1, stored=stored, added=st.added + (key,),
+                                  next_id=key + 1)
+            return key
+
+    def put_raw_contact(self, contact_id: int, payload: object) -> None:
+        """Makes ``contact_id`` exist and answer exactly ``payload`` (e.g. no phone, malformed fields)."""
+        with self._lock:
+            st = self._state
+            raw = dict(st.raw_contacts)
+            raw[int(contact_id)] = copy.deepcopy(payload)
+            self._state = replace(st, raw_contacts=raw, deleted_contacts=st.deleted_contacts - {int(contact_id)})
 
     def revoke_token(self) -> None:
         """Every API request gets 401 from now on (until set_token)."""
@@ -1052,6 +1096,14 @@ class Dataset:
             return {"id": self.add_lead(int(created_at), **spec)}
         if op == "delete_contacts":
             return {"deleted": self.delete_contacts(spec["ids"])}
+        if op == "restore_leads":
+            return {"restored": self.restore_leads(spec["ids"])}
+        if op == "put_raw_lead":
+            payload = spec.pop("payload")
+            return {"id": self.put_raw_lead(payload, **spec)}
+        if op == "put_raw_contact":
+            self.put_raw_contact(int(spec["contact_id"]), spec["payload"])
+            return {}
         if op == "revoke_token":
             self.revoke_token()
             return {}
