@@ -152,19 +152,17 @@ def leads_count_within_drop_guard(
     return dg.AssetCheckResult(passed=bool(verdict["passed"]), metadata=metadata)
 
 
+# The same rules as the swap: kommo_snapshot resolves the leads, the stored change preview counts the
+# vehicles the swap will create.
 _WARNINGS_SQL = """
 SELECT
-  count(*) FILTER (WHERE m.status_id IS NULL AND coalesce(l.status_id, 0) NOT IN (79790631, 91703923, 143))
-      AS unmapped_status,
-  count(*) FILTER (WHERE l.delivery_at IS NULL AND l.collect_at IS NULL
-                     AND coalesce(l.status_id, 0) NOT IN (79790631, 91703923, 143)) AS booking_without_dates,
-  count(*) FILTER (WHERE l.contact_id IS NULL) AS lead_without_contact,
-  (SELECT count(DISTINCT bv.vehicle_enum_id) FROM stg_kommo_booking_vehicles bv
-     WHERE bv.run_id = %(r)s
-       AND NOT EXISTS (SELECT 1 FROM vehicles v WHERE v.kommo_vehicle_id = bv.vehicle_enum_id)) AS vehicles_to_create
-FROM stg_kommo_leads l
-LEFT JOIN kommo_status_map m ON m.status_id = l.status_id
-WHERE l.run_id = %(r)s
+  count(*) FILTER (WHERE s.is_booking AND m.status_id IS NULL) AS unmapped_status,
+  count(*) FILTER (WHERE s.is_booking AND s.start_at IS NULL) AS booking_without_dates,
+  count(*) FILTER (WHERE s.contact_id IS NULL) AS lead_without_contact,
+  (SELECT coalesce((change_preview -> 'vehicles' ->> 'create')::int, 0)
+     FROM kommo_import_runs WHERE id = %(r)s) AS vehicles_to_create
+FROM kommo_snapshot(%(r)s) s
+LEFT JOIN kommo_status_map m ON m.status_id = s.status_id
 """
 
 
