@@ -1,5 +1,6 @@
 """Kommo -> staging: the run record opens here, the snapshot streams in, the guard checks sit beside it."""
 
+import time
 from dataclasses import asdict
 from datetime import timedelta
 
@@ -24,6 +25,8 @@ from kommo_assets.db.staging import stage_snapshot
 from kommo_assets.reporting import preview_markdown, preview_summary
 from kommo_assets.resources.kommo import KommoResource
 from kommo_assets.resources.postgres import PostgresResource
+
+PROGRESS_EVERY_S = 15.0
 
 kommo_api = dg.AssetSpec(
     KOMMO_API,
@@ -73,12 +76,14 @@ def kommo_staging(
             f"Kommo import run {run_id} started ({'dry run' if record['dry_run'] else 'full refresh'}), "
             f"leads created in [{window.created_from.isoformat()}, {window.created_to.isoformat()})"
         )
-        last_logged = {"pages": 0}
+        last_logged = {"at": time.monotonic()}
 
         def progress(phase: str, result) -> None:
-            pages = result.lead_pages + result.contact_batches
-            if pages - last_logged["pages"] >= 20:
-                last_logged["pages"] = pages
+            # Every 15 s rather than every n pages: the run's event log (kept in memory by an ephemeral
+            # instance) then does not grow with the number of leads.
+            now = time.monotonic()
+            if now - last_logged["at"] >= PROGRESS_EVERY_S:
+                last_logged["at"] = now
                 context.log.info(f"{phase}: {result.lead_pages} lead pages, {result.contact_batches} contact batches")
 
         with kommo.client() as client:
@@ -179,8 +184,19 @@ LEFT JOIN kommo_status_map m ON m.status_id = s.status_id
     ],
 )
 def staging_warnings(context: dg.AssetCheckExecutionContext, postgres: PostgresResource):
+    run_id = import_run_id(context)
     with postgres.connect() as conn:
-        row = conn.execute(_WARNINGS_SQL, {"r": import_run_id(context)}).fetchone()
+        # The stored change preview carries these counts (kommo_change_preview, same rules as below);
+        # resolving the snapshot again would cost a scan of the run's raw rows after the last answer.
+        stored = conn.execute(
+            "SELECT change_preview -> 'warnings' FROM kommo_import_runs WHERE id = %s", (run_id,)
+        ).fetchone()
+        counts = stored[0] if stored else None
+        if counts:
+            row = (counts["unmapped_status"], counts["booking_without_dates"], counts["lead_without_contact"],
+                   counts["vehicles_to_create"])
+        else:
+            row = conn.execute(_WARNINGS_SQL, {"r": run_id}).fetchone()
     unmapped, undated, no_contact, to_create = row
     for name, asset, count in (
         ("all_statuses_mapped", STG_LEADS, unmapped),

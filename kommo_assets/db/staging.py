@@ -2,20 +2,26 @@
 
 Free of Dagster: the staging asset, the benchmark and the tests all call :func:`stage_snapshot`.
 Typed columns are extracted once here (by :mod:`kommo_assets.kommo.fields`); the raw payload is kept.
+
+Everything the database does per page hides behind the requests in flight: the client keeps fetching
+while a page is copied in, and each page's contacts are asked for as soon as the page is staged (the
+database says which of its contact ids are new to the run), so contacts do not wait for the last lead
+page. What is left after the last answer is a count and an ANALYZE.
 """
 
+import json
 import logging
+import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import psycopg
-from psycopg.types.json import Jsonb
 
 from kommo_assets.db import connect
-from kommo_assets.kommo.client import KommoClient
+from kommo_assets.kommo.client import ContactBatch, FieldOptions, KommoClient, LeadPage
 from kommo_assets.kommo.errors import InvalidPayload
 from kommo_assets.kommo.fields import (
     SOURCE_FIELD_ID,
@@ -32,31 +38,84 @@ LEAD_COLUMNS = (
     "vehicle_enum_id", "source_enum_id", "delivery_at", "collect_at", "created_at", "updated_at", "closed_at",
 )
 CONTACT_COLUMNS = ("contact_id", "payload", "name", "phone", "email")
+HEARTBEAT_EVERY_S = 5.0
 
 # Staging tables fed through COPY into a temporary table, then merged with ON CONFLICT: COPY cannot skip
 # the duplicates that page shifts produce, and a lead seen twice keeps its most recently updated version.
+# tmp_stg_contact_ids holds the run's main-contact ids seen so far, so each page yields the ids that are
+# new (to be fetched) without the process remembering them all.
 _PREPARE = """
 CREATE TEMP TABLE IF NOT EXISTS tmp_stg_leads (LIKE stg_kommo_leads INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS tmp_stg_contacts (LIKE stg_kommo_contacts INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS tmp_stg_contact_ids (contact_id bigint PRIMARY KEY);
+TRUNCATE tmp_stg_contact_ids;
 """
+# One statement per lead page: merge the page, keep the run's vehicle links in step with the leads as
+# merged (a lead seen again may have lost or changed its vehicle), and return the counts and the
+# page's contact ids that the run has not seen yet.
 _MERGE_LEADS = """
-INSERT INTO stg_kommo_leads AS s
-SELECT DISTINCT ON (lead_id) * FROM tmp_stg_leads ORDER BY lead_id, updated_at DESC NULLS LAST
-ON CONFLICT (run_id, lead_id) DO UPDATE SET
-    payload = EXCLUDED.payload, contact_id = EXCLUDED.contact_id, status_id = EXCLUDED.status_id,
-    pipeline_id = EXCLUDED.pipeline_id, responsible_user_id = EXCLUDED.responsible_user_id,
-    price = EXCLUDED.price, name = EXCLUDED.name, vehicle_enum_id = EXCLUDED.vehicle_enum_id,
-    source_enum_id = EXCLUDED.source_enum_id, delivery_at = EXCLUDED.delivery_at,
-    collect_at = EXCLUDED.collect_at, created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at,
-    closed_at = EXCLUDED.closed_at, staged_at = now()
-WHERE s.updated_at IS NULL OR EXCLUDED.updated_at >= s.updated_at
+WITH merged AS (
+    INSERT INTO stg_kommo_leads AS s
+    SELECT DISTINCT ON (lead_id) * FROM tmp_stg_leads ORDER BY lead_id, updated_at DESC NULLS LAST
+    ON CONFLICT (run_id, lead_id) DO UPDATE SET
+        payload = EXCLUDED.payload, contact_id = EXCLUDED.contact_id, status_id = EXCLUDED.status_id,
+        pipeline_id = EXCLUDED.pipeline_id, responsible_user_id = EXCLUDED.responsible_user_id,
+        price = EXCLUDED.price, name = EXCLUDED.name, vehicle_enum_id = EXCLUDED.vehicle_enum_id,
+        source_enum_id = EXCLUDED.source_enum_id, delivery_at = EXCLUDED.delivery_at,
+        collect_at = EXCLUDED.collect_at, created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at,
+        closed_at = EXCLUDED.closed_at, staged_at = now()
+    WHERE s.updated_at IS NULL OR EXCLUDED.updated_at >= s.updated_at
+    RETURNING s.lead_id, s.contact_id, s.vehicle_enum_id, (s.xmax = 0) AS inserted
+), unlinked AS (
+    DELETE FROM stg_kommo_booking_vehicles b USING merged m
+     WHERE b.run_id = %(r)s AND b.lead_id = m.lead_id AND m.vehicle_enum_id IS NULL AND NOT m.inserted
+), linked AS (
+    INSERT INTO stg_kommo_booking_vehicles AS b (run_id, lead_id, vehicle_enum_id)
+    SELECT %(r)s, m.lead_id, m.vehicle_enum_id FROM merged m WHERE m.vehicle_enum_id IS NOT NULL
+    ON CONFLICT (run_id, lead_id) DO UPDATE SET vehicle_enum_id = EXCLUDED.vehicle_enum_id
+    WHERE b.vehicle_enum_id <> EXCLUDED.vehicle_enum_id
+), new_contacts AS (
+    INSERT INTO tmp_stg_contact_ids (contact_id)
+    SELECT DISTINCT m.contact_id FROM merged m WHERE m.contact_id IS NOT NULL
+    ON CONFLICT DO NOTHING
+    RETURNING contact_id
+)
+SELECT (SELECT count(*) FROM merged WHERE inserted),
+       (SELECT count(*) FROM merged WHERE NOT inserted),
+       (SELECT coalesce(array_agg(contact_id ORDER BY contact_id), '{}') FROM new_contacts)
 """
 _MERGE_CONTACTS = """
-INSERT INTO stg_kommo_contacts AS s
-SELECT DISTINCT ON (contact_id) * FROM tmp_stg_contacts ORDER BY contact_id
-ON CONFLICT (run_id, contact_id) DO UPDATE SET
-    payload = EXCLUDED.payload, name = EXCLUDED.name, phone = EXCLUDED.phone, email = EXCLUDED.email
+WITH merged AS (
+    INSERT INTO stg_kommo_contacts AS s
+    SELECT DISTINCT ON (contact_id) * FROM tmp_stg_contacts ORDER BY contact_id
+    ON CONFLICT (run_id, contact_id) DO UPDATE SET
+        payload = EXCLUDED.payload, name = EXCLUDED.name, phone = EXCLUDED.phone, email = EXCLUDED.email
+    RETURNING (s.xmax = 0) AS inserted
+)
+SELECT count(*) FILTER (WHERE inserted) FROM merged
 """
+# Statistics of the run's rows: the preview, the checks and the swap select staging by run id, and the
+# planner must not take 100,000 fresh rows of a new run for none (nested loops over a whole run). Only
+# run_id, whose statistics target is small (migration 0006): a few thousand sampled rows, ~20-50 ms.
+_ANALYZE = """
+ANALYZE stg_kommo_leads (run_id), stg_kommo_contacts (run_id), stg_kommo_booking_vehicles (run_id),
+        stg_kommo_field_options (run_id)
+"""
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def payload_json(obj: object) -> str:
+    """The JSON text of a raw payload, as ``jsonb`` accepts it: the same document as
+    ``json.dumps(sanitize_payload(obj))``, without the deep copy when nothing needs cleaning (the usual
+    case): NUL characters, lone surrogates and NaN/inf take the slow, sanitizing path."""
+    try:
+        text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (ValueError, TypeError):
+        text = None
+    if text is None or "\\u0000" in text or _SURROGATE.search(text):
+        text = json.dumps(sanitize_payload(obj), ensure_ascii=False, separators=(",", ":"))
+    return text
 
 
 @dataclass
@@ -86,6 +145,16 @@ class StagingResult:
         }
 
 
+@dataclass
+class LeadsWritten:
+    """What staging one page of leads did: rows added, rows the run had already (staged once, newest
+    version kept), and the main-contact ids that are new to the run."""
+
+    added: int
+    repeated: int
+    new_contact_ids: list[int]
+
+
 class StagingWriter:
     """Writes one run's rows; every write is its own short transaction, so progress is visible and a
     failure keeps what was staged for inspection."""
@@ -93,6 +162,10 @@ class StagingWriter:
     def __init__(self, conn: psycopg.Connection, run_id: str):
         self.conn = conn
         self.run_id = run_id
+        self.leads_added = 0
+        self.contacts_added = 0
+        self.leads_updated = 0  # leads staged again with a newer version (their contact may have moved)
+        self._beat_at = 0.0
         with conn.transaction():
             conn.execute(_PREPARE)
 
@@ -104,8 +177,8 @@ class StagingWriter:
                 [(self.run_id, field_id, enum_id, value) for enum_id, value in options.items()],
             )
 
-    def write_leads(self, leads: Iterable[dict], skipped: Counter) -> int:
-        """Stages a page of leads; returns how many rows it wrote. Unusable payloads are counted, not raised."""
+    def write_leads(self, leads: Iterable[dict], skipped: Counter) -> LeadsWritten:
+        """Stages a page of leads. Unusable payloads are counted in ``skipped``, not raised."""
         rows = []
         for lead in leads:
             try:
@@ -114,13 +187,23 @@ class StagingWriter:
                 skipped["invalid_lead"] += 1
                 continue
             rows.append((
-                self.run_id, s.lead_id, Jsonb(sanitize_payload(lead)), s.contact_id, s.status_id, s.pipeline_id,
+                self.run_id, s.lead_id, payload_json(lead), s.contact_id, s.status_id, s.pipeline_id,
                 s.responsible_user_id, s.price, s.name, s.vehicle_enum_id, s.source_enum_id, s.delivery_at,
                 s.collect_at, s.created_at, s.updated_at, s.closed_at,
             ))
-        return self._copy_merge("tmp_stg_leads", ("run_id", *LEAD_COLUMNS), rows, _MERGE_LEADS)
+        if not rows:
+            return LeadsWritten(0, 0, [])
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            self._copy(cur, "tmp_stg_leads", ("run_id", *LEAD_COLUMNS), rows)
+            cur.execute(_MERGE_LEADS, {"r": self.run_id})
+            added, updated, new_ids = cur.fetchone()
+            self._heartbeat(cur)
+        self.leads_added += added
+        self.leads_updated += updated
+        return LeadsWritten(added, len(rows) - added, new_ids)
 
     def write_contacts(self, contacts: Iterable[dict], skipped: Counter) -> int:
+        """Stages a batch of contacts; returns how many are new to the run."""
         rows = []
         for contact in contacts:
             try:
@@ -128,52 +211,56 @@ class StagingWriter:
             except InvalidPayload:
                 skipped["invalid_contact"] += 1
                 continue
-            rows.append((self.run_id, s.contact_id, Jsonb(sanitize_payload(contact)), s.name, s.phone, s.email))
-        return self._copy_merge("tmp_stg_contacts", ("run_id", *CONTACT_COLUMNS), rows, _MERGE_CONTACTS)
-
-    def _copy_merge(self, temp_table: str, columns: tuple[str, ...], rows: list[tuple], merge_sql: str) -> int:
+            rows.append((self.run_id, s.contact_id, payload_json(contact), s.name, s.phone, s.email))
         if not rows:
             return 0
         with self.conn.transaction(), self.conn.cursor() as cur:
-            with cur.copy(f"COPY {temp_table} ({', '.join(columns)}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-            cur.execute(merge_sql)
-            written = cur.rowcount
+            self._copy(cur, "tmp_stg_contacts", ("run_id", *CONTACT_COLUMNS), rows)
+            cur.execute(_MERGE_CONTACTS)
+            (added,) = cur.fetchone()
+            self._heartbeat(cur)
+        self.contacts_added += added
+        return added
+
+    @staticmethod
+    def _copy(cur: psycopg.Cursor, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+        with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    def _heartbeat(self, cur: psycopg.Cursor) -> None:
+        now = time.monotonic()
+        if now - self._beat_at >= HEARTBEAT_EVERY_S:
+            self._beat_at = now
             cur.execute("UPDATE kommo_import_runs SET heartbeat_at = now() WHERE id = %s", (self.run_id,))
-        return written
 
     def finish(self) -> tuple[int, int, int]:
-        """Derives the vehicle links from the staged leads and stamps the run as staged; returns counts."""
+        """Counts what the run staged and gives the planner statistics of it; returns the counts of
+        leads, contacts and vehicle links."""
         with self.conn.transaction(), self.conn.cursor() as cur:
-            cur.execute(
-                "INSERT INTO stg_kommo_booking_vehicles (run_id, lead_id, vehicle_enum_id)"
-                " SELECT run_id, lead_id, vehicle_enum_id FROM stg_kommo_leads"
-                " WHERE run_id = %s AND vehicle_enum_id IS NOT NULL ON CONFLICT DO NOTHING",
-                (self.run_id,),
-            )
-            cur.execute(
-                "SELECT (SELECT count(*) FROM stg_kommo_leads WHERE run_id = %(r)s),"
-                "       (SELECT count(*) FROM stg_kommo_contacts WHERE run_id = %(r)s),"
-                "       (SELECT count(*) FROM stg_kommo_booking_vehicles WHERE run_id = %(r)s)",
-                {"r": self.run_id},
-            )
-            leads, contacts, links = cur.fetchone()
-        return leads, contacts, links
-
-
-def _distinct_contact_ids(database_url: str, run_id: str) -> Iterator[int]:
-    """Streams the run's distinct main-contact ids from staging with a server-side cursor, so memory
-    stays flat however many leads there are."""
-    with connect(database_url) as conn, conn.cursor(name="kommo_contact_ids") as cur:
-        cur.itersize = 5000
-        cur.execute(
-            "SELECT DISTINCT contact_id FROM stg_kommo_leads"
-            " WHERE run_id = %s AND contact_id IS NOT NULL ORDER BY contact_id",
-            (run_id,),
-        )
-        for (contact_id,) in cur:
-            yield contact_id
+            orphans = 0
+            if self.leads_updated:
+                # A lead staged twice keeps its newest version, whose main contact may differ: staged
+                # contacts that no staged lead points at any more are dropped.
+                cur.execute(
+                    "DELETE FROM stg_kommo_contacts c WHERE c.run_id = %(r)s AND NOT EXISTS"
+                    " (SELECT 1 FROM stg_kommo_leads l WHERE l.run_id = %(r)s AND l.contact_id = c.contact_id)",
+                    {"r": self.run_id},
+                )
+                orphans = cur.rowcount
+            # Leads and contacts were counted as they were merged (the wide lead rows are not scanned
+            # again); the links are a narrow table.
+            cur.execute("SELECT count(*) FROM stg_kommo_booking_vehicles WHERE run_id = %s", (self.run_id,))
+            (links,) = cur.fetchone()
+            cur.execute("UPDATE kommo_import_runs SET heartbeat_at = now() WHERE id = %s", (self.run_id,))
+        try:
+            with self.conn.transaction():
+                # Autovacuum may be analyzing a table right now: then its statistics are fresh anyway.
+                self.conn.execute("SET LOCAL lock_timeout = '500ms'")
+                self.conn.execute(_ANALYZE)
+        except psycopg.errors.LockNotAvailable:
+            log.info("staging statistics left to autovacuum (it holds a staging table)")
+        return self.leads_added, self.contacts_added - orphans, links
 
 
 def stage_snapshot(
@@ -185,44 +272,41 @@ def stage_snapshot(
     *,
     on_progress: Callable[[str, StagingResult], None] | None = None,
 ) -> StagingResult:
-    """Fetches the window's leads, their main contacts and the select-field options into staging."""
+    """Fetches the window's leads, their main contacts and the select-field options into staging.
+
+    One stream (:meth:`KommoClient.stream_snapshot`) feeds it: as each lead page is staged, the contact
+    ids it brought that the run has not seen go back to the stream, whose contact batches interleave
+    with the remaining lead pages under the one pace. Memory stays flat: the process holds the pages in
+    flight, never the snapshot or its ids.
+    """
     started = time.monotonic()
     result = StagingResult()
     with connect(database_url) as conn:
         writer = StagingWriter(conn, run_id)
-        for field_id in (VEHICLE_FIELD_ID, SOURCE_FIELD_ID):
-            writer.write_field_options(field_id, client.field_enums(field_id))
-
-        for page in client.iter_lead_pages(created_from, created_to):
-            result.lead_pages += 1
-            result.leads_received += page.received
-            result.skipped.update(page.skipped)
-            writer.write_leads(page.leads, result.skipped)
-            if on_progress:
-                on_progress("leads", result)
-
-        contact_ids = _CountingIterator(_distinct_contact_ids(database_url, run_id))
-        for batch in client.iter_contact_batches(contact_ids):
-            result.contact_batches += 1
-            writer.write_contacts(batch, result.skipped)
-            if on_progress:
-                on_progress("contacts", result)
-        result.contacts_requested = contact_ids.count
-
+        stream = client.stream_snapshot(created_from, created_to, field_ids=(VEHICLE_FIELD_ID, SOURCE_FIELD_ID))
+        with stream:
+            for item in stream:
+                if isinstance(item, LeadPage):
+                    result.lead_pages += 1
+                    result.leads_received += item.received
+                    result.skipped.update(item.skipped)
+                    written = writer.write_leads(item.leads, result.skipped)
+                    if written.repeated:
+                        result.skipped["duplicate"] += written.repeated
+                    stream.add_contact_ids(written.new_contact_ids)
+                    phase = "leads"
+                elif isinstance(item, ContactBatch):
+                    result.contact_batches += 1
+                    writer.write_contacts(item.contacts, result.skipped)
+                    phase = "contacts"
+                elif isinstance(item, FieldOptions):
+                    writer.write_field_options(item.field_id, item.options)
+                    continue
+                else:  # pragma: no cover - the stream yields nothing else
+                    raise TypeError(f"unexpected item from the Kommo stream: {type(item).__name__}")
+                if on_progress:
+                    on_progress(phase, result)
+            result.contacts_requested = stream.contacts_requested
         result.leads, result.contacts, result.vehicle_links = writer.finish()
     result.seconds = time.monotonic() - started
     return result
-
-
-class _CountingIterator:
-    def __init__(self, inner: Iterator[int]):
-        self.inner = inner
-        self.count = 0
-
-    def __iter__(self) -> "_CountingIterator":
-        return self
-
-    def __next__(self) -> int:
-        value = next(self.inner)
-        self.count += 1
-        return value

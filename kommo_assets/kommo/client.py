@@ -7,14 +7,17 @@ ignored, 7 requests/s with HTML 429s and usually no Retry-After, 403 for blocked
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import itertools
 import json
 import logging
+import math
 import random
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -46,8 +49,13 @@ RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # After a 429 the pace drops by this factor (once per burst), to no less than this share of max_rps.
 THROTTLE_SLOWDOWN = 0.9
 MIN_PACE_FRACTION = 0.5
+# After a 429 has not recurred for this long, the pace rises again by this factor, up to max_rps.
+RECOVER_QUIET_S = 30.0
+RECOVER_FACTOR = 1.05
 # A Retry-After larger than this is not waited out inside one run: the run fails and can be retried.
 RETRY_AFTER_CAP_S = 300.0
+# The pacer may make up this share of an interval when a send was late (the window rule still holds).
+PACE_CATCH_UP = 0.5
 
 LEADS_PATH = "/api/v4/leads"
 CONTACTS_PATH = "/api/v4/contacts"
@@ -76,6 +84,7 @@ class ClientStats:
     throttled_429: int = 0
     errors: int = 0  # attempts that got no readable response: connection errors, timeouts, bad bodies
     bytes_received: int = 0
+    sending_seconds: float = 0.0  # from the first request sent to the last one
 
 
 @dataclass
@@ -84,9 +93,9 @@ class LeadPage:
 
     ``leads`` are the raw API dicts that passed every filter; ``received`` is the raw count on the page
     before filtering; ``skipped`` counts what was dropped, by reason: ``outside_window`` (created_at
-    not in [from, to)), ``excluded_status``, ``deleted`` (``is_deleted`` true), ``duplicate`` (already
-    yielded on an earlier page of this iteration: data moved while paging), ``invalid`` (not an
-    object, no id, or no readable created_at).
+    not in [from, to)), ``excluded_status``, ``deleted`` (``is_deleted`` true), ``duplicate`` (the
+    same lead twice on this page: the most recently updated copy is kept), ``invalid`` (not an object,
+    no id, or no readable created_at).
     """
 
     page: int
@@ -96,10 +105,35 @@ class LeadPage:
 
 
 @dataclass
+class ContactBatch:
+    """One batch of ``/api/v4/contacts``: how many distinct ids were asked, and the contacts Kommo
+    returned for them (deleted contacts are simply absent), in the order asked."""
+
+    asked: int
+    contacts: list[dict]
+
+
+@dataclass
+class FieldOptions:
+    """The enum options (``enum_id -> value``) of one select lead field, see :meth:`KommoClient.field_enums`."""
+
+    field_id: int
+    options: dict[int, str]
+
+
+@dataclass
 class _RawPage:
     page: int
     items: list[Any]
     ends_range: bool
+
+
+_SKIPPED: Any = object()  # _get: the request was not sent (should_send said no at its slot)
+
+# A snapshot stream pages leads with about this many pages in flight (at 400 ms a page and 6.8 requests/s
+# that is their share of the pace) and keeps this many full contact batches in reserve for the end.
+LEAD_PAGES_IN_FLIGHT = 2
+RESERVE_BATCHES = 2
 
 
 class KommoClient:
@@ -109,14 +143,20 @@ class KommoClient:
     connections) and one :class:`Pacer`: every attempt of every request, from any thread, takes a
     slot at ``max_rps``. Lists are fetched by up to ``max_in_flight`` threads at once within that pace.
 
-    A slot is held until its request has actually been written to the socket, so sends are at least
-    ``1/max_rps`` apart on the wire even when the process pauses (GC) between grant and write.
+    A request takes its slot only once it is ready to go (connected, headers built), right before it
+    is written, and holds it until it has been written: the pacer then stamps the send, and any
+    ``ceil(max_rps) + 1`` consecutive sends span at least ``ceil(max_rps)/max_rps`` seconds on the
+    wire (at 6.8/s: never 8 sends within 1.03 s), even when the process pauses (GC, a busy GIL)
+    between grant and write. A late send is made up by the next ones, within that rule, so pauses do
+    not add up to a slower pace. Lead pages fetched speculatively are dropped at their slot, unsent,
+    when an earlier page has meanwhile ended the range.
 
     Retries (with exponential backoff and full jitter, at least 0.2x the cap; at most ``max_retries``
     retries after the first attempt, so ``max_retries + 1`` attempts): 408, 429, 500, 502, 503, 504,
     dropped connections, timeouts, and 200s whose body is empty, cut off or not JSON. ``Retry-After``
     (seconds or an HTTP date, capped at 300 s) is honoured when present. A 429 also pushes back every
-    thread's next slot and lowers the pace by 10% (once per burst, down to half of ``max_rps``).
+    thread's next slot and lowers the pace by 10% (once per burst, down to half of ``max_rps``); after
+    30 s without another, the pace rises again by 5% steps up to ``max_rps``.
     401/403 raise :class:`KommoAuthError` at once; other 4xx, redirects (not followed: the token must
     not travel) and JSON that is not an object raise :class:`KommoResponseError`. A 204 that would
     end a list or say "not found" is asked once more before it is believed.
@@ -158,7 +198,7 @@ class KommoClient:
         self.backoff_max = backoff_max
         self.page_size = page_size
         self._token = access_token.strip()
-        self._pacer = Pacer(max_rps)
+        self._pacer = Pacer(max_rps, window=max(1, math.ceil(max_rps)), catch_up=PACE_CATCH_UP)
         self._closed = threading.Event()
         self._stats_lock = threading.Lock()
         self._requests = 0
@@ -167,6 +207,8 @@ class KommoClient:
         self._throttled = 0
         self._errors = 0
         self._bytes = 0
+        self._first_sent: float | None = None
+        self._last_sent = 0.0
 
         self._session = requests.Session()
         pool = max(max_in_flight, 10)
@@ -180,6 +222,9 @@ class KommoClient:
                 "User-Agent": USER_AGENT,
             }
         )
+        # Slots are taken inside the connection, right before the write; a proxy whose connections
+        # cannot report that (SOCKS) takes them before the request instead (slower, never faster).
+        self._paced_on_write = _write_pacing_possible(self._session, base_url)
 
     def __repr__(self) -> str:
         return (
@@ -210,6 +255,9 @@ class KommoClient:
                 throttled_429=self._throttled,
                 errors=self._errors,
                 bytes_received=self._bytes,
+                sending_seconds=(
+                    0.0 if self._first_sent is None else round(self._last_sent - self._first_sent, 3)
+                ),
             )
 
     # --- leads ------------------------------------------------------------------------------------
@@ -226,17 +274,27 @@ class KommoClient:
         Naive datetimes are taken as UTC. The server-side filter is
         ``filter[created_at][from]=<from>`` and ``[to]=<to - 1>`` (Kommo's range is inclusive, in
         seconds), ``order[id]=asc``; since Kommo silently ignores filters it does not understand, each
-        lead is re-checked here (window, status not in ``exclude_status_ids``, not ``is_deleted``) and
-        leads already yielded by this iteration are dropped.
+        lead is re-checked here (window, status not in ``exclude_status_ids``, not ``is_deleted``).
+        A lead repeated on one page is yielded once (its most recently updated copy). A lead that data
+        moving while paging puts on two pages is yielded with each: only the caller can keep the newer
+        copy (staging merges on the lead id and keeps the latest ``updated_at``), and remembering every
+        id yielded would make memory grow with the export.
 
         Pages are fetched speculatively by up to ``max_in_flight`` threads and yielded **as they
         complete, so not necessarily in page order**. Paging ends at a 204, an empty page, a page with
-        fewer items than the limit, or a page without ``_links.next``; pages already in flight past the
-        end come back empty and are not yielded. At most about ``2 * max_in_flight`` pages are held in
-        memory. Closing the iterator early (``break``) cancels what is pending and joins the threads; a
-        page that fails after retries raises from the iterator. The window is checked at once (a
-        ValueError when it is empty); nothing is requested until the first ``next()``.
+        fewer items than the limit, or a page without ``_links.next``; pages past the end that are
+        still waiting for their slot are dropped unsent, those already sent come back empty and are
+        not yielded. At most about ``2 * max_in_flight`` pages are held in memory. Closing the iterator
+        early (``break``) cancels what is pending and joins the threads; a page that fails after
+        retries raises from the iterator. The window is checked at once (a ValueError when it is
+        empty); nothing is requested until the first ``next()``.
         """
+        paging = self._lead_paging(created_from, created_to, exclude_status_ids)
+        return self._fan_out(_Plan(leads=paging), "kommo-leads")
+
+    def _lead_paging(
+        self, created_from: datetime, created_to: datetime, exclude_status_ids: Iterable[int]
+    ) -> _LeadPaging:
         from_ts = _ceil_epoch(created_from)
         to_ts = _ceil_epoch(created_to)
         if to_ts <= from_ts:
@@ -244,90 +302,7 @@ class KommoClient:
                 f"empty window: created_to {created_to} is not after created_from {created_from}"
             )
         excluded = frozenset(int(status) for status in exclude_status_ids)
-        return self._lead_pages(from_ts, to_ts, excluded)
-
-    def _lead_pages(self, from_ts: int, to_ts: int, excluded: frozenset[int]) -> Iterator[LeadPage]:
-        limit = self.page_size
-        base_params = [
-            ("limit", str(limit)),
-            ("with", "contacts,catalog_elements"),
-            ("filter[created_at][from]", str(from_ts)),
-            ("filter[created_at][to]", str(to_ts - 1)),
-            ("order[id]", "asc"),
-        ]
-        range_ended = threading.Event()
-        end_lock = threading.Lock()
-        end_pages: set[int] = set()  # pages that signalled the end (short, empty or 204)
-
-        def page_numbers() -> Iterator[int]:
-            for number in itertools.count(1):
-                if range_ended.is_set():
-                    return
-                yield number
-
-        def get_page(page: int, cancel: threading.Event) -> _RawPage:
-            params = [*base_params, ("page", str(page))]
-            body = self._get(LEADS_PATH, params, page=page, cancel=cancel)
-            return (
-                _RawPage(page, [], True)
-                if body is None
-                else self._list_page(body, "leads", LEADS_PATH, page, limit)
-            )
-
-        def fetch(page: int, cancel: threading.Event) -> _RawPage:
-            raw = get_page(page, cancel)
-            if raw.ends_range:
-                with end_lock:
-                    first_end = not any(other < page for other in end_pages)
-                    end_pages.add(page)
-                if not raw.items and first_end:
-                    # An empty answer that would end the range where no earlier page did is asked once
-                    # more: a spurious 204 (a proxy, a hiccup) must not silently cut the export short.
-                    logger.info("Kommo sent no leads on GET %s page %d; asking once more", LEADS_PATH, page)
-                    raw = get_page(page, cancel)
-                    if raw.items and not raw.ends_range:
-                        with end_lock:
-                            end_pages.discard(page)
-                if raw.ends_range:
-                    range_ended.set()
-            return raw
-
-        seen: set[int] = set()
-        for raw in self._fan_out(page_numbers(), fetch, "kommo-leads"):
-            if not raw.items:
-                continue
-            yield self._filter_leads(raw, from_ts, to_ts, excluded, seen)
-
-    @staticmethod
-    def _filter_leads(
-        raw: _RawPage, from_ts: int, to_ts: int, excluded: frozenset[int], seen: set[int]
-    ) -> LeadPage:
-        kept: list[dict] = []
-        skipped: dict[str, int] = {}
-
-        def skip(reason: str) -> None:
-            skipped[reason] = skipped.get(reason, 0) + 1
-
-        for lead in raw.items:
-            if not isinstance(lead, dict):
-                skip("invalid")
-                continue
-            lead_id = positive_int(lead.get("id"))
-            created = extract_kommo_epoch(lead.get("created_at"))
-            if lead_id is None or created is None:
-                skip("invalid")
-            elif not from_ts <= created.timestamp() < to_ts:
-                skip("outside_window")
-            elif positive_int(lead.get("status_id")) in excluded:
-                skip("excluded_status")
-            elif lead.get("is_deleted") is True:
-                skip("deleted")
-            elif lead_id in seen:
-                skip("duplicate")
-            else:
-                seen.add(lead_id)
-                kept.append(lead)
-        return LeadPage(page=raw.page, leads=kept, received=len(raw.items), skipped=skipped)
+        return _LeadPaging(self, from_ts, to_ts, excluded)
 
     # --- contacts ---------------------------------------------------------------------------------
 
@@ -336,22 +311,64 @@ class KommoClient:
     ) -> Iterator[list[dict]]:
         """Yields the contacts for ``contact_ids``, one list per batch of ids.
 
-        Ids are made distinct (first occurrence keeps its place; None and anything that is not a
-        positive integer is ignored, so ``main_contact_id`` results can be passed as they are) and cut
-        into batches of
-        ``batch_size``; each batch is ``GET /api/v4/contacts?filter[id][]=...`` paged until a 204, a
-        short page, or every id of the batch was seen. Batches are fetched concurrently within the pace
-        and yielded as they complete (not in order). Ids Kommo does not return (deleted contacts) are
-        simply absent; contacts Kommo returns that were not asked for are dropped, and a batch that
-        keeps paging beyond what its ids can fill means Kommo ignored the filter:
-        :class:`KommoResponseError`.
+        ``contact_ids`` is read lazily, as batches are needed (a server-side cursor can feed it), and
+        cut into batches of ``batch_size`` distinct ids: None and anything that is not a positive
+        integer is ignored and an id repeated within a batch is asked once, so ``main_contact_id``
+        results can be passed as they are. Nothing remembers ids across batches (memory stays flat):
+        pass distinct ids, e.g. from ``SELECT DISTINCT``, for every id to be asked exactly once. Each
+        batch is ``GET /api/v4/contacts?filter[id][]=...`` paged until a 204, a short page, or every id
+        of the batch was seen. Batches are fetched concurrently within the pace and yielded as they
+        complete (not in order). Ids Kommo does not return (deleted contacts) are simply absent;
+        contacts Kommo returns that were not asked for are dropped, and a batch that keeps paging
+        beyond what its ids can fill means Kommo ignored the filter: :class:`KommoResponseError`.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        usable = (positive_int(contact_id) for contact_id in contact_ids)
-        distinct = list(dict.fromkeys(contact_id for contact_id in usable if contact_id is not None))
-        batches = (distinct[start : start + batch_size] for start in range(0, len(distinct), batch_size))
-        return self._fan_out(batches, self._fetch_contact_batch, "kommo-contacts")
+        contacts = _ContactBatching(self, batch_size, source=_distinct_batches(contact_ids, batch_size))
+        return self._contact_lists(self._fan_out(_Plan(contacts=contacts), "kommo-contacts"))
+
+    @staticmethod
+    def _contact_lists(batches: Iterator[ContactBatch]) -> Iterator[list[dict]]:
+        with contextlib.closing(batches):
+            for batch in batches:
+                yield batch.contacts
+
+    # --- the whole snapshot -----------------------------------------------------------------------
+
+    def stream_snapshot(
+        self,
+        created_from: datetime,
+        created_to: datetime,
+        *,
+        field_ids: Iterable[int] = (),
+        exclude_status_ids: Iterable[int] = frozenset({LOST_STATUS_ID}),
+        contact_batch_size: int = 250,
+    ) -> SnapshotStream:
+        """Everything a full export needs, as one stream over one pool of ``max_in_flight`` threads.
+
+        Iterating the returned :class:`SnapshotStream` yields, as they complete: a
+        :class:`FieldOptions` for each of ``field_ids``, every :class:`LeadPage` of the window (as
+        :meth:`iter_lead_pages`), and a :class:`ContactBatch` for every batch of contact ids the
+        caller hands back with :meth:`SnapshotStream.add_contact_ids` while it processes lead pages.
+        Contacts thus start with the first lead pages instead of after the last one, and the pace
+        never idles between the two: full contact batches go first, lead pages fill the remaining
+        slots, and the last partial batch goes once every lead page has been processed (the caller
+        came back for the next item). The stream ends when all of that is done.
+
+        The caller passes each contact id once (a database can tell which ids are new); ids are
+        deduplicated within a batch only, and at most about ``max_in_flight`` batches of them wait in
+        memory. Closing the stream early cancels what is pending and joins the threads.
+        """
+        if contact_batch_size < 1:
+            raise ValueError(f"contact_batch_size must be at least 1, got {contact_batch_size}")
+        paging = self._lead_paging(created_from, created_to, exclude_status_ids)
+        contacts = _ContactBatching(self, contact_batch_size)
+        fields = [int(field_id) for field_id in field_ids]
+        plan = _Plan(fields=fields, leads=paging, contacts=contacts, client=self)
+        return SnapshotStream(self._fan_out(plan, "kommo-snapshot"), contacts)
+
+    def _fetch_field_options(self, field_id: int, cancel: threading.Event) -> FieldOptions:
+        return FieldOptions(field_id, self.field_enums(field_id, cancel=cancel))
 
     def _fetch_contact_batch(self, ids: list[int], cancel: threading.Event) -> list[dict]:
         wanted = set(ids)
@@ -389,19 +406,19 @@ class KommoClient:
 
     # --- custom fields and pipelines --------------------------------------------------------------
 
-    def get_custom_field(self, field_id: int) -> dict | None:
+    def get_custom_field(self, field_id: int, *, cancel: threading.Event | None = None) -> dict | None:
         """The definition of lead custom field ``field_id`` (``GET /api/v4/leads/custom_fields/{id}``),
         or None when Kommo says it does not exist (204 or 404)."""
         path = f"/api/v4/leads/custom_fields/{int(field_id)}"
-        body = self._get(path, [], none_on_404=True)
+        body = self._get(path, [], none_on_404=True, cancel=cancel)
         if body is None:  # confirm: a spurious 204 here would silently drop every vehicle name
-            body = self._get(path, [], none_on_404=True)
+            body = self._get(path, [], none_on_404=True, cancel=cancel)
         return body
 
-    def field_enums(self, field_id: int) -> dict[int, str]:
+    def field_enums(self, field_id: int, *, cancel: threading.Event | None = None) -> dict[int, str]:
         """``enum_id -> value`` of a select/multiselect lead field; {} (with a warning) when the field
         does not exist or has no enums. Enums without a usable id are skipped; values are str()."""
-        definition = self.get_custom_field(field_id)
+        definition = self.get_custom_field(field_id, cancel=cancel)
         if definition is None:
             logger.warning("Kommo lead custom field %s does not exist; it has no enum options", field_id)
             return {}
@@ -441,36 +458,40 @@ class KommoClient:
 
     # --- plumbing ---------------------------------------------------------------------------------
 
-    def _fan_out(
-        self, tasks: Iterator[T], fetch: Callable[[T, threading.Event], R], name: str
-    ) -> Iterator[R]:
-        """Runs ``fetch`` over ``tasks`` on up to ``max_in_flight`` threads and yields results as they
-        complete (ties in submission order). ``tasks`` is pulled lazily, only to refill free slots, so a
-        task iterator that stops ends the scheduling. Any error cancels the rest and propagates; closing
-        the generator cancels pending work and joins the threads."""
+    def _fan_out(self, plan: _Plan, name: str) -> Iterator[Any]:
+        """Runs the plan's tasks on up to ``max_in_flight`` threads and yields what they produce as they
+        complete (ties in submission order). The plan is asked for work whenever a thread is free, and
+        again each time the caller comes back for the next item (what it did with the last one may
+        have created work). Any error cancels the rest and propagates; closing the generator cancels
+        pending work and joins the threads."""
         cancel = threading.Event()
         pool = ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix=name)
-        pending: dict[Future[R], int] = {}
+        pending: dict[Future[Any], tuple[int, _Task]] = {}
         order = itertools.count()
 
         def refill() -> None:
             while len(pending) < self.max_in_flight:
-                task = next(tasks, _END)
-                if task is _END:
+                task = plan.next_task()
+                if task is None:
                     return
-                pending[pool.submit(fetch, task, cancel)] = next(order)
+                pending[pool.submit(task.run, task.arg, cancel)] = (next(order), task)
 
         try:
-            refill()
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                ready = sorted(done, key=pending.__getitem__)
-                for future in ready:
-                    del pending[future]
-                results = [future.result() for future in ready]
-                # Refill before handing results over, so the pool keeps working while the caller does.
+            while True:
                 refill()
-                yield from results
+                if not pending:
+                    if plan.finished():
+                        return
+                    raise RuntimeError(f"{name}: nothing in flight and nothing to start, yet not finished")
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=lambda f: pending[f][0]):
+                    _, task = pending.pop(future)
+                    item = plan.on_result(task, future.result())
+                    # Refill before handing the item over, so the pool keeps working while the caller does.
+                    refill()
+                    if item is not None:
+                        yield item
+                        plan.on_processed(task)
         finally:
             cancel.set()
             for future in pending:
@@ -515,8 +536,12 @@ class KommoClient:
         page: int | None = None,
         cancel: threading.Event | None = None,
         none_on_404: bool = False,
-    ) -> dict | None:
+        should_send: Callable[[], bool] | None = None,
+    ) -> Any:
         """GETs ``path`` with retries; returns the decoded JSON object, or None for 204 (no content).
+
+        ``should_send`` is asked at each attempt's slot, right before the write: when it says no, the
+        slot is given back and ``_SKIPPED`` returned (nothing was sent or counted).
 
         Exceptions are raised outside every ``except`` block, so no requests exception (whose request
         object holds the Authorization header) ends up in ``__cause__`` or ``__context__``.
@@ -528,34 +553,55 @@ class KommoClient:
         failure = ""
         last_status: int | None = None
         for attempt in range(1, attempts + 1):
-            if self._closed.is_set() or stop.is_set() or not self._pacer.acquire(stop, hold=True):
+            if self._closed.is_set() or stop.is_set():
                 raise _Cancelled()
-            started = time.monotonic()
+            slot = _Slot(self._pacer, stop, should_send)
             response: requests.Response | None = None
             failure = ""
+            skipped = False
             try:
-                # The slot is held until the request is written (see _SentSignal), so a pause
-                # between the grant and the write delays the next send instead of squeezing it.
-                _sent_signal.arm(self._pacer.release)
+                if self._paced_on_write:
+                    # The connection takes the slot right before it writes (see _SignallingHTTPConnection).
+                    _send_slot.current = slot
+                else:
+                    slot.take()
                 try:
                     response = self._session.get(
                         url, params=params, timeout=self.timeout, allow_redirects=False
                     )
                 finally:
-                    _sent_signal.fire()  # no-op if the write already released it
+                    _send_slot.current = None
+                    slot.sent()  # no-op if the write already stamped it
                 content = response.content
+            except _Skipped:
+                skipped = True
             except requests.Timeout:
                 failure = f"no response within {self.timeout:g} s"
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
                 failure = f"the connection failed or was cut off: {_describe(exc, self._token)}"
             except requests.RequestException as exc:
                 failure = f"the request failed: {_describe(exc, self._token)}"
-            elapsed_ms = (time.monotonic() - started) * 1000
+            if skipped:
+                return _SKIPPED
+            if response is not None and not slot.granted:
+                # The request went out through a connection that did not take a slot (a proxy type
+                # not wired for it): one request was unpaced; from now on slots come before requests.
+                logger.warning("Kommo: requests to %s bypass write pacing; pacing before each request",
+                               self.base_url)
+                self._paced_on_write = False
+            if slot.granted_at is not None:
+                with self._stats_lock:
+                    if self._first_sent is None:
+                        self._first_sent = slot.granted_at
+                    self._last_sent = max(self._last_sent, slot.granted_at)
+            elapsed_ms = (time.monotonic() - (slot.granted_at or time.monotonic())) * 1000
             status = None if response is None or failure else response.status_code
             logger.debug(
                 "GET %s%s -> %s in %.0f ms", path, _page_text(page), status or "no response", elapsed_ms
             )
             self._count(status=status, error=status is None, nbytes=0 if status is None else len(content))
+            if status is not None and status < 400:
+                self._pacer.recover(RECOVER_FACTOR, quiet_s=RECOVER_QUIET_S)
 
             retry_after: float | None = None
             if status is not None:
@@ -640,40 +686,402 @@ class KommoClient:
             self._errors += 1
 
 
-_END: Any = object()
+@dataclass(frozen=True)
+class _Task:
+    kind: str  # "field", "lead", "contacts"
+    arg: Any
+    run: Callable[[Any, threading.Event], Any]
 
 
-class _SentSignal(threading.local):
-    """Per thread: what to call once the current request has been written to the socket."""
+class _LeadPaging:
+    """The pages of one lead window: which page to fetch next, when the range has ended, filtering.
 
-    callback: Callable[[], None] | None = None
+    ``take``, ``on_result`` and ``on_processed`` run on the consumer's thread; ``fetch`` and
+    ``should_send`` on the pool's threads (the end of the range is shared under a lock)."""
 
-    def arm(self, callback: Callable[[], None]) -> None:
-        self.callback = callback
+    def __init__(self, client: KommoClient, from_ts: int, to_ts: int, excluded: frozenset[int]) -> None:
+        self.client = client
+        self.from_ts = from_ts
+        self.to_ts = to_ts
+        self.excluded = excluded
+        self.limit = client.page_size
+        self.base_params = [
+            ("limit", str(self.limit)),
+            ("with", "contacts,catalog_elements"),
+            ("filter[created_at][from]", str(from_ts)),
+            ("filter[created_at][to]", str(to_ts - 1)),
+            ("order[id]", "asc"),
+        ]
+        self._lock = threading.Lock()
+        self._end_pages: set[int] = set()  # pages that signalled the end (short, empty or 204)
+        self.end: int | None = None  # the first page that ended the range, once believed
+        self._next = 1
+        self.in_flight = 0
+        self.unprocessed = 0
 
-    def fire(self) -> None:
-        callback, self.callback = self.callback, None
-        if callback is not None:
-            callback()
+    def take(self) -> int | None:
+        if self.end is not None:
+            return None
+        page, self._next = self._next, self._next + 1
+        self.in_flight += 1
+        return page
+
+    def done(self) -> bool:
+        """The range has ended and every page was fetched and processed by the caller."""
+        return self.end is not None and self.in_flight == 0 and self.unprocessed == 0
+
+    def _get_page(self, page: int, cancel: threading.Event) -> _RawPage | None:
+        params = [*self.base_params, ("page", str(page))]
+        body = self.client._get(
+            LEADS_PATH, params, page=page, cancel=cancel, should_send=lambda: self._wanted(page)
+        )
+        if body is _SKIPPED:
+            return None
+        if body is None:
+            return _RawPage(page, [], True)
+        return self.client._list_page(body, "leads", LEADS_PATH, page, self.limit)
+
+    def _wanted(self, page: int) -> bool:
+        end = self.end
+        return end is None or page <= end
+
+    def fetch(self, page: int, cancel: threading.Event) -> _RawPage:
+        raw = self._get_page(page, cancel)
+        if raw is None:  # past the end by the time its slot came: never sent
+            return _RawPage(page, [], False)
+        if raw.ends_range:
+            with self._lock:
+                first_end = not any(other < page for other in self._end_pages)
+                self._end_pages.add(page)
+            if not raw.items and first_end:
+                # An empty answer that would end the range where no earlier page did is asked once
+                # more: a spurious 204 (a proxy, a hiccup) must not silently cut the export short.
+                logger.info("Kommo sent no leads on GET %s page %d; asking once more", LEADS_PATH, page)
+                again = self._get_page(page, cancel)
+                raw = again if again is not None else raw
+                if raw.items and not raw.ends_range:
+                    with self._lock:
+                        self._end_pages.discard(page)
+            if raw.ends_range:
+                with self._lock:
+                    if self.end is None or page < self.end:
+                        self.end = page
+        return raw
+
+    def on_result(self, raw: _RawPage) -> LeadPage | None:
+        self.in_flight -= 1
+        if not raw.items:
+            return None
+        self.unprocessed += 1
+        return self._filter(raw)
+
+    def on_processed(self) -> None:
+        self.unprocessed -= 1
+
+    def _filter(self, raw: _RawPage) -> LeadPage:
+        kept: dict[int, dict] = {}  # lead id -> lead, in page order
+        skipped: dict[str, int] = {}
+        from_ts, to_ts, excluded = self.from_ts, self.to_ts, self.excluded
+
+        def skip(reason: str) -> None:
+            skipped[reason] = skipped.get(reason, 0) + 1
+
+        for lead in raw.items:
+            if not isinstance(lead, dict):
+                skip("invalid")
+                continue
+            lead_id = positive_int(lead.get("id"))
+            created = extract_kommo_epoch(lead.get("created_at"))
+            if lead_id is None or created is None:
+                skip("invalid")
+            elif not from_ts <= created.timestamp() < to_ts:
+                skip("outside_window")
+            elif positive_int(lead.get("status_id")) in excluded:
+                skip("excluded_status")
+            elif lead.get("is_deleted") is True:
+                skip("deleted")
+            elif lead_id in kept:
+                skip("duplicate")
+                if _updated_at(lead) > _updated_at(kept[lead_id]):
+                    kept[lead_id] = lead
+            else:
+                kept[lead_id] = lead
+        return LeadPage(page=raw.page, leads=list(kept.values()), received=len(raw.items), skipped=skipped)
 
 
-_sent_signal = _SentSignal()
+def _updated_at(lead: dict) -> float:
+    moment = extract_kommo_epoch(lead.get("updated_at"))
+    return float("-inf") if moment is None else moment.timestamp()
+
+
+def _distinct_batches(ids: Iterable[Any], size: int) -> Iterator[list[int]]:
+    """Lazily cuts ``ids`` into batches of ``size`` distinct positive ids (None and junk skipped; an id
+    equal to the one before it is skipped across batch boundaries too)."""
+    batch: list[int] = []
+    in_batch: set[int] = set()
+    last: int | None = None
+    for value in ids:
+        contact_id = positive_int(value)
+        if contact_id is None or contact_id in in_batch or contact_id == last:
+            continue
+        last = contact_id
+        batch.append(contact_id)
+        in_batch.add(contact_id)
+        if len(batch) == size:
+            yield batch
+            batch, in_batch = [], set()
+    if batch:
+        yield batch
+
+
+class _ContactBatching:
+    """Contact ids waiting to be asked for, cut into batches: from an iterator (read lazily), or handed
+    in by the caller of a snapshot stream while it processes lead pages."""
+
+    def __init__(self, client: KommoClient, size: int, source: Iterator[list[int]] | None = None) -> None:
+        self.client = client
+        self.size = size
+        self._source = source
+        self._waiting: list[int] = []
+        self._in_waiting: set[int] = set()
+        self.in_flight = 0
+        self.requested = 0  # distinct ids put into batches
+
+    def add(self, ids: Iterable[Any]) -> None:
+        for value in ids:
+            contact_id = positive_int(value)
+            if contact_id is not None and contact_id not in self._in_waiting:
+                self._waiting.append(contact_id)
+                self._in_waiting.add(contact_id)
+
+    def take(self, *, partial: bool) -> list[int] | None:
+        """The next batch: a full one, or (``partial``) whatever is waiting; None when there is none."""
+        if self._source is not None:
+            batch = next(self._source, None)
+            if batch is None:
+                self._source = None
+        elif len(self._waiting) >= self.size or (partial and self._waiting):
+            batch, self._waiting = self._waiting[: self.size], self._waiting[self.size :]
+            self._in_waiting.difference_update(batch)
+        else:
+            batch = None
+        if batch is None:
+            return None
+        self.in_flight += 1
+        self.requested += len(batch)
+        return batch
+
+    def ready(self) -> int:
+        """Full batches waiting."""
+        return len(self._waiting) // self.size
+
+    def idle(self) -> bool:
+        return self._source is None and not self._waiting and self.in_flight == 0
+
+    def fetch(self, ids: list[int], cancel: threading.Event) -> ContactBatch:
+        return ContactBatch(len(ids), self.client._fetch_contact_batch(ids, cancel))
+
+
+class _Plan:
+    """What a fan-out fetches, in priority order: select-field options, full contact batches, lead pages,
+    then (once every lead page is processed) the last partial contact batch."""
+
+    def __init__(
+        self,
+        *,
+        fields: list[int] | None = None,
+        leads: _LeadPaging | None = None,
+        contacts: _ContactBatching | None = None,
+        client: KommoClient | None = None,
+    ) -> None:
+        self.fields = list(fields or [])
+        self.fields_in_flight = 0
+        self.leads = leads
+        self.contacts = contacts
+        self.client = client
+
+    def _leads_done(self) -> bool:
+        return self.leads is None or self.leads.done()
+
+    def next_task(self) -> _Task | None:
+        if self.fields:
+            assert self.client is not None
+            self.fields_in_flight += 1
+            return _Task("field", self.fields.pop(0), self.client._fetch_field_options)
+        leads, contacts = self.leads, self.contacts
+        if leads is not None and contacts is not None and leads.end is None:
+            return self._while_paging(leads, contacts)
+        if self.contacts is not None:
+            batch = self.contacts.take(partial=False)
+            if batch is not None:
+                return _Task("contacts", batch, self.contacts.fetch)
+        if self.leads is not None:
+            page = self.leads.take()
+            if page is not None:
+                return _Task("lead", page, self.leads.fetch)
+        if self.contacts is not None and self._leads_done():
+            batch = self.contacts.take(partial=True)
+            if batch is not None:
+                return _Task("contacts", batch, self.contacts.fetch)
+        return None
+
+    def _while_paging(self, leads: _LeadPaging, contacts: _ContactBatching) -> _Task | None:
+        """While the end of the leads is unknown: a couple of lead pages in flight keep paging at its
+        share of the pace, contact batches take the other slots, and a few full batches are kept in
+        reserve. When the last lead page is in flight, the slots until its answer then go to those
+        batches instead of to pages past the end, and no slot idles while the last page's contacts
+        are being found. The reserve is bounded, so memory stays flat."""
+        ready = contacts.ready()
+        if ready > RESERVE_BATCHES or (ready and leads.in_flight >= LEAD_PAGES_IN_FLIGHT):
+            batch = contacts.take(partial=False)
+            if batch is not None:
+                return _Task("contacts", batch, contacts.fetch)
+        page = leads.take()
+        return None if page is None else _Task("lead", page, leads.fetch)
+
+    def on_result(self, task: _Task, result: Any) -> Any:
+        if task.kind == "lead":
+            assert self.leads is not None
+            return self.leads.on_result(result)
+        if task.kind == "contacts":
+            assert self.contacts is not None
+            self.contacts.in_flight -= 1
+        else:
+            self.fields_in_flight -= 1
+        return result
+
+    def on_processed(self, task: _Task) -> None:
+        if task.kind == "lead":
+            assert self.leads is not None
+            self.leads.on_processed()
+
+    def finished(self) -> bool:
+        return (
+            not self.fields
+            and self.fields_in_flight == 0
+            and self._leads_done()
+            and (self.contacts is None or self.contacts.idle())
+        )
+
+
+class SnapshotStream:
+    """The stream of :meth:`KommoClient.stream_snapshot`: iterate it for ``FieldOptions``, ``LeadPage``
+    and ``ContactBatch`` items; hand contact ids back with :meth:`add_contact_ids`."""
+
+    def __init__(self, items: Iterator[Any], contacts: _ContactBatching) -> None:
+        self._items = items
+        self._contacts = contacts
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._items
+
+    def add_contact_ids(self, ids: Iterable[int]) -> None:
+        """Contact ids to fetch (each once: the stream does not remember ids it has asked for)."""
+        self._contacts.add(ids)
+
+    @property
+    def contacts_requested(self) -> int:
+        """Distinct ids put into contact batches so far."""
+        return self._contacts.requested
+
+    def close(self) -> None:
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> SnapshotStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _write_pacing_possible(session: requests.Session, base_url: str) -> bool:
+    """Whether requests to ``base_url`` go through connections that take their slot on write: directly
+    or through an HTTP(S) proxy, but not a SOCKS proxy (whose connection classes are not ours)."""
+    try:
+        settings = session.merge_environment_settings(base_url, {}, None, None, None)
+        proxy = requests.utils.select_proxy(base_url, settings.get("proxies") or {})
+    except Exception:  # noqa: BLE001 - unreadable proxy settings: the safe, slower way
+        return False
+    return proxy is None or urllib.parse.urlsplit(proxy).scheme.lower() in ("http", "https")
+
+
+class _Skipped(Exception):  # noqa: N818 - a signal, not an error
+    """The request was not sent: its ``should_send`` said no at its slot."""
+
+
+class _Slot:
+    """One attempt's pacer slot: taken right before the write, stamped once the request is written."""
+
+    __slots__ = ("_cancel", "_pacer", "_should_send", "granted", "granted_at", "_held")
+
+    def __init__(self, pacer: Pacer, cancel: threading.Event, should_send: Callable[[], bool] | None) -> None:
+        self._pacer = pacer
+        self._cancel = cancel
+        self._should_send = should_send
+        self.granted = False
+        self.granted_at: float | None = None
+        self._held = False
+
+    def take(self) -> None:
+        """Waits for the slot; raises _Cancelled if the attempt was abandoned, _Skipped if it is no
+        longer wanted (the slot goes back unused)."""
+        if not self._pacer.acquire(self._cancel, hold=True):
+            raise _Cancelled()
+        if self._should_send is not None and not self._should_send():
+            self._pacer.give_back()
+            raise _Skipped()
+        self.granted = True
+        self.granted_at = time.monotonic()
+        self._held = True
+
+    def sent(self) -> None:
+        """The request has been written (or failed): the pacer stamps the send and serves the next."""
+        if self._held:
+            self._held = False
+            self._pacer.release()
+
+
+class _SendSlot(threading.local):
+    """Per thread: the slot the next request written on this thread must take."""
+
+    current: _Slot | None = None
+
+
+_send_slot = _SendSlot()
 
 
 class _SignallingHTTPConnection(urllib3.connection.HTTPConnection):
     def request(self, *args: Any, **kwargs: Any) -> None:
+        slot = _send_slot.current
+        if slot is None:
+            super().request(*args, **kwargs)
+            return
+        _send_slot.current = None
+        if self.sock is None:
+            self.connect()  # connect first: the slot covers the write only
+        slot.take()
         try:
             super().request(*args, **kwargs)
         finally:
-            _sent_signal.fire()
+            slot.sent()
 
 
 class _SignallingHTTPSConnection(urllib3.connection.HTTPSConnection):
     def request(self, *args: Any, **kwargs: Any) -> None:
+        slot = _send_slot.current
+        if slot is None:
+            super().request(*args, **kwargs)
+            return
+        _send_slot.current = None
+        if self.sock is None:
+            self.connect()
+        slot.take()
         try:
             super().request(*args, **kwargs)
         finally:
-            _sent_signal.fire()
+            slot.sent()
 
 
 class _SignallingHTTPPool(urllib3.HTTPConnectionPool):
@@ -688,9 +1096,9 @@ _SIGNALLING_POOLS = {"http": _SignallingHTTPPool, "https": _SignallingHTTPSPool}
 
 
 class _PacedAdapter(HTTPAdapter):
-    """An HTTPAdapter whose connections report the moment a request has been written (to release the
-    pacer's slot then). Where the report cannot be wired (e.g. a SOCKS proxy), the slot is released
-    when the response arrives instead: slower, never faster than the pace."""
+    """An HTTPAdapter whose connections take the pacer's slot right before they write a request and
+    stamp it once written. Where that cannot be wired (e.g. a SOCKS proxy), the slot is taken before
+    the request and released when the response arrives instead: slower, never faster than the pace."""
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)

@@ -167,3 +167,80 @@ def test_nobody_gets_a_slot_while_one_is_held() -> None:
     pacer.release()
     waiter.join()
     assert granted[0] - released >= 0.01 - 0.002
+
+
+# --- the window rule and catching up (what the Kommo client uses) --------------------------------
+
+
+def test_a_late_grant_is_made_up_by_the_next_slots_within_the_window() -> None:
+    fake = FakeTime()
+    pacer = Pacer(10.0, window=10, catch_up=0.5, clock=fake.clock, sleep=fake.sleep)
+    grants = []
+    for n in range(30):
+        assert pacer.acquire()
+        grants.append(fake.now)
+        if n == 5:
+            fake.now += 0.14  # the thread comes back 40 ms after its next slot was due (GIL, GC): late
+    gaps = [round(b - a, 9) for a, b in zip(grants, grants[1:], strict=False)]
+    assert gaps[5] == pytest.approx(0.14)  # the late one
+    assert gaps[6] == pytest.approx(0.06)  # made up at once (no sooner than half an interval)
+    assert grants[-1] - grants[0] == pytest.approx(2.9)  # no time lost overall
+    # and never more than `window` sends in any `window` intervals
+    assert all(b - a >= 1.0 - 1e-9 for a, b in zip(grants, grants[10:], strict=False))
+
+
+def test_the_window_holds_on_the_write_stamps_of_held_slots() -> None:
+    """Slow writes (grant -> release) push later slots back, so window+1 consecutive sends always span
+    window intervals as stamped when written, while quick writes keep the steady schedule."""
+    fake = FakeTime()
+    pacer = Pacer(7.0, window=7, catch_up=0.5, clock=fake.clock, sleep=fake.sleep)
+    sends = []
+    for n in range(40):
+        assert pacer.acquire(hold=True)
+        fake.now += 0.03 if n % 5 == 0 else 0.001  # some writes take a while
+        sends.append(fake.now)
+        pacer.release()
+    assert all(b - a >= 1.0 - 1e-9 for a, b in zip(sends, sends[7:], strict=False))
+    assert sends[-1] - sends[0] < 39 / 7.0 + 0.2  # the slow writes cost about one of them per window
+
+
+def test_idle_time_is_not_banked_even_when_catching_up() -> None:
+    fake = FakeTime()
+    pacer = Pacer(5.0, window=5, catch_up=0.5, clock=fake.clock, sleep=fake.sleep)
+    pacer.acquire()
+    fake.now += 10.0
+    pacer.acquire()
+    start = fake.now
+    pacer.acquire()
+    assert fake.now - start == pytest.approx(0.2)
+
+
+def test_a_slot_given_back_is_the_next_one_granted() -> None:
+    fake = FakeTime()
+    pacer = Pacer(5.0, window=5, catch_up=0.5, clock=fake.clock, sleep=fake.sleep)
+    pacer.acquire()
+    assert pacer.acquire(hold=True)
+    granted = fake.now
+    pacer.give_back()  # nothing was sent with it
+    assert pacer.acquire()
+    assert fake.now == pytest.approx(granted)
+
+
+def test_recover_raises_the_rate_back_after_a_quiet_period() -> None:
+    fake = FakeTime()
+    pacer = Pacer(10.0, clock=fake.clock, sleep=fake.sleep)
+    assert pacer.recover(2.0, quiet_s=30) == 10.0  # never slowed: nothing to recover
+    assert pacer.slow_down(0.5, floor=2.0) == 5.0
+    fake.now += 10
+    assert pacer.recover(1.5, quiet_s=30) == 5.0  # not quiet long enough
+    fake.now += 25
+    assert pacer.recover(1.5, quiet_s=30) == 7.5
+    assert pacer.recover(1.5, quiet_s=30) == 7.5  # one step per quiet period
+    fake.now += 31
+    assert pacer.recover(1.5, quiet_s=30) == 10.0  # never above the configured rate
+
+
+@pytest.mark.parametrize("kwargs", [{"window": 0}, {"catch_up": 1.0}, {"catch_up": -0.1}])
+def test_rejects_bad_window_or_catch_up(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        Pacer(5.0, **kwargs)

@@ -4,12 +4,22 @@
 -- re-activated) and Kommo rows missing from it are deactivated (bookings.is_active = false) or
 -- archived (sales_leads.archived_at); ids stay stable and unchanged rows are not written at all.
 -- The Zoho outbox triggers are suppressed for this transaction only. Any error rolls everything back.
+--
+-- How it stays fast (docs/benchmark.md): each table is written by one statement that joins the snapshot
+-- with production once, then updates the rows that differ and inserts the rows that are missing. An
+-- unchanged row is only read: not rewritten, and not even locked (INSERT ... ON CONFLICT DO UPDATE
+-- would lock every conflicting row, i.e. write every page of the table, on a re-run that changes
+-- nothing). New rows are plain inserts, which cost less than speculative ON CONFLICT inserts.
+-- Concurrent writers are not expected on Kommo rows (codes 'kommo:<id>'); one that inserted such a
+-- row meanwhile would fail this transaction on the unique key, leaving production unchanged.
 
 CREATE OR REPLACE FUNCTION run_kommo_full_refresh(p_run_id uuid) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_run kommo_import_runs;
     v_started timestamptz := clock_timestamp();
+    v_snapshot_leads bigint;
+    v_snapshot_bookings bigint;
     v_vehicles_created bigint;
     v_clients_added bigint;
     v_clients_updated bigint;
@@ -22,6 +32,7 @@ DECLARE
     v_links_removed bigint;
     v_links_added bigint;
     v_counts jsonb;
+    v_stats_target text := current_setting('default_statistics_target');
 BEGIN
     -- One swap at a time, across processes and hosts; released at commit or rollback.
     PERFORM pg_advisory_xact_lock(90902);
@@ -47,9 +58,17 @@ BEGIN
 
     -- The snapshot, resolved once (see kommo_snapshot in 15_kommo_snapshot.sql).
     DROP TABLE IF EXISTS pg_temp.kommo_snapshot;
+    -- The index matters even where a hash join is expected: right after this transaction's own bulk
+    -- inserts, production tables have no statistics yet, the planner may take 100,000 fresh rows for
+    -- one, and a nested loop must then probe this index instead of scanning the whole snapshot per row.
     CREATE TEMP TABLE kommo_snapshot ON COMMIT DROP AS SELECT * FROM kommo_snapshot(p_run_id);
     CREATE UNIQUE INDEX ON kommo_snapshot (code);
+    -- Plans only need row counts and key distributions: a small sample is enough.
+    PERFORM set_config('default_statistics_target', '10', true);
     ANALYZE kommo_snapshot;
+    PERFORM set_config('default_statistics_target', v_stats_target, true);
+    SELECT count(*), count(*) FILTER (WHERE is_booking) INTO v_snapshot_leads, v_snapshot_bookings
+      FROM kommo_snapshot;
 
     -- Vehicles the bookings need and production lacks; names from the field's enum options.
     WITH ins AS (
@@ -63,44 +82,58 @@ BEGIN
     )
     SELECT count(*) INTO v_vehicles_created FROM ins;
 
-    -- Clients: upsert on the Kommo contact id; never deleted.
-    WITH up AS (
-        INSERT INTO clients AS t (kommo_contact_id, name, phone, email)
-        SELECT c.contact_id, c.name, c.phone, c.email
+    -- Clients: matched on the Kommo contact id, updated where name, phone or email differ, added when
+    -- missing; never deleted.
+    WITH src AS MATERIALIZED (
+        SELECT c.contact_id, c.name, c.phone, c.email, t.id AS client_id,
+               (t.name, t.phone, t.email) IS DISTINCT FROM (c.name, c.phone, c.email) AS differs
           FROM stg_kommo_contacts c
+          LEFT JOIN clients t ON t.kommo_contact_id = c.contact_id
          WHERE c.run_id = p_run_id
-        ON CONFLICT (kommo_contact_id) DO UPDATE
-           SET name = EXCLUDED.name, phone = EXCLUDED.phone, email = EXCLUDED.email, updated_at = now()
-         WHERE (t.name, t.phone, t.email) IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.phone, EXCLUDED.email)
-        RETURNING (xmax = 0) AS inserted
+    ), upd AS (
+        UPDATE clients t
+           SET name = src.name, phone = src.phone, email = src.email, updated_at = now()
+          FROM src
+         WHERE t.id = src.client_id AND src.differs
+        RETURNING 1
+    ), ins AS (
+        INSERT INTO clients (kommo_contact_id, name, phone, email)
+        SELECT src.contact_id, src.name, src.phone, src.email FROM src WHERE src.client_id IS NULL
+        RETURNING 1
     )
-    SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)
-      INTO v_clients_added, v_clients_updated FROM up;
+    SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM upd) INTO v_clients_added, v_clients_updated;
 
-    -- Sales leads: every staged lead.
-    WITH up AS (
-        INSERT INTO sales_leads AS t (lead_code, client_id, name, stage_id, pipeline_id, value_amount, owner_id,
-                                      expected_close_at, source, archived_at, kommo_created_at, kommo_updated_at)
-        SELECT s.code, cl.id, s.name, s.status_id, s.pipeline_id, s.price, s.owner_id,
-               s.closed_at, 'Kommo', NULL, s.created_at, s.updated_at
-          FROM kommo_snapshot s
-          LEFT JOIN clients cl ON cl.kommo_contact_id = s.contact_id
-        ON CONFLICT (lead_code) DO UPDATE
-           SET client_id = EXCLUDED.client_id, name = EXCLUDED.name, stage_id = EXCLUDED.stage_id,
-               pipeline_id = EXCLUDED.pipeline_id, value_amount = EXCLUDED.value_amount,
-               owner_id = EXCLUDED.owner_id, expected_close_at = EXCLUDED.expected_close_at,
-               source = EXCLUDED.source, archived_at = NULL, kommo_created_at = EXCLUDED.kommo_created_at,
-               kommo_updated_at = EXCLUDED.kommo_updated_at, updated_at = now()
-         WHERE (t.client_id, t.name, t.stage_id, t.pipeline_id, t.value_amount, t.owner_id, t.expected_close_at,
+    -- Sales leads: every staged lead, matched on lead_code (re-activated if archived).
+    WITH src AS MATERIALIZED (
+        SELECT s.code, cl.id AS client_id, s.name, s.status_id, s.pipeline_id, s.price::numeric(14, 2) AS price,
+               s.owner_id, s.closed_at, s.created_at, s.updated_at, t.id AS lead_pk,
+               (t.client_id, t.name, t.stage_id, t.pipeline_id, t.value_amount, t.owner_id, t.expected_close_at,
                 t.source, t.archived_at, t.kommo_created_at, t.kommo_updated_at)
                IS DISTINCT FROM
-               (EXCLUDED.client_id, EXCLUDED.name, EXCLUDED.stage_id, EXCLUDED.pipeline_id, EXCLUDED.value_amount,
-                EXCLUDED.owner_id, EXCLUDED.expected_close_at, EXCLUDED.source, NULL::timestamptz,
-                EXCLUDED.kommo_created_at, EXCLUDED.kommo_updated_at)
-        RETURNING (xmax = 0) AS inserted
+               (cl.id, s.name, s.status_id, s.pipeline_id, s.price::numeric(14, 2), s.owner_id, s.closed_at,
+                'Kommo'::text, NULL::timestamptz, s.created_at, s.updated_at) AS differs
+          FROM kommo_snapshot s
+          LEFT JOIN clients cl ON cl.kommo_contact_id = s.contact_id
+          LEFT JOIN sales_leads t ON t.lead_code = s.code
+    ), upd AS (
+        UPDATE sales_leads t
+           SET client_id = src.client_id, name = src.name, stage_id = src.status_id,
+               pipeline_id = src.pipeline_id, value_amount = src.price, owner_id = src.owner_id,
+               expected_close_at = src.closed_at, source = 'Kommo', archived_at = NULL,
+               kommo_created_at = src.created_at, kommo_updated_at = src.updated_at, updated_at = now()
+          FROM src
+         WHERE t.id = src.lead_pk AND src.differs
+        RETURNING 1
+    ), ins AS (
+        INSERT INTO sales_leads (lead_code, client_id, name, stage_id, pipeline_id, value_amount, owner_id,
+                                 expected_close_at, source, archived_at, kommo_created_at, kommo_updated_at)
+        SELECT src.code, src.client_id, src.name, src.status_id, src.pipeline_id, src.price, src.owner_id,
+               src.closed_at, 'Kommo', NULL, src.created_at, src.updated_at
+          FROM src
+         WHERE src.lead_pk IS NULL
+        RETURNING 1
     )
-    SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)
-      INTO v_leads_added, v_leads_updated FROM up;
+    SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM upd) INTO v_leads_added, v_leads_updated;
 
     UPDATE sales_leads sl
        SET archived_at = now(), updated_at = now()
@@ -108,32 +141,40 @@ BEGIN
        AND NOT EXISTS (SELECT 1 FROM kommo_snapshot s WHERE s.code = sl.lead_code);
     GET DIAGNOSTICS v_leads_archived = ROW_COUNT;
 
-    -- Bookings: every staged lead outside the no-booking statuses.
-    WITH up AS (
-        INSERT INTO bookings AS t (client_id, sales_lead_id, channel, source, source_payload_id, status,
-                                   kommo_status_id, owner_id, vehicle_id, start_at, end_at, is_active)
-        SELECT cl.id, sl.id, 'Kommo', s.source, s.code, s.booking_status,
-               s.status_id, s.owner_id, v.id, s.start_at, s.end_at, true
+    -- Bookings: every staged lead outside the no-booking statuses, matched on source_payload_id.
+    WITH src AS MATERIALIZED (
+        SELECT s.code, cl.id AS client_id, sl.id AS sales_lead_id, s.source, s.booking_status, s.status_id,
+               s.owner_id, v.id AS vehicle_id, s.start_at, s.end_at, t.id AS booking_pk,
+               (t.client_id, t.sales_lead_id, t.channel, t.source, t.status, t.kommo_status_id, t.owner_id,
+                t.vehicle_id, t.start_at, t.end_at, t.is_active)
+               IS DISTINCT FROM
+               (cl.id, sl.id, 'Kommo'::text, s.source, s.booking_status, s.status_id, s.owner_id, v.id,
+                s.start_at, s.end_at, true) AS differs
           FROM kommo_snapshot s
           JOIN sales_leads sl ON sl.lead_code = s.code
           LEFT JOIN clients cl ON cl.kommo_contact_id = s.contact_id
           LEFT JOIN vehicles v ON v.kommo_vehicle_id = s.vehicle_enum_id
+          LEFT JOIN bookings t ON t.source_payload_id = s.code
          WHERE s.is_booking
-        ON CONFLICT (source_payload_id) DO UPDATE
-           SET client_id = EXCLUDED.client_id, sales_lead_id = EXCLUDED.sales_lead_id, channel = EXCLUDED.channel,
-               source = EXCLUDED.source, status = EXCLUDED.status, kommo_status_id = EXCLUDED.kommo_status_id,
-               owner_id = EXCLUDED.owner_id, vehicle_id = EXCLUDED.vehicle_id, start_at = EXCLUDED.start_at,
-               end_at = EXCLUDED.end_at, is_active = true, updated_at = now()
-         WHERE (t.client_id, t.sales_lead_id, t.channel, t.source, t.status, t.kommo_status_id, t.owner_id,
-                t.vehicle_id, t.start_at, t.end_at, t.is_active)
-               IS DISTINCT FROM
-               (EXCLUDED.client_id, EXCLUDED.sales_lead_id, EXCLUDED.channel, EXCLUDED.source, EXCLUDED.status,
-                EXCLUDED.kommo_status_id, EXCLUDED.owner_id, EXCLUDED.vehicle_id, EXCLUDED.start_at,
-                EXCLUDED.end_at, true)
-        RETURNING (xmax = 0) AS inserted
+    ), upd AS (
+        UPDATE bookings t
+           SET client_id = src.client_id, sales_lead_id = src.sales_lead_id, channel = 'Kommo',
+               source = src.source, status = src.booking_status, kommo_status_id = src.status_id,
+               owner_id = src.owner_id, vehicle_id = src.vehicle_id, start_at = src.start_at,
+               end_at = src.end_at, is_active = true, updated_at = now()
+          FROM src
+         WHERE t.id = src.booking_pk AND src.differs
+        RETURNING 1
+    ), ins AS (
+        INSERT INTO bookings (client_id, sales_lead_id, channel, source, source_payload_id, status,
+                              kommo_status_id, owner_id, vehicle_id, start_at, end_at, is_active)
+        SELECT src.client_id, src.sales_lead_id, 'Kommo', src.source, src.code, src.booking_status,
+               src.status_id, src.owner_id, src.vehicle_id, src.start_at, src.end_at, true
+          FROM src
+         WHERE src.booking_pk IS NULL
+        RETURNING 1
     )
-    SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)
-      INTO v_bookings_added, v_bookings_updated FROM up;
+    SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM upd) INTO v_bookings_added, v_bookings_updated;
 
     UPDATE bookings b
        SET is_active = false, updated_at = now()
@@ -141,29 +182,38 @@ BEGIN
        AND NOT EXISTS (SELECT 1 FROM kommo_snapshot s WHERE s.is_booking AND s.code = b.source_payload_id);
     GET DIAGNOSTICS v_bookings_deactivated = ROW_COUNT;
 
-    -- The primary vehicle link of each snapshot booking follows its current vehicle. Links the app
-    -- added by hand (not primary) are left alone.
-    DELETE FROM booking_vehicles bv
-     USING bookings b, kommo_snapshot s
-     WHERE bv.booking_id = b.id AND b.source_payload_id = s.code AND s.is_booking
-       AND bv."primary" AND bv.vehicle_id IS DISTINCT FROM b.vehicle_id;
-    GET DIAGNOSTICS v_links_removed = ROW_COUNT;
-
-    WITH ins AS (
-        INSERT INTO booking_vehicles (booking_id, vehicle_id, "primary")
-        SELECT b.id, b.vehicle_id, true
+    -- The primary vehicle link of each snapshot booking follows its current vehicle: a primary link to
+    -- another vehicle goes, a link to the vehicle becomes primary or is added. Links the app added by
+    -- hand (not primary) are left alone.
+    WITH b AS MATERIALIZED (
+        SELECT b.id, b.vehicle_id
           FROM bookings b
           JOIN kommo_snapshot s ON s.code = b.source_payload_id AND s.is_booking
+    ), del AS (
+        DELETE FROM booking_vehicles bv
+         USING b
+         WHERE bv.booking_id = b.id AND bv."primary" AND bv.vehicle_id IS DISTINCT FROM b.vehicle_id
+        RETURNING 1
+    ), promoted AS (
+        UPDATE booking_vehicles bv
+           SET "primary" = true
+          FROM b
+         WHERE bv.booking_id = b.id AND bv.vehicle_id = b.vehicle_id AND NOT bv."primary"
+        RETURNING 1
+    ), ins AS (
+        INSERT INTO booking_vehicles (booking_id, vehicle_id, "primary")
+        SELECT b.id, b.vehicle_id, true
+          FROM b
          WHERE b.vehicle_id IS NOT NULL
-        ON CONFLICT (booking_id, vehicle_id) DO UPDATE SET "primary" = true
-         WHERE NOT booking_vehicles."primary"
+           AND NOT EXISTS (SELECT 1 FROM booking_vehicles bv WHERE bv.booking_id = b.id AND bv.vehicle_id = b.vehicle_id)
         RETURNING 1
     )
-    SELECT count(*) INTO v_links_added FROM ins;
+    SELECT (SELECT count(*) FROM del), (SELECT count(*) FROM promoted) + (SELECT count(*) FROM ins)
+      INTO v_links_removed, v_links_added;
 
     v_counts := jsonb_build_object(
-        'snapshot_leads', (SELECT count(*) FROM kommo_snapshot),
-        'snapshot_bookings', (SELECT count(*) FROM kommo_snapshot WHERE is_booking),
+        'snapshot_leads', v_snapshot_leads,
+        'snapshot_bookings', v_snapshot_bookings,
         'vehicles_created', v_vehicles_created,
         'clients_added', v_clients_added,
         'clients_updated', v_clients_updated,

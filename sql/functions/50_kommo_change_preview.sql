@@ -1,6 +1,11 @@
 -- The change preview: what run_kommo_full_refresh(p_run_id) would do to production right now, from the
 -- same resolved snapshot (kommo_snapshot) and the same "is anything different" rules as the swap.
 -- Counts match the swap's counters one for one; samples show up to p_sample rows of each kind.
+--
+-- It runs between the last Kommo answer and the swap, so it reads each table once where it can: the
+-- snapshot is resolved into a narrow temporary table, every booking of it is compared with production
+-- in one join (keeping only which fields change), and the before/after detail is built for the sampled
+-- rows only.
 CREATE OR REPLACE FUNCTION kommo_change_preview(p_run_id uuid, p_sample integer DEFAULT 10) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -9,24 +14,28 @@ DECLARE
     v_clients jsonb;
     v_vehicles jsonb;
     v_samples jsonb;
+    v_warnings jsonb;
+    v_stats_target text := current_setting('default_statistics_target');
 BEGIN
     DROP TABLE IF EXISTS pg_temp.kommo_preview_snapshot;
-    CREATE TEMP TABLE kommo_preview_snapshot ON COMMIT DROP AS SELECT * FROM kommo_snapshot(p_run_id);
+    CREATE TEMP TABLE kommo_preview_snapshot ON COMMIT DROP AS
+    SELECT s.*,
+           -- the contact the swap will link to: one that is staged now or already a client
+           CASE WHEN sc.contact_id IS NOT NULL OR nc.id IS NOT NULL THEN s.contact_id END AS linked_contact_id
+      FROM kommo_snapshot(p_run_id) s
+      LEFT JOIN stg_kommo_contacts sc ON sc.run_id = p_run_id AND sc.contact_id = s.contact_id
+      LEFT JOIN clients nc ON nc.kommo_contact_id = s.contact_id;
+    -- Every anti-join against the snapshot can probe this index, whatever the planner estimates.
     CREATE UNIQUE INDEX ON kommo_preview_snapshot (code);
+    -- Plans only need row counts and key distributions: a small sample is enough.
+    PERFORM set_config('default_statistics_target', '10', true);
     ANALYZE kommo_preview_snapshot;
 
-    -- Clients the swap can link to after its upsert: existing ones and the staged ones.
-    DROP TABLE IF EXISTS pg_temp.kommo_preview_contacts;
-    CREATE TEMP TABLE kommo_preview_contacts ON COMMIT DROP AS
-    SELECT contact_id FROM stg_kommo_contacts WHERE run_id = p_run_id
-    UNION
-    SELECT kommo_contact_id FROM clients WHERE kommo_contact_id IS NOT NULL;
-    CREATE UNIQUE INDEX ON kommo_preview_contacts (contact_id);
-
-    -- Every booking of the snapshot beside its production row (if any), compared field by field.
+    -- Every booking of the snapshot beside its production row (if any): which fields change.
     DROP TABLE IF EXISTS pg_temp.kommo_preview_bookings;
     CREATE TEMP TABLE kommo_preview_bookings ON COMMIT DROP AS
     SELECT s.code,
+           b.id AS booking_id,
            b.id IS NULL AS is_new,
            array_remove(ARRAY[
                CASE WHEN NOT b.is_active THEN 'reactivated' END,
@@ -34,31 +43,30 @@ BEGIN
                     THEN 'status' END,
                CASE WHEN (b.start_at, b.end_at) IS DISTINCT FROM (s.start_at, s.end_at) THEN 'dates' END,
                CASE WHEN ov.kommo_vehicle_id IS DISTINCT FROM s.vehicle_enum_id THEN 'vehicle' END,
-               CASE WHEN oc.kommo_contact_id IS DISTINCT FROM pc.contact_id THEN 'client' END,
+               CASE WHEN oc.kommo_contact_id IS DISTINCT FROM s.linked_contact_id THEN 'client' END,
                CASE WHEN b.owner_id IS DISTINCT FROM s.owner_id THEN 'owner' END,
                CASE WHEN b.source IS DISTINCT FROM s.source THEN 'source' END
-           ], NULL) AS changes,
-           jsonb_build_object('status', b.status, 'kommo_status_id', b.kommo_status_id, 'start_at', b.start_at,
-                              'end_at', b.end_at, 'vehicle', ov.kommo_vehicle_id, 'client', oc.kommo_contact_id,
-                              'owner_id', b.owner_id, 'source', b.source, 'is_active', b.is_active) AS before,
-           jsonb_build_object('status', s.booking_status, 'kommo_status_id', s.status_id, 'start_at', s.start_at,
-                              'end_at', s.end_at, 'vehicle', s.vehicle_enum_id, 'client', pc.contact_id,
-                              'owner_id', s.owner_id, 'source', s.source, 'is_active', true) AS after
+           ], NULL) AS changes
       FROM kommo_preview_snapshot s
       LEFT JOIN bookings b ON b.source_payload_id = s.code
       LEFT JOIN vehicles ov ON ov.id = b.vehicle_id
       LEFT JOIN clients oc ON oc.id = b.client_id
-      LEFT JOIN kommo_preview_contacts pc ON pc.contact_id = s.contact_id
      WHERE s.is_booking;
+    ANALYZE kommo_preview_bookings;
+    PERFORM set_config('default_statistics_target', v_stats_target, true);
+
+    DROP TABLE IF EXISTS pg_temp.kommo_preview_deactivate;
+    CREATE TEMP TABLE kommo_preview_deactivate ON COMMIT DROP AS
+    SELECT b.source_payload_id AS code, b.status, b.start_at, b.end_at
+      FROM bookings b
+     WHERE b.channel = 'Kommo' AND b.is_active
+       AND NOT EXISTS (SELECT 1 FROM kommo_preview_snapshot s WHERE s.is_booking AND s.code = b.source_payload_id);
 
     SELECT jsonb_build_object(
                'add', count(*) FILTER (WHERE is_new),
                'update', count(*) FILTER (WHERE NOT is_new AND cardinality(changes) > 0),
                'unchanged', count(*) FILTER (WHERE NOT is_new AND cardinality(changes) = 0),
-               'deactivate', (SELECT count(*) FROM bookings b
-                               WHERE b.channel = 'Kommo' AND b.is_active
-                                 AND NOT EXISTS (SELECT 1 FROM kommo_preview_snapshot s
-                                                  WHERE s.is_booking AND s.code = b.source_payload_id)),
+               'deactivate', (SELECT count(*) FROM kommo_preview_deactivate),
                'field_changes', (SELECT coalesce(jsonb_object_agg(field, n), '{}'::jsonb)
                                    FROM (SELECT field, count(*) AS n
                                            FROM kommo_preview_bookings, unnest(changes) AS field
@@ -73,7 +81,7 @@ BEGIN
                      AND (oc.kommo_contact_id, sl.name, sl.stage_id, sl.pipeline_id, sl.value_amount, sl.owner_id,
                           sl.expected_close_at, sl.source, sl.archived_at, sl.kommo_created_at, sl.kommo_updated_at)
                          IS DISTINCT FROM
-                         (pc.contact_id, s.name, s.status_id, s.pipeline_id, s.price::numeric(14, 2), s.owner_id,
+                         (s.linked_contact_id, s.name, s.status_id, s.pipeline_id, s.price::numeric(14, 2), s.owner_id,
                           s.closed_at, 'Kommo'::text, NULL::timestamptz, s.created_at, s.updated_at)),
                'archive', (SELECT count(*) FROM sales_leads x
                             WHERE x.source = 'Kommo' AND x.archived_at IS NULL
@@ -81,17 +89,21 @@ BEGIN
       INTO v_leads
       FROM kommo_preview_snapshot s
       LEFT JOIN sales_leads sl ON sl.lead_code = s.code
-      LEFT JOIN clients oc ON oc.id = sl.client_id
-      LEFT JOIN kommo_preview_contacts pc ON pc.contact_id = s.contact_id;
+      LEFT JOIN clients oc ON oc.id = sl.client_id;
 
-    SELECT jsonb_build_object(
-               'add', count(*) FILTER (WHERE cl.id IS NULL),
-               'update', count(*) FILTER (WHERE cl.id IS NOT NULL
-                                            AND (cl.name, cl.phone, cl.email) IS DISTINCT FROM (c.name, c.phone, c.email)))
-      INTO v_clients
+    -- Staged contacts beside their clients, once for the counts and the samples.
+    DROP TABLE IF EXISTS pg_temp.kommo_preview_clients;
+    CREATE TEMP TABLE kommo_preview_clients ON COMMIT DROP AS
+    SELECT c.contact_id, cl.id IS NULL AS is_new,
+           cl.id IS NOT NULL AND (cl.name, cl.phone, cl.email) IS DISTINCT FROM (c.name, c.phone, c.email) AS differs,
+           c.name, c.phone, c.email, cl.name AS old_name, cl.phone AS old_phone, cl.email AS old_email
       FROM stg_kommo_contacts c
       LEFT JOIN clients cl ON cl.kommo_contact_id = c.contact_id
      WHERE c.run_id = p_run_id;
+
+    SELECT jsonb_build_object('add', count(*) FILTER (WHERE is_new), 'update', count(*) FILTER (WHERE differs))
+      INTO v_clients
+      FROM kommo_preview_clients;
 
     SELECT jsonb_build_object('create', count(DISTINCT s.vehicle_enum_id))
       INTO v_vehicles
@@ -99,28 +111,53 @@ BEGIN
      WHERE s.is_booking AND s.vehicle_enum_id IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM vehicles v WHERE v.kommo_vehicle_id = s.vehicle_enum_id);
 
+    -- The counts of the non-blocking checks, by the same rules (the check reads them from the stored
+    -- preview instead of resolving the snapshot once more).
+    SELECT jsonb_build_object(
+               'unmapped_status', count(*) FILTER (WHERE s.is_booking AND m.status_id IS NULL),
+               'booking_without_dates', count(*) FILTER (WHERE s.is_booking AND s.start_at IS NULL),
+               'lead_without_contact', count(*) FILTER (WHERE s.contact_id IS NULL),
+               'vehicles_to_create', (v_vehicles ->> 'create')::int)
+      INTO v_warnings
+      FROM kommo_preview_snapshot s
+      LEFT JOIN kommo_status_map m ON m.status_id = s.status_id;
+
     v_samples := jsonb_build_object(
         'bookings_add', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
-            SELECT code, after FROM kommo_preview_bookings WHERE is_new ORDER BY code LIMIT p_sample) x),
+            SELECT p.code,
+                   jsonb_build_object('status', s.booking_status, 'kommo_status_id', s.status_id,
+                                      'start_at', s.start_at, 'end_at', s.end_at, 'vehicle', s.vehicle_enum_id,
+                                      'client', s.linked_contact_id, 'owner_id', s.owner_id, 'source', s.source,
+                                      'is_active', true) AS after
+              FROM (SELECT code FROM kommo_preview_bookings WHERE is_new ORDER BY code LIMIT p_sample) p
+              JOIN kommo_preview_snapshot s ON s.code = p.code
+             ORDER BY p.code) x),
         'bookings_update', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
-            SELECT code, changes, before, after FROM kommo_preview_bookings
-             WHERE NOT is_new AND cardinality(changes) > 0 ORDER BY code LIMIT p_sample) x),
+            SELECT p.code, p.changes,
+                   jsonb_build_object('status', b.status, 'kommo_status_id', b.kommo_status_id,
+                                      'start_at', b.start_at, 'end_at', b.end_at, 'vehicle', ov.kommo_vehicle_id,
+                                      'client', oc.kommo_contact_id, 'owner_id', b.owner_id, 'source', b.source,
+                                      'is_active', b.is_active) AS before,
+                   jsonb_build_object('status', s.booking_status, 'kommo_status_id', s.status_id,
+                                      'start_at', s.start_at, 'end_at', s.end_at, 'vehicle', s.vehicle_enum_id,
+                                      'client', s.linked_contact_id, 'owner_id', s.owner_id, 'source', s.source,
+                                      'is_active', true) AS after
+              FROM (SELECT code, booking_id, changes FROM kommo_preview_bookings
+                     WHERE NOT is_new AND cardinality(changes) > 0 ORDER BY code LIMIT p_sample) p
+              JOIN kommo_preview_snapshot s ON s.code = p.code
+              JOIN bookings b ON b.id = p.booking_id
+              LEFT JOIN vehicles ov ON ov.id = b.vehicle_id
+              LEFT JOIN clients oc ON oc.id = b.client_id
+             ORDER BY p.code) x),
         'bookings_deactivate', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
-            SELECT b.source_payload_id AS code, b.status, b.start_at, b.end_at FROM bookings b
-             WHERE b.channel = 'Kommo' AND b.is_active
-               AND NOT EXISTS (SELECT 1 FROM kommo_preview_snapshot s WHERE s.is_booking AND s.code = b.source_payload_id)
-             ORDER BY b.source_payload_id LIMIT p_sample) x),
+            SELECT code, status, start_at, end_at FROM kommo_preview_deactivate ORDER BY code LIMIT p_sample) x),
         'clients_add', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
-            SELECT c.contact_id, c.name FROM stg_kommo_contacts c
-             WHERE c.run_id = p_run_id AND NOT EXISTS (SELECT 1 FROM clients cl WHERE cl.kommo_contact_id = c.contact_id)
-             ORDER BY c.contact_id LIMIT p_sample) x),
+            SELECT contact_id, name FROM kommo_preview_clients WHERE is_new ORDER BY contact_id LIMIT p_sample) x),
         'clients_update', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
-            SELECT c.contact_id,
-                   jsonb_build_object('name', cl.name, 'phone', cl.phone, 'email', cl.email) AS before,
-                   jsonb_build_object('name', c.name, 'phone', c.phone, 'email', c.email) AS after
-              FROM stg_kommo_contacts c JOIN clients cl ON cl.kommo_contact_id = c.contact_id
-             WHERE c.run_id = p_run_id AND (cl.name, cl.phone, cl.email) IS DISTINCT FROM (c.name, c.phone, c.email)
-             ORDER BY c.contact_id LIMIT p_sample) x),
+            SELECT contact_id,
+                   jsonb_build_object('name', old_name, 'phone', old_phone, 'email', old_email) AS before,
+                   jsonb_build_object('name', name, 'phone', phone, 'email', email) AS after
+              FROM kommo_preview_clients WHERE differs ORDER BY contact_id LIMIT p_sample) x),
         'vehicles_create', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
             SELECT DISTINCT s.vehicle_enum_id AS kommo_vehicle_id, s.vehicle_name AS name
               FROM kommo_preview_snapshot s
@@ -129,8 +166,8 @@ BEGIN
              ORDER BY 1 LIMIT p_sample) x)
     );
 
-    DROP TABLE kommo_preview_snapshot, kommo_preview_contacts, kommo_preview_bookings;
+    DROP TABLE kommo_preview_snapshot, kommo_preview_bookings, kommo_preview_deactivate, kommo_preview_clients;
     RETURN jsonb_build_object('bookings', v_bookings, 'sales_leads', v_leads, 'clients', v_clients,
-                              'vehicles', v_vehicles, 'samples', v_samples);
+                              'vehicles', v_vehicles, 'warnings', v_warnings, 'samples', v_samples);
 END;
 $$;

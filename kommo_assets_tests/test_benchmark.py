@@ -1,0 +1,66 @@
+"""The benchmark's pieces work (``kommo-assets benchmark``): its arithmetic, the fast payload path it
+measures, and one tiny invocation end to end. No timing is asserted: that is the benchmark's job."""
+
+import json
+import math
+
+import pytest
+
+from kommo_assets import benchmark
+from kommo_assets.db.staging import payload_json
+from kommo_assets.kommo.fields import sanitize_payload
+
+
+@pytest.mark.parametrize(
+    ("leads_received", "contacts_requested", "expected"),
+    [
+        (501, 251, 3 + 2 + 2),  # a short last page ends the leads; contacts in batches of 250; two fields
+        (500, 250, 2 + 1 + 1 + 2),  # a full last page: the 204 that proves the end is needed too
+        (0, 0, 1 + 0 + 2),  # nothing in the window: one 204
+        (118_519, 71_765, 475 + 288 + 2),
+    ],
+)
+def test_requests_needed(leads_received: int, contacts_requested: int, expected: int) -> None:
+    assert benchmark.requests_needed(leads_received, contacts_requested) == expected
+
+
+def test_generated_leads_for_a_snapshot_size() -> None:
+    assert benchmark.generated_for(100_000) == 148_149
+    assert benchmark.generated_for(1_000_000) == math.ceil(1_000_000 / benchmark.STAGED_SHARE)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"id": 1, "name": "Ana", "custom_fields_values": [{"values": [{"value": 1.5, "enum_id": 3}]}], "x": None},
+        {"id": 2, "name": "zero \x00 byte", "nested": {"k\x00ey": ["a\x00", 1]}},
+        {"id": 3, "name": "lone \ud800 surrogate", "ok": "emoji \U0001f600 and ü"},
+        {"id": 4, "price": float("nan"), "other": float("inf"), "list": (1, 2)},
+        {"id": 5, "text": "a literal backslash-u0000: \\u0000"},
+    ],
+    ids=["plain", "nul", "surrogate", "nan", "escaped-text"],
+)
+def test_the_fast_payload_text_is_the_sanitized_payload(payload: dict) -> None:
+    """Staging writes payload_json(lead) as jsonb text: the same document as the deep-copying sanitizer."""
+    text = payload_json(payload)
+    text.encode("utf-8")  # no lone surrogate survives
+    assert json.loads(text) == sanitize_payload(payload)
+    assert "\\u0000" not in text.replace("\\\\u0000", "")
+
+
+def test_a_tiny_benchmark_prints_every_figure(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--leads", "2000", "--latency-ms", "0", "--no-baseline", "--rps", "100",
+                           "--client-rps", "90", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for figure in ("total wall time", "floor (requests/limit)", "wall / floor", "requests made", "429s received",
+                   "staging rows/s", "swap seconds", "re-run swap (unchanged)", "peak RSS of the worker",
+                   "where the time goes"):
+        assert figure in printed, figure
+    report = json.loads(out.read_text())
+    job, rerun = report["job"], report["job_rerun"]
+    assert job["success"] and rerun["success"]
+    assert 1200 <= job["leads"] <= 2800 and job["contacts"] > 0
+    assert job["requests"] >= benchmark.requests_needed(job["leads_received"], job["contacts_requested"])
+    assert job["peak_rss_mb"] > 0 and job["swap_seconds"] >= 0
+    assert report["config"]["generated"] == benchmark.generated_for(2000)
