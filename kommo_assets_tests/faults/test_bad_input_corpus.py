@@ -489,16 +489,10 @@ def test_the_corpus_has_at_least_forty_cases():
     assert len({c.name for c in CASES}) == len(CASES)
 
 
-DUPLICATE_BUG = pytest.mark.xfail(
-    strict=False,
-    reason="BUG (kommo_assets/kommo/client.py, KommoClient._filter_leads): duplicates are dropped in the "
-    "client (first page to arrive wins), so the staging merge that keeps the newest version never sees "
-    "the second copy; the README promises the newest. See docs/reliability.md.",
-)
 
 
 @pytest.mark.parametrize(
-    "item", [pytest.param(c, id=c.name, marks=[DUPLICATE_BUG] if c.name == "duplicate_id_across_pages" else [])
+    "item", [pytest.param(c, id=c.name)
              for c in CASES])
 def test_case(corpus_run: Result, item: Case):
     if item.skipped:
