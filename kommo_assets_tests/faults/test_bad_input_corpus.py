@@ -371,7 +371,7 @@ DUPLICATE_N = next(_n)
 DUPLICATE_OLD = good_lead(DUPLICATE_N, name="old version", updated_at=CREATED)
 DUPLICATE_NEW = good_lead(DUPLICATE_N, name="new version", updated_at=CREATED + 86400)
 CASES.append(Case("duplicate_id_across_pages", "duplicates", "the same id on two pages (data moved) -> "
-                  "staged once (`duplicate` counted), the most recently updated version kept", DUPLICATE_N,
+                  "staged once, the most recently updated version kept", DUPLICATE_N,
                   DUPLICATE_NEW, good_contact(DUPLICATE_N), expect={"name": "new version"}))
 SAME_PAGE = case("duplicate_id_on_one_page", "duplicates", "the same lead twice in a row -> staged once "
                  "(`duplicate` counted)", expect={"name": "Corpus lead"})
