@@ -76,6 +76,23 @@ BEGIN
 END;
 $$;
 
+-- The run a step may work on: locked for this transaction; unknown or closed runs are refused.
+CREATE OR REPLACE FUNCTION lock_running_kommo_import_run(p_run_id uuid) RETURNS kommo_import_runs
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_run kommo_import_runs;
+BEGIN
+    SELECT * INTO v_run FROM kommo_import_runs WHERE id = p_run_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown Kommo import run %', p_run_id;
+    END IF;
+    IF v_run.status <> 'running' THEN
+        RAISE EXCEPTION 'Kommo import run % is %, not running: start a new run', p_run_id, v_run.status;
+    END IF;
+    RETURN v_run;
+END;
+$$;
+
 -- The drop guard: zero leads or contacts fails the run; a drop of more than max_drop_ratio against
 -- the last succeeded refresh marks it needs_review. Either way the swap will refuse it. A dry run that
 -- passes is closed as succeeded here.
@@ -93,13 +110,7 @@ DECLARE
     v_status text;
     v_reason text;
 BEGIN
-    SELECT * INTO v_run FROM kommo_import_runs WHERE id = p_run_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown Kommo import run %', p_run_id;
-    END IF;
-    IF v_run.status <> 'running' THEN
-        RAISE EXCEPTION 'Kommo import run % is %, not running', p_run_id, v_run.status;
-    END IF;
+    v_run := lock_running_kommo_import_run(p_run_id);
 
     SELECT count(*) INTO v_leads FROM stg_kommo_leads WHERE run_id = p_run_id;
     SELECT count(*) INTO v_contacts FROM stg_kommo_contacts WHERE run_id = p_run_id;

@@ -37,13 +37,7 @@ BEGIN
     -- One swap at a time, across processes and hosts; released at commit or rollback.
     PERFORM pg_advisory_xact_lock(90902);
 
-    SELECT * INTO v_run FROM kommo_import_runs WHERE id = p_run_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown Kommo import run %', p_run_id;
-    END IF;
-    IF v_run.status <> 'running' THEN
-        RAISE EXCEPTION 'Kommo import run % is %, not running: start a new run', p_run_id, v_run.status;
-    END IF;
+    v_run := lock_running_kommo_import_run(p_run_id);
     IF v_run.dry_run THEN
         RAISE EXCEPTION 'Kommo import run % is a dry run and never swaps', p_run_id;
     END IF;
