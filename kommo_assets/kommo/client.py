@@ -128,12 +128,15 @@ class _RawPage:
     ends_range: bool
 
 
-_SKIPPED: Any = object()  # _get: the request was not sent (should_send said no at its slot)
-
 # A snapshot stream pages leads with about this many pages in flight (at 400 ms a page and 6.8 requests/s
 # that is their share of the pace) and keeps this many full contact batches in reserve for the end.
 LEAD_PAGES_IN_FLIGHT = 2
 RESERVE_BATCHES = 2
+# Leads are read as this many keyset chains at once (one more than the pages they keep in flight, so a
+# chain whose answer is being processed leaves none idle); a chain that is finished takes half of what
+# the longest one has left when that is at least this many pages.
+LEAD_CHAINS = LEAD_PAGES_IN_FLIGHT + 1
+SPLIT_MIN_PAGES = 4
 
 
 class KommoClient:
@@ -302,7 +305,7 @@ class KommoClient:
                 f"empty window: created_to {created_to} is not after created_from {created_from}"
             )
         excluded = frozenset(int(status) for status in exclude_status_ids)
-        return _LeadPaging(self, from_ts, to_ts, excluded)
+        return _LeadPaging(self, from_ts, to_ts, excluded, chains=min(LEAD_CHAINS, self.max_in_flight))
 
     # --- contacts ---------------------------------------------------------------------------------
 
@@ -536,12 +539,8 @@ class KommoClient:
         page: int | None = None,
         cancel: threading.Event | None = None,
         none_on_404: bool = False,
-        should_send: Callable[[], bool] | None = None,
     ) -> Any:
         """GETs ``path`` with retries; returns the decoded JSON object, or None for 204 (no content).
-
-        ``should_send`` is asked at each attempt's slot, right before the write: when it says no, the
-        slot is given back and ``_SKIPPED`` returned (nothing was sent or counted).
 
         Exceptions are raised outside every ``except`` block, so no requests exception (whose request
         object holds the Authorization header) ends up in ``__cause__`` or ``__context__``.
@@ -555,10 +554,9 @@ class KommoClient:
         for attempt in range(1, attempts + 1):
             if self._closed.is_set() or stop.is_set():
                 raise _Cancelled()
-            slot = _Slot(self._pacer, stop, should_send)
+            slot = _Slot(self._pacer, stop)
             response: requests.Response | None = None
             failure = ""
-            skipped = False
             try:
                 if self._paced_on_write:
                     # The connection takes the slot right before it writes (see _SignallingHTTPConnection).
@@ -573,16 +571,12 @@ class KommoClient:
                     _send_slot.current = None
                     slot.sent()  # no-op if the write already stamped it
                 content = response.content
-            except _Skipped:
-                skipped = True
             except requests.Timeout:
                 failure = f"no response within {self.timeout:g} s"
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
                 failure = f"the connection failed or was cut off: {_describe(exc, self._token)}"
             except requests.RequestException as exc:
                 failure = f"the request failed: {_describe(exc, self._token)}"
-            if skipped:
-                return _SKIPPED
             if response is not None and not slot.granted:
                 # The request went out through a connection that did not take a slot (a proxy type
                 # not wired for it): one request was unpaced; from now on slots come before requests.
@@ -693,92 +687,225 @@ class _Task:
     run: Callable[[Any, threading.Event], Any]
 
 
+@dataclass
+class _Slice:
+    """One time slice of the window, ``start <= created_at < end``, read as a chain of keyset requests."""
+
+    start: int
+    end: int  # exclusive; lowered when the slice is split (see _LeadPaging.take)
+    cursor: int  # inclusive lower bound of the next request
+    seen_at_cursor: dict[int, float] = field(default_factory=dict)  # id -> updated_at, leads at the cursor
+    second_page: int = 0  # > 0 while one second holds more leads than a page: offset paging inside it
+    busy: bool = False
+    done: bool = False
+    requests: int = 0
+    received: int = 0  # leads listed in [start, cursor): the slice's density, for splitting
+    last_full: bool = False  # the previous answer was a full page
+
+
+@dataclass(frozen=True, eq=False)
+class _LeadRequest:
+    slice: _Slice
+    number: int  # the request's number in the export (LeadPage.page, messages)
+    params: list[tuple[str, str]]
+    created_from: int
+    created_to: int  # inclusive
+    first: bool  # the slice's first request
+    after_full: bool  # the slice's previous answer was a full page
+    in_second: bool  # offset paging inside one second
+
+
 class _LeadPaging:
-    """The pages of one lead window: which page to fetch next, when the range has ended, filtering.
+    """The leads of one window, read in time slices by keyset paging.
 
-    ``take``, ``on_result`` and ``on_processed`` run on the consumer's thread; ``fetch`` and
-    ``should_send`` on the pool's threads (the end of the range is shared under a lock)."""
+    Offset paging (``page=N``) loses a lead whenever the list shifts while it is read: a lead deleted on
+    an earlier page moves every later one up, and the one crossing a page boundary is never listed (with
+    pages fetched concurrently, an insertion does the same). So each slice of the window is read as a
+    chain of requests ``filter[created_at][from]=<cursor>`` ordered by ``created_at``, the cursor moving
+    to the last ``created_at`` listed: a lead that exists from the start to the end of the export is
+    listed whatever else is deleted, restored or added meanwhile. The cursor is inclusive (leads share
+    seconds), so the leads of the cursor's second come again at the top of the next page; they are passed
+    on only when Kommo sends a newer version. A second holding a full page of leads is read by offset
+    paging inside that second alone (``order[id]``), then the cursor moves past it.
 
-    def __init__(self, client: KommoClient, from_ts: int, to_ts: int, excluded: frozenset[int]) -> None:
+    The window starts as ``chains`` equal slices read concurrently, one request in flight each, within
+    the shared pace. When a slice is finished while another still has several pages to go, the longer
+    one is cut in two at the middle of what it has left (leads it had already asked for beyond the cut
+    are dropped from its answer: the new slice lists them), so uneven data does not leave one chain
+    paging alone at the end.
+
+    After a full page the next answer cannot be empty (it starts with the leads of the cursor's second),
+    unless those leads were deleted in between: an empty answer there, twice, fails the export with a
+    clear message instead of leaving a silent hole. A 204 on a slice's first request is asked once more.
+    A server that answers outside the requested range or out of order makes keyset paging unsafe: that
+    is a :class:`KommoResponseError` too.
+
+    ``take``, ``on_result`` and ``on_processed`` run on the consumer's thread, ``fetch`` on the pool's:
+    it only reads the request ``take`` built."""
+
+    def __init__(self, client: KommoClient, from_ts: int, to_ts: int, excluded: frozenset[int],
+                 chains: int) -> None:
         self.client = client
         self.from_ts = from_ts
         self.to_ts = to_ts
         self.excluded = excluded
         self.limit = client.page_size
-        self.base_params = [
-            ("limit", str(self.limit)),
-            ("with", "contacts,catalog_elements"),
-            ("filter[created_at][from]", str(from_ts)),
-            ("filter[created_at][to]", str(to_ts - 1)),
-            ("order[id]", "asc"),
-        ]
-        self._lock = threading.Lock()
-        self._end_pages: set[int] = set()  # pages that signalled the end (short, empty or 204)
-        self.end: int | None = None  # the first page that ended the range, once believed
-        self._next = 1
-        self.in_flight = 0
+        self.chains = max(1, min(chains, to_ts - from_ts))
+        edges = [from_ts + (to_ts - from_ts) * k // self.chains for k in range(self.chains + 1)]
+        self.slices = [_Slice(edges[k], edges[k + 1], edges[k]) for k in range(self.chains)]
+        self._numbers = itertools.count(1)
+        self.splits = 0
         self.unprocessed = 0
 
-    def take(self) -> int | None:
-        if self.end is not None:
-            return None
-        page, self._next = self._next, self._next + 1
-        self.in_flight += 1
-        return page
+    @property
+    def paging(self) -> bool:
+        """Some slice has pages left to ask for."""
+        return any(not s.done for s in self.slices)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for s in self.slices if s.busy)
 
     def done(self) -> bool:
-        """The range has ended and every page was fetched and processed by the caller."""
-        return self.end is not None and self.in_flight == 0 and self.unprocessed == 0
+        """Every slice was read and every page processed by the caller."""
+        return not self.paging and self.unprocessed == 0
 
-    def _get_page(self, page: int, cancel: threading.Event) -> _RawPage | None:
-        params = [*self.base_params, ("page", str(page))]
-        body = self.client._get(
-            LEADS_PATH, params, page=page, cancel=cancel, should_send=lambda: self._wanted(page)
-        )
-        if body is _SKIPPED:
+    def take(self) -> _LeadRequest | None:
+        idle = [s for s in self.slices if not s.busy and not s.done]
+        if not idle:
+            split = self._split()
+            if split is None:
+                return None
+            idle = [split]
+        s = min(idle, key=lambda x: (x.requests, x.start))  # keeps the chains level
+        s.busy = True
+        params = [("limit", str(self.limit)), ("with", "contacts,catalog_elements"),
+                  ("filter[created_at][from]", str(s.cursor))]
+        if s.second_page:
+            params += [("filter[created_at][to]", str(s.cursor)), ("order[id]", "asc"),
+                       ("page", str(s.second_page))]
+            created_to = s.cursor
+        else:
+            params += [("filter[created_at][to]", str(s.end - 1)), ("order[created_at]", "asc"), ("page", "1")]
+            created_to = s.end - 1
+        return _LeadRequest(s, next(self._numbers), params, s.cursor, created_to, first=s.requests == 0,
+                            after_full=s.last_full, in_second=bool(s.second_page))
+
+    def _split(self) -> _Slice | None:
+        """A new slice cut from the one with the most pages left, when fewer than ``chains`` are left and
+        that one has at least SPLIT_MIN_PAGES left by the density it has shown so far."""
+        active = [s for s in self.slices if not s.done]
+        if not active or len(active) >= self.chains:
             return None
+
+        def pages_left(s: _Slice) -> float:
+            if s.second_page or s.received == 0 or s.cursor <= s.start:
+                return 0.0
+            return s.received / (s.cursor - s.start) * (s.end - s.cursor) / self.limit
+
+        longest = max(active, key=pages_left)
+        if pages_left(longest) < SPLIT_MIN_PAGES or longest.end - longest.cursor < 2:
+            return None
+        middle = (longest.cursor + longest.end) // 2
+        cut = _Slice(middle, longest.end, middle)
+        longest.end = middle
+        self.slices.append(cut)
+        self.splits += 1
+        return cut
+
+    def fetch(self, request: _LeadRequest, cancel: threading.Event) -> tuple[_LeadRequest, _RawPage]:
+        client = self.client
+        body = client._get(LEADS_PATH, request.params, page=request.number, cancel=cancel)
+        if body is None and (request.first or request.after_full):
+            # A spurious 204 (a proxy, a hiccup) must not silently cut a slice short: it is asked once more.
+            logger.info("Kommo sent no leads on GET %s (request %d); asking once more", LEADS_PATH,
+                        request.number)
+            body = client._get(LEADS_PATH, request.params, page=request.number, cancel=cancel)
+            if body is None and request.after_full and not request.in_second:
+                raise KommoResponseError(
+                    f"Kommo listed no leads created from {_iso(request.created_from)} on GET {LEADS_PATH} "
+                    "(twice), although the page before ended with leads created then: the listing is "
+                    "inconsistent (leads deleted at that moment, or an API fault), and the export cannot "
+                    "tell whether leads are missing. Nothing was changed; run the refresh again.",
+                    method="GET", path=LEADS_PATH, page=request.number,
+                )
         if body is None:
-            return _RawPage(page, [], True)
-        return self.client._list_page(body, "leads", LEADS_PATH, page, self.limit)
+            return request, _RawPage(request.number, [], True)
+        return request, client._list_page(body, "leads", LEADS_PATH, request.number, self.limit)
 
-    def _wanted(self, page: int) -> bool:
-        end = self.end
-        return end is None or page <= end
-
-    def fetch(self, page: int, cancel: threading.Event) -> _RawPage:
-        raw = self._get_page(page, cancel)
-        if raw is None:  # past the end by the time its slot came: never sent
-            return _RawPage(page, [], False)
-        if raw.ends_range:
-            with self._lock:
-                first_end = not any(other < page for other in self._end_pages)
-                self._end_pages.add(page)
-            if not raw.items and first_end:
-                # An empty answer that would end the range where no earlier page did is asked once
-                # more: a spurious 204 (a proxy, a hiccup) must not silently cut the export short.
-                logger.info("Kommo sent no leads on GET %s page %d; asking once more", LEADS_PATH, page)
-                again = self._get_page(page, cancel)
-                raw = again if again is not None else raw
-                if raw.items and not raw.ends_range:
-                    with self._lock:
-                        self._end_pages.discard(page)
-            if raw.ends_range:
-                with self._lock:
-                    if self.end is None or page < self.end:
-                        self.end = page
-        return raw
-
-    def on_result(self, raw: _RawPage) -> LeadPage | None:
-        self.in_flight -= 1
-        if not raw.items:
+    def on_result(self, result: tuple[_LeadRequest, _RawPage]) -> LeadPage | None:
+        request, raw = result
+        s = request.slice
+        s.busy = False
+        s.requests += 1
+        full = not raw.ends_range
+        s.last_full = full
+        # The leads the request asked for, by the created_at Kommo ordered them by; anything else
+        # (unreadable or out-of-range created_at: bad data) goes on to the filter, which skips it.
+        in_range: list[tuple[int, int]] = []  # (position on the page, created_at)
+        for position, lead in enumerate(raw.items):
+            moment = extract_kommo_epoch(lead.get("created_at")) if isinstance(lead, dict) else None
+            if moment is not None and request.created_from <= moment.timestamp() <= request.created_to:
+                in_range.append((position, int(moment.timestamp())))
+        stamps = [ts for _, ts in in_range]
+        if any(later < earlier for earlier, later in itertools.pairwise(stamps)):
+            raise KommoResponseError(
+                f"Kommo answered GET {LEADS_PATH} (request {request.number}) with leads not in created_at "
+                "order although order[created_at]=asc was asked: the export cannot page safely. Check the "
+                "account's API version.",
+                method="GET", path=LEADS_PATH, page=request.number,
+            )
+        beyond = {position for position, ts in in_range if ts >= s.end}  # the slice was split meanwhile
+        previous = s.seen_at_cursor
+        if request.in_second:
+            if full:
+                s.second_page += 1
+            else:  # that crowded second is read: on to the next one
+                s.second_page, s.cursor, s.seen_at_cursor = 0, s.cursor + 1, {}
+                s.done = s.cursor >= s.end
+        elif not full or beyond:
+            s.done = True  # a short page, or one that reached past the (new) end of the slice
+        elif not stamps:
+            raise KommoResponseError(
+                f"Kommo answered GET {LEADS_PATH} (request {request.number}) with a full page of leads "
+                f"none of which was created in the requested range (from {_iso(request.created_from)}): it "
+                "ignores filter[created_at] and the export cannot page safely. Check the account's API version.",
+                method="GET", path=LEADS_PATH, page=request.number,
+            )
+        else:
+            last = stamps[-1]
+            if last == s.cursor:  # a whole page within one second: read that second by offset
+                s.second_page = 1
+                s.seen_at_cursor = dict(previous)
+            else:
+                s.cursor, s.seen_at_cursor = last, {}
+            for position, ts in in_range:
+                lead = raw.items[position]
+                if ts == s.cursor and (lead_id := positive_int(lead.get("id"))) is not None:
+                    s.seen_at_cursor[lead_id] = max(_updated_at(lead), s.seen_at_cursor.get(lead_id, float("-inf")))
+        # Leads of the previous cursor's second come again: only newer versions are passed on.
+        items = []
+        repeats = 0
+        for position, lead in enumerate(raw.items):
+            if position in beyond:
+                continue
+            lead_id = positive_int(lead.get("id")) if isinstance(lead, dict) else None
+            if lead_id is not None and lead_id in previous:
+                repeats += 1
+                if _updated_at(lead) <= previous[lead_id]:
+                    continue
+            items.append(lead)
+        listed = len(raw.items) - repeats - len(beyond)
+        s.received += listed
+        if not items:
             return None
         self.unprocessed += 1
-        return self._filter(raw)
+        return self._filter(_RawPage(raw.page, items, raw.ends_range), listed)
 
     def on_processed(self) -> None:
         self.unprocessed -= 1
 
-    def _filter(self, raw: _RawPage) -> LeadPage:
+    def _filter(self, raw: _RawPage, received: int) -> LeadPage:
         kept: dict[int, dict] = {}  # lead id -> lead, in page order
         skipped: dict[str, int] = {}
         from_ts, to_ts, excluded = self.from_ts, self.to_ts, self.excluded
@@ -806,7 +933,7 @@ class _LeadPaging:
                     kept[lead_id] = lead
             else:
                 kept[lead_id] = lead
-        return LeadPage(page=raw.page, leads=list(kept.values()), received=len(raw.items), skipped=skipped)
+        return LeadPage(page=raw.page, leads=list(kept.values()), received=received, skipped=skipped)
 
 
 def _updated_at(lead: dict) -> float:
@@ -909,16 +1036,16 @@ class _Plan:
             self.fields_in_flight += 1
             return _Task("field", self.fields.pop(0), self.client._fetch_field_options)
         leads, contacts = self.leads, self.contacts
-        if leads is not None and contacts is not None and leads.end is None:
+        if leads is not None and contacts is not None and leads.paging:
             return self._while_paging(leads, contacts)
         if self.contacts is not None:
             batch = self.contacts.take(partial=False)
             if batch is not None:
                 return _Task("contacts", batch, self.contacts.fetch)
         if self.leads is not None:
-            page = self.leads.take()
-            if page is not None:
-                return _Task("lead", page, self.leads.fetch)
+            request = self.leads.take()
+            if request is not None:
+                return _Task("lead", request, self.leads.fetch)
         if self.contacts is not None and self._leads_done():
             batch = self.contacts.take(partial=True)
             if batch is not None:
@@ -936,8 +1063,8 @@ class _Plan:
             batch = contacts.take(partial=False)
             if batch is not None:
                 return _Task("contacts", batch, contacts.fetch)
-        page = leads.take()
-        return None if page is None else _Task("lead", page, leads.fetch)
+        request = leads.take()
+        return None if request is None else _Task("lead", request, leads.fetch)
 
     def on_result(self, task: _Task, result: Any) -> Any:
         if task.kind == "lead":
@@ -1007,31 +1134,22 @@ def _write_pacing_possible(session: requests.Session, base_url: str) -> bool:
     return proxy is None or urllib.parse.urlsplit(proxy).scheme.lower() in ("http", "https")
 
 
-class _Skipped(Exception):  # noqa: N818 - a signal, not an error
-    """The request was not sent: its ``should_send`` said no at its slot."""
-
-
 class _Slot:
     """One attempt's pacer slot: taken right before the write, stamped once the request is written."""
 
-    __slots__ = ("_cancel", "_pacer", "_should_send", "granted", "granted_at", "_held")
+    __slots__ = ("_cancel", "_pacer", "granted", "granted_at", "_held")
 
-    def __init__(self, pacer: Pacer, cancel: threading.Event, should_send: Callable[[], bool] | None) -> None:
+    def __init__(self, pacer: Pacer, cancel: threading.Event) -> None:
         self._pacer = pacer
         self._cancel = cancel
-        self._should_send = should_send
         self.granted = False
         self.granted_at: float | None = None
         self._held = False
 
     def take(self) -> None:
-        """Waits for the slot; raises _Cancelled if the attempt was abandoned, _Skipped if it is no
-        longer wanted (the slot goes back unused)."""
+        """Waits for the slot; raises _Cancelled if the attempt was abandoned."""
         if not self._pacer.acquire(self._cancel, hold=True):
             raise _Cancelled()
-        if self._should_send is not None and not self._should_send():
-            self._pacer.give_back()
-            raise _Skipped()
         self.granted = True
         self.granted_at = time.monotonic()
         self._held = True
@@ -1209,3 +1327,7 @@ def _unexpected_status_error(
         hint = f"Kommo answered{detail}. Check KOMMO_BASE_URL and the request; this is not retried."
     message = redact(f"Unexpected HTTP {status} on {where}. {hint}", token)
     return KommoResponseError(message, method="GET", path=path, page=page, status=status)
+
+
+def _iso(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat()

@@ -37,7 +37,7 @@ class Pacer:
     same slot. ``acquire(hold=True)`` keeps the queue until ``release()``, called the moment the
     request has really been written; the send is stamped then (and with ``window = 1`` the next slot
     is ``1/rate`` after it), so a pause between grant and write (garbage collection, a busy GIL)
-    delays the next send instead of squeezing it. ``give_back()`` returns a held slot unused.
+    delays the next send instead of squeezing it.
 
     ``penalize(seconds)`` pushes every future slot back (after a 429, so all threads cool down,
     including one already waiting for its slot); ``slow_down()`` lowers the rate for a limit that turns
@@ -95,8 +95,8 @@ class Pacer:
 
         Returns True when the slot was granted, False when ``cancel`` was set while waiting (the caller
         should then give up without sending). With ``hold=True`` a granted caller must call
-        :meth:`release` once its request is on the wire (or has failed), or :meth:`give_back` when it
-        decides not to send; until then nobody else gets a slot.
+        :meth:`release` once its request is on the wire (or has failed); until then nobody else gets a
+        slot.
         """
         if cancel is None:
             self._turn.acquire()
@@ -141,15 +141,6 @@ class Pacer:
             self._sends.append(now)
             if self.window == 1 and (self._next_slot is None or self._next_slot < now + self.interval):
                 self._next_slot = now + self.interval
-        self._turn.release()
-
-    def give_back(self) -> None:
-        """Returns a held slot unused: nothing was sent, the schedule is as if it had not been granted."""
-        with self._state:
-            if self._held is not None:
-                planned, _granted = self._held
-                self._next_slot = planned
-                self._held = None
         self._turn.release()
 
     def slow_down(self, factor: float, *, floor: float, min_gap_s: float = 1.0) -> float:

@@ -215,17 +215,6 @@ def test_idle_time_is_not_banked_even_when_catching_up() -> None:
     assert fake.now - start == pytest.approx(0.2)
 
 
-def test_a_slot_given_back_is_the_next_one_granted() -> None:
-    fake = FakeTime()
-    pacer = Pacer(5.0, window=5, catch_up=0.5, clock=fake.clock, sleep=fake.sleep)
-    pacer.acquire()
-    assert pacer.acquire(hold=True)
-    granted = fake.now
-    pacer.give_back()  # nothing was sent with it
-    assert pacer.acquire()
-    assert fake.now == pytest.approx(granted)
-
-
 def test_recover_raises_the_rate_back_after_a_quiet_period() -> None:
     fake = FakeTime()
     pacer = Pacer(10.0, clock=fake.clock, sleep=fake.sleep)
