@@ -91,8 +91,10 @@ class ClientStats:
 class LeadPage:
     """One page of ``/api/v4/leads`` after client-side filtering.
 
-    ``leads`` are the raw API dicts that passed every filter; ``received`` is the raw count on the page
-    before filtering; ``skipped`` counts what was dropped, by reason: ``outside_window`` (created_at
+    ``leads`` are the raw API dicts that passed every filter; ``received`` is how many leads the page
+    listed before filtering, not counting those listed again from the page before (the leads of the
+    keyset cursor's second) or beyond its slice's end after a split; ``page`` numbers the lead requests
+    of the export in the order they were made. ``skipped`` counts what was dropped, by reason: ``outside_window`` (created_at
     not in [from, to)), ``excluded_status``, ``deleted`` (``is_deleted`` true), ``duplicate`` (the
     same lead twice on this page: the most recently updated copy is kept), ``invalid`` (not an object,
     no id, or no readable created_at).
@@ -151,8 +153,7 @@ class KommoClient:
     ``ceil(max_rps) + 1`` consecutive sends span at least ``ceil(max_rps)/max_rps`` seconds on the
     wire (at 6.8/s: never 8 sends within 1.03 s), even when the process pauses (GC, a busy GIL)
     between grant and write. A late send is made up by the next ones, within that rule, so pauses do
-    not add up to a slower pace. Lead pages fetched speculatively are dropped at their slot, unsent,
-    when an earlier page has meanwhile ended the range.
+    not add up to a slower pace.
 
     Retries (with exponential backoff and full jitter, at least 0.2x the cap; at most ``max_retries``
     retries after the first attempt, so ``max_retries + 1`` attempts): 408, 429, 500, 502, 503, 504,
@@ -274,23 +275,22 @@ class KommoClient:
     ) -> Iterator[LeadPage]:
         """Yields every page of leads created in the half-open window [created_from, created_to).
 
-        Naive datetimes are taken as UTC. The server-side filter is
-        ``filter[created_at][from]=<from>`` and ``[to]=<to - 1>`` (Kommo's range is inclusive, in
-        seconds), ``order[id]=asc``; since Kommo silently ignores filters it does not understand, each
-        lead is re-checked here (window, status not in ``exclude_status_ids``, not ``is_deleted``).
-        A lead repeated on one page is yielded once (its most recently updated copy). A lead that data
-        moving while paging puts on two pages is yielded with each: only the caller can keep the newer
-        copy (staging merges on the lead id and keeps the latest ``updated_at``), and remembering every
-        id yielded would make memory grow with the export.
+        Naive datetimes are taken as UTC. The window is read in time slices by keyset paging
+        (``filter[created_at][from]=<cursor>``, ``[to]=<slice end - 1>``, Kommo's range being inclusive
+        and in seconds, ``order[created_at]=asc``), up to ``LEAD_CHAINS`` slices at once, so a lead that
+        exists throughout the export is listed once whatever is deleted, restored or added meanwhile (see
+        :class:`_LeadPaging`). Since Kommo silently ignores filters it does not understand, each lead is
+        re-checked here (window, status not in ``exclude_status_ids``, not ``is_deleted``); a server that
+        ignores the range or the order is refused (:class:`KommoResponseError`), as keyset paging would
+        be unsafe. A lead repeated on one page is yielded once (its most recently updated copy); a lead
+        whose newer version Kommo lists again at the cursor is yielded again (the caller keeps the newer
+        copy: staging merges on the lead id).
 
-        Pages are fetched speculatively by up to ``max_in_flight`` threads and yielded **as they
-        complete, so not necessarily in page order**. Paging ends at a 204, an empty page, a page with
-        fewer items than the limit, or a page without ``_links.next``; pages past the end that are
-        still waiting for their slot are dropped unsent, those already sent come back empty and are
-        not yielded. At most about ``2 * max_in_flight`` pages are held in memory. Closing the iterator
-        early (``break``) cancels what is pending and joins the threads; a page that fails after
-        retries raises from the iterator. The window is checked at once (a ValueError when it is
-        empty); nothing is requested until the first ``next()``.
+        Pages are yielded **as they complete, so not in window order**. At most about
+        ``2 * max_in_flight`` pages are held in memory. Closing the iterator early (``break``) cancels
+        what is pending and joins the threads; a page that fails after retries raises from the iterator.
+        The window is checked at once (a ValueError when it is empty); nothing is requested until the
+        first ``next()``.
         """
         paging = self._lead_paging(created_from, created_to, exclude_status_ids)
         return self._fan_out(_Plan(leads=paging), "kommo-leads")
