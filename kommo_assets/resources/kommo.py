@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from kommo_assets.kommo.client import KommoClient
+from kommo_assets.kommo.client import DEFAULT_MAX_RPS, KommoClient
 
 
 class KommoResource(dg.ConfigurableResource):
@@ -10,7 +10,7 @@ class KommoResource(dg.ConfigurableResource):
 
     base_url: str
     access_token: str
-    max_rps: float = 6.8
+    max_rps: float = DEFAULT_MAX_RPS
     max_in_flight: int = 6
     timeout_seconds: float = 30.0
     max_retries: int = 6

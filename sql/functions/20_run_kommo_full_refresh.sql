@@ -5,7 +5,7 @@
 -- archived (sales_leads.archived_at); ids stay stable and unchanged rows are not written at all.
 -- The Zoho outbox triggers are suppressed for this transaction only. Any error rolls everything back.
 --
--- How it stays fast (docs/benchmark.md): each table is written by one statement that joins the snapshot
+-- How it stays fast (README, "Benchmark"): each table is written by one statement that joins the snapshot
 -- with production once, then updates the rows that differ and inserts the rows that are missing. An
 -- unchanged row is only read: not rewritten, and not even locked (INSERT ... ON CONFLICT DO UPDATE
 -- would lock every conflicting row, i.e. write every page of the table, on a re-run that changes

@@ -12,6 +12,8 @@ DECLARE
     v_bookings jsonb;
     v_leads jsonb;
     v_clients jsonb;
+    v_clients_add bigint[];
+    v_clients_update bigint[];
     v_vehicles jsonb;
     v_samples jsonb;
     v_warnings jsonb;
@@ -91,19 +93,19 @@ BEGIN
       LEFT JOIN sales_leads sl ON sl.lead_code = s.code
       LEFT JOIN clients oc ON oc.id = sl.client_id;
 
-    -- Staged contacts beside their clients, once for the counts and the samples.
-    DROP TABLE IF EXISTS pg_temp.kommo_preview_clients;
-    CREATE TEMP TABLE kommo_preview_clients ON COMMIT DROP AS
-    SELECT c.contact_id, cl.id IS NULL AS is_new,
-           cl.id IS NOT NULL AND (cl.name, cl.phone, cl.email) IS DISTINCT FROM (c.name, c.phone, c.email) AS differs,
-           c.name, c.phone, c.email, cl.name AS old_name, cl.phone AS old_phone, cl.email AS old_email
+    -- Staged contacts beside their clients: counts, and the ids of the first few of each kind, in one
+    -- pass over the run's contacts (the samples' details are then looked up for those ids only).
+    SELECT jsonb_build_object('add', count(*) FILTER (WHERE cl.id IS NULL),
+                              'update', count(*) FILTER (WHERE cl.id IS NOT NULL AND (cl.name, cl.phone, cl.email)
+                                                                 IS DISTINCT FROM (c.name, c.phone, c.email))),
+           (array_agg(c.contact_id ORDER BY c.contact_id) FILTER (WHERE cl.id IS NULL))[1:p_sample],
+           (array_agg(c.contact_id ORDER BY c.contact_id) FILTER (
+                WHERE cl.id IS NOT NULL
+                  AND (cl.name, cl.phone, cl.email) IS DISTINCT FROM (c.name, c.phone, c.email)))[1:p_sample]
+      INTO v_clients, v_clients_add, v_clients_update
       FROM stg_kommo_contacts c
       LEFT JOIN clients cl ON cl.kommo_contact_id = c.contact_id
      WHERE c.run_id = p_run_id;
-
-    SELECT jsonb_build_object('add', count(*) FILTER (WHERE is_new), 'update', count(*) FILTER (WHERE differs))
-      INTO v_clients
-      FROM kommo_preview_clients;
 
     SELECT jsonb_build_object('create', count(DISTINCT s.vehicle_enum_id))
       INTO v_vehicles
@@ -152,12 +154,16 @@ BEGIN
         'bookings_deactivate', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
             SELECT code, status, start_at, end_at FROM kommo_preview_deactivate ORDER BY code LIMIT p_sample) x),
         'clients_add', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
-            SELECT contact_id, name FROM kommo_preview_clients WHERE is_new ORDER BY contact_id LIMIT p_sample) x),
+            SELECT c.contact_id, c.name FROM stg_kommo_contacts c
+             WHERE c.run_id = p_run_id AND c.contact_id = ANY (v_clients_add)
+             ORDER BY c.contact_id) x),
         'clients_update', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
-            SELECT contact_id,
-                   jsonb_build_object('name', old_name, 'phone', old_phone, 'email', old_email) AS before,
-                   jsonb_build_object('name', name, 'phone', phone, 'email', email) AS after
-              FROM kommo_preview_clients WHERE differs ORDER BY contact_id LIMIT p_sample) x),
+            SELECT c.contact_id,
+                   jsonb_build_object('name', cl.name, 'phone', cl.phone, 'email', cl.email) AS before,
+                   jsonb_build_object('name', c.name, 'phone', c.phone, 'email', c.email) AS after
+              FROM stg_kommo_contacts c JOIN clients cl ON cl.kommo_contact_id = c.contact_id
+             WHERE c.run_id = p_run_id AND c.contact_id = ANY (v_clients_update)
+             ORDER BY c.contact_id) x),
         'vehicles_create', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
             SELECT DISTINCT s.vehicle_enum_id AS kommo_vehicle_id, s.vehicle_name AS name
               FROM kommo_preview_snapshot s
@@ -166,7 +172,7 @@ BEGIN
              ORDER BY 1 LIMIT p_sample) x)
     );
 
-    DROP TABLE kommo_preview_snapshot, kommo_preview_bookings, kommo_preview_deactivate, kommo_preview_clients;
+    DROP TABLE kommo_preview_snapshot, kommo_preview_bookings, kommo_preview_deactivate;
     RETURN jsonb_build_object('bookings', v_bookings, 'sales_leads', v_leads, 'clients', v_clients,
                               'vehicles', v_vehicles, 'warnings', v_warnings, 'samples', v_samples);
 END;
