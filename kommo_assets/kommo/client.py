@@ -814,14 +814,13 @@ class _LeadPaging:
         return cut
 
     def fetch(self, request: _LeadRequest, cancel: threading.Event) -> tuple[_LeadRequest, _RawPage]:
-        client = self.client
-        body = client._get(LEADS_PATH, request.params, page=request.number, cancel=cancel)
-        if body is None and (request.first or request.after_full):
+        raw = self._ask(request, cancel)
+        if raw is None and (request.first or request.after_full):
             # A spurious 204 (a proxy, a hiccup) must not silently cut a slice short: it is asked once more.
             logger.info("Kommo sent no leads on GET %s (request %d); asking once more", LEADS_PATH,
                         request.number)
-            body = client._get(LEADS_PATH, request.params, page=request.number, cancel=cancel)
-            if body is None and request.after_full and not request.in_second:
+            raw = self._ask(request, cancel)
+            if raw is None and request.after_full and not request.in_second:
                 raise KommoResponseError(
                     f"Kommo listed no leads created from {_iso(request.created_from)} on GET {LEADS_PATH} "
                     "(twice), although the page before ended with leads created then: the listing is "
@@ -829,9 +828,15 @@ class _LeadPaging:
                     "tell whether leads are missing. Nothing was changed; run the refresh again.",
                     method="GET", path=LEADS_PATH, page=request.number,
                 )
+        return request, raw if raw is not None else _RawPage(request.number, [], True)
+
+    def _ask(self, request: _LeadRequest, cancel: threading.Event) -> _RawPage | None:
+        """One answer to the request; None when it lists no leads (a 204 or an empty list)."""
+        body = self.client._get(LEADS_PATH, request.params, page=request.number, cancel=cancel)
         if body is None:
-            return request, _RawPage(request.number, [], True)
-        return request, client._list_page(body, "leads", LEADS_PATH, request.number, self.limit)
+            return None
+        raw = self.client._list_page(body, "leads", LEADS_PATH, request.number, self.limit)
+        return raw if raw.items else None
 
     def on_result(self, result: tuple[_LeadRequest, _RawPage]) -> LeadPage | None:
         request, raw = result

@@ -192,10 +192,17 @@ def test_a_spurious_204_does_not_cut_the_export_short(sim: KommoSimulator, after
     assert [rule["fired"] for rule in sim.faults()] == [1]
 
 
-def test_an_empty_answer_after_a_full_page_fails_the_export_instead_of_leaving_a_hole(sim: KommoSimulator) -> None:
-    # The fifth request continues a slice whose page was full: it cannot be empty, so two 204s there
-    # mean the listing is inconsistent.
-    sim.add_fault(kind="empty", path=LEADS, after=4, times=-1)
+EMPTY_LIST = {"kind": "status", "status": 200, "content_type": "application/hal+json",
+              "body": json.dumps({"_page": 1, "_links": {}, "_embedded": {"leads": []}})}
+
+
+@pytest.mark.parametrize("empty", [{"kind": "empty"}, EMPTY_LIST], ids=["204", "empty-list"])
+def test_an_empty_answer_after_a_full_page_fails_the_export_instead_of_leaving_a_hole(
+    sim: KommoSimulator, empty: dict
+) -> None:
+    # The fifth request continues a slice whose page was full: it cannot be empty, so two empty answers
+    # there (a 204, or a 200 listing nothing) mean the listing is inconsistent.
+    sim.add_fault(path=LEADS, after=4, times=-1, **empty)
     with fast_client(sim, max_in_flight=1) as client, pytest.raises(KommoResponseError) as caught:
         collect(client)
     assert "the listing is inconsistent" in str(caught.value) and "run the refresh again" in str(caught.value)
