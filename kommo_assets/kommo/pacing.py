@@ -73,7 +73,6 @@ class Pacer:
         self._next_slot: float | None = None  # the schedule: when the next slot is planned
         self._not_before: float | None = None  # a penalty: no slot before this
         self._sends: deque[float] = deque(maxlen=self.window)  # stamps of the latest sends
-        self._held: tuple[float | None, float] | None = None  # (schedule before, grant time) of a held slot
         self._slowed_at: float | None = None
         self._recovered_at: float | None = None
 
@@ -121,9 +120,7 @@ class Pacer:
                             self._next_slot = now + self.interval
                         else:
                             self._next_slot = max(planned + self.interval, earliest)
-                        if hold:
-                            self._held = (planned, now)
-                        else:
+                        if not hold:  # a held slot is stamped by release(), once written
                             self._sends.append(now)
                         granted = True
                         return True
@@ -137,7 +134,6 @@ class Pacer:
         """Ends a held slot (see ``acquire(hold=True)``): the send is stamped now."""
         with self._state:
             now = self._clock()
-            self._held = None
             self._sends.append(now)
             if self.window == 1 and (self._next_slot is None or self._next_slot < now + self.interval):
                 self._next_slot = now + self.interval
