@@ -43,7 +43,8 @@ HEARTBEAT_EVERY_S = 5.0
 STREAMING_SWITCH_INTERVAL_S = 0.0005
 
 # Staging tables fed through COPY into a temporary table, then merged with ON CONFLICT: COPY cannot skip
-# the duplicates that page shifts produce, and a lead seen twice keeps its most recently updated version.
+# the duplicates that data moving while paging produces (a newer version listed again), and a lead seen
+# twice keeps its most recently updated version.
 # tmp_stg_contact_ids holds the run's main-contact ids seen so far, so each page yields the ids that are
 # new (to be fetched) without the process remembering them all.
 _PREPARE = """
