@@ -1059,11 +1059,10 @@ class _Plan:
         return None
 
     def _while_paging(self, leads: _LeadPaging, contacts: _ContactBatching) -> _Task | None:
-        """While the end of the leads is unknown: a couple of lead pages in flight keep paging at its
-        share of the pace, contact batches take the other slots, and a few full batches are kept in
-        reserve. When the last lead page is in flight, the slots until its answer then go to those
-        batches instead of to pages past the end, and no slot idles while the last page's contacts
-        are being found. The reserve is bounded, so memory stays flat."""
+        """While leads are being paged: a couple of lead requests in flight keep paging at their share of
+        the pace, contact batches take the other slots, and a few full batches are kept in reserve, so
+        that when the last slices are waiting for their answers, no slot idles while their contacts are
+        being found. The reserve is bounded, so memory stays flat."""
         ready = contacts.ready()
         if ready > RESERVE_BATCHES or (ready and leads.in_flight >= LEAD_PAGES_IN_FLIGHT):
             batch = contacts.take(partial=False)
