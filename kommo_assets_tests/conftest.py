@@ -24,7 +24,7 @@ def pg_server():
         yield None
         return
     root = Path(tempfile.mkdtemp(prefix="kommo-test-pg-"))
-    server = LocalPostgres(root / "data")
+    server = LocalPostgres(root / "data", durable=False)  # throwaway: no fsync
     server.start()
     yield server
     server.stop("immediate")

@@ -49,11 +49,16 @@ def free_port() -> int:
 
 
 class LocalPostgres:
-    """One server in ``data_dir`` on 127.0.0.1; ``start()`` reuses a server already running there."""
+    """One server in ``data_dir`` on 127.0.0.1; ``start()`` reuses a server already running there.
 
-    def __init__(self, data_dir: Path, *, port: int | None = None):
+    Durable by default, as a production server is (the dev environment and the benchmark run on it);
+    ``durable=False`` turns off fsync, synchronous commit and full-page writes, for a throwaway server
+    whose data may be lost or corrupted by an OS crash (the test suite's)."""
+
+    def __init__(self, data_dir: Path, *, port: int | None = None, durable: bool = True):
         self.data_dir = Path(data_dir).resolve()
         self.port = port
+        self.durable = durable
         self.bindir = find_bindir()
         self._as_postgres = os.geteuid() == 0
 
@@ -107,12 +112,9 @@ class LocalPostgres:
                       "-E", "UTF8", "--locale=C.UTF-8")
         if self.port is None:
             self.port = free_port()
-        options = (
-            f"-p {self.port} -k {self.data_dir} -c listen_addresses=127.0.0.1 "
-            "-c max_connections=200 -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            if os.environ.get("KOMMO_LOCAL_PG_FAST", "1") == "1"
-            else f"-p {self.port} -k {self.data_dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
-        )
+        options = f"-p {self.port} -k {self.data_dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", str(self.data_dir), "-o", options, "-l", str(self.data_dir / "server.log"),
                   "-w", "-t", "60", "start")
         self._port_file.write_text(str(self.port))
