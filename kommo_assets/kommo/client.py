@@ -881,13 +881,17 @@ class _LeadPaging:
             last = stamps[-1]
             if last == s.cursor:  # a whole page within one second: read that second by offset
                 s.second_page = 1
-                s.seen_at_cursor = dict(previous)
             else:
                 s.cursor, s.seen_at_cursor = last, {}
+        if s.second_page or (full and not s.done):
+            # The slice goes on at its cursor: remember the leads listed there (a new dict: `previous`
+            # still filters this page), so the next answer passes them on only if newer.
+            seen = dict(s.seen_at_cursor)
             for position, ts in in_range:
                 lead = raw.items[position]
                 if ts == s.cursor and (lead_id := positive_int(lead.get("id"))) is not None:
-                    s.seen_at_cursor[lead_id] = max(_updated_at(lead), s.seen_at_cursor.get(lead_id, float("-inf")))
+                    seen[lead_id] = max(_updated_at(lead), seen.get(lead_id, float("-inf")))
+            s.seen_at_cursor = seen
         # Leads of the previous cursor's second come again: only newer versions are passed on.
         items = []
         repeats = 0
@@ -901,6 +905,15 @@ class _LeadPaging:
                     continue
             items.append(lead)
         listed = len(raw.items) - repeats - len(beyond)
+        if request.in_second and full and not listed and s.second_page > 2:
+            # Past the first page of a crowded second, a full page of leads already listed means Kommo
+            # ignores `page` here: paging on would never end.
+            raise KommoResponseError(
+                f"Kommo answered GET {LEADS_PATH} (request {request.number}) for page {s.second_page - 1} of the "
+                f"leads created at {_iso(request.created_from)} with leads it had listed already: it ignores "
+                "`page` and the export cannot page safely. Check the account's API version.",
+                method="GET", path=LEADS_PATH, page=request.number,
+            )
         s.received += listed
         if not items:
             return None

@@ -170,6 +170,19 @@ def test_a_whole_page_of_leads_created_in_one_second_is_read_by_offset_within_th
         assert_exactly([lead for page in pages for lead in page.leads], expected)
 
 
+def test_a_server_ignoring_page_inside_a_crowded_second_is_refused() -> None:
+    with KommoSimulator(SimulatorConfig(leads=300, seed=3, rate_limit_rps=None)) as simulator:
+        second = int(datetime(2025, 6, 1, tzinfo=UTC).timestamp())
+        crowd = [simulator.dataset.add_lead(second, status_id=79790634) for _ in range(600)]
+        first_page = {"_page": 1, "_links": {"next": {"href": f"{LEADS}?page=2"}},
+                      "_embedded": {"leads": simulator.dataset.leads(crowd[250:500], WITH)}}
+        simulator.add_fault(kind="status", path=LEADS, query={"order[id]": "asc"}, status=200, times=-1,
+                            body=json.dumps(first_page), content_type="application/hal+json")
+        with fast_client(simulator, max_in_flight=1) as client, pytest.raises(KommoResponseError) as caught:
+            collect(client)
+    assert "it ignores `page`" in str(caught.value)
+
+
 def test_leads_listed_again_at_the_cursor_are_passed_on_once() -> None:
     # One chain (max_in_flight=1) over 1000 leads: every page after the first starts with the lead the
     # page before ended with (the cursor is inclusive); that repeat is not passed on again.
