@@ -212,13 +212,10 @@ sys.exit(main())
 """
 
 
-SIMULATOR_MODE = ["?"]  # how the last simulator process was scheduled (printed with the figures)
-
-
 @contextmanager
 def _simulator(leads: int, rps: float, latency_ms: float, *, priority: bool = True):
     """The simulator in its own process (with priority: see SIMULATOR_BOOT; the memory sweep, which pushes
-    it as fast as it goes, runs it without); yields (base_url, control function)."""
+    it as fast as it goes, runs it without); yields (base_url, control function, how it was scheduled)."""
     env = dict(os.environ, KOMMO_BENCHMARK_SIMULATOR_PRIORITY="1" if priority else "0")
     proc = subprocess.Popen(
         [sys.executable, "-c", SIMULATOR_BOOT, "--leads", str(leads), "--port", "0", "--token", TOKEN,
@@ -233,14 +230,13 @@ def _simulator(leads: int, rps: float, latency_ms: float, *, priority: bool = Tr
         if "KOMMO_SIMULATOR_READY" not in line:
             raise RuntimeError(f"the simulator did not start: {line!r}")
         base_url = line.strip().split("base_url=", 1)[1]
-        SIMULATOR_MODE[0] = mode
 
         def control(path: str, method: str = "GET") -> dict:
             request = urllib.request.Request(base_url + path, method=method, data=b"{}" if method == "POST" else None)
             with urllib.request.urlopen(request, timeout=30) as response:
                 return json.loads(response.read() or b"{}")
 
-        yield base_url, control
+        yield base_url, control, mode
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -315,9 +311,9 @@ def _measure(args: argparse.Namespace) -> dict:
     server.start()
     report: dict = {"config": vars(args).copy(), "machine": _machine()}
     try:
-        with _simulator(args.generated, args.rps, args.latency_ms) as (base_url, control):
+        with _simulator(args.generated, args.rps, args.latency_ms) as (base_url, control, scheduling):
             url = _fresh_database(server, "bench_job")
-            report["simulator"] = SIMULATOR_MODE[0]
+            report["simulator"] = scheduling
             control("/_simulator/reset_stats", "POST")
             first = _run_worker("job", url, base_url, args.client_rps, args.max_in_flight)
             first["throttled_429"] = control("/_simulator/stats")["throttled_429"]
@@ -333,7 +329,7 @@ def _measure(args: argparse.Namespace) -> dict:
         if args.memory_sweep:
             report["memory"] = {}
             for size in args.memory_sizes:
-                with _simulator(generated_for(size), args.sweep_rps, 0, priority=False) as (base_url, _control):
+                with _simulator(generated_for(size), args.sweep_rps, 0, priority=False) as (base_url, _, _):
                     url = _fresh_database(server, f"bench_mem_{size}")
                     result = _run_worker("job", url, base_url, args.sweep_rps * 0.97, args.max_in_flight)
                     report["memory"][size] = result
