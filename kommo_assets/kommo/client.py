@@ -139,6 +139,8 @@ RESERVE_BATCHES = 2
 # the longest one has left when that is at least this many pages.
 LEAD_CHAINS = LEAD_PAGES_IN_FLIGHT + 1
 SPLIT_MIN_PAGES = 4
+# A second with more than a page of leads is read in passes until two agree; this many at most.
+MAX_SECOND_PASSES = 4
 
 
 class KommoClient:
@@ -696,6 +698,9 @@ class _Slice:
     cursor: int  # inclusive lower bound of the next request
     seen_at_cursor: dict[int, float] = field(default_factory=dict)  # id -> updated_at, leads at the cursor
     second_page: int = 0  # > 0 while one second holds more leads than a page: offset paging inside it
+    second_passes: int = 0  # passes over that second so far (see _LeadPaging)
+    pass_ids: set[int] = field(default_factory=set)  # ids of that second listed in the current pass
+    last_pass_ids: set[int] | None = None  # and in the pass before
     busy: bool = False
     done: bool = False
     requests: int = 0
@@ -710,7 +715,6 @@ class _LeadRequest:
     params: list[tuple[str, str]]
     created_from: int
     created_to: int  # inclusive
-    first: bool  # the slice's first request
     after_full: bool  # the slice's previous answer was a full page
     in_second: bool  # offset paging inside one second
 
@@ -726,7 +730,8 @@ class _LeadPaging:
     listed whatever else is deleted, restored or added meanwhile. The cursor is inclusive (leads share
     seconds), so the leads of the cursor's second come again at the top of the next page; they are passed
     on only when Kommo sends a newer version. A second holding a full page of leads is read by offset
-    paging inside that second alone (``order[id]``), then the cursor moves past it.
+    paging inside that second alone (``order[id]``), in passes until two agree (see ``_on_second_page``),
+    then the cursor moves past it.
 
     The window starts as ``chains`` equal slices read concurrently, one request in flight each, within
     the shared pace. When a slice is finished while another still has several pages to go, the longer
@@ -736,9 +741,9 @@ class _LeadPaging:
 
     After a full page the next answer cannot be empty (it starts with the leads of the cursor's second),
     unless those leads were deleted in between: an empty answer there, twice, fails the export with a
-    clear message instead of leaving a silent hole. A 204 on a slice's first request is asked once more.
-    A server that answers outside the requested range or out of order makes keyset paging unsafe: that
-    is a :class:`KommoResponseError` too.
+    clear message instead of leaving a silent hole. Any empty answer is asked once more before it is
+    believed. A server that answers outside the requested range or out of order, or ignores ``page``
+    inside a crowded second, makes paging unsafe: that is a :class:`KommoResponseError` too.
 
     ``take``, ``on_result`` and ``on_processed`` run on the consumer's thread, ``fetch`` on the pool's:
     it only reads the request ``take`` built."""
@@ -788,8 +793,8 @@ class _LeadPaging:
         else:
             params += [("filter[created_at][to]", str(s.end - 1)), ("order[created_at]", "asc"), ("page", "1")]
             created_to = s.end - 1
-        return _LeadRequest(s, next(self._numbers), params, s.cursor, created_to, first=s.requests == 0,
-                            after_full=s.last_full, in_second=bool(s.second_page))
+        return _LeadRequest(s, next(self._numbers), params, s.cursor, created_to, after_full=s.last_full,
+                            in_second=bool(s.second_page))
 
     def _split(self) -> _Slice | None:
         """A new slice cut from the one with the most pages left, when fewer than ``chains`` are left and
@@ -815,7 +820,7 @@ class _LeadPaging:
 
     def fetch(self, request: _LeadRequest, cancel: threading.Event) -> tuple[_LeadRequest, _RawPage]:
         raw = self._ask(request, cancel)
-        if raw is None and (request.first or request.after_full):
+        if raw is None:
             # A spurious 204 (a proxy, a hiccup) must not silently cut a slice short: it is asked once more.
             logger.info("Kommo sent no leads on GET %s (request %d); asking once more", LEADS_PATH,
                         request.number)
@@ -863,11 +868,7 @@ class _LeadPaging:
         beyond = {position for position, ts in in_range if ts >= s.end}  # the slice was split meanwhile
         previous = s.seen_at_cursor
         if request.in_second:
-            if full:
-                s.second_page += 1
-            else:  # that crowded second is read: on to the next one
-                s.second_page, s.cursor, s.seen_at_cursor = 0, s.cursor + 1, {}
-                s.done = s.cursor >= s.end
+            self._on_second_page(request, raw, s, [position for position, _ in in_range], full)
         elif not full or beyond:
             s.done = True  # a short page, or one that reached past the (new) end of the slice
         elif not stamps:
@@ -880,7 +881,7 @@ class _LeadPaging:
         else:
             last = stamps[-1]
             if last == s.cursor:  # a whole page within one second: read that second by offset
-                s.second_page = 1
+                s.second_page, s.second_passes, s.pass_ids, s.last_pass_ids = 1, 1, set(), None
             else:
                 s.cursor, s.seen_at_cursor = last, {}
         if s.second_page or (full and not s.done):
@@ -905,20 +906,49 @@ class _LeadPaging:
                     continue
             items.append(lead)
         listed = len(raw.items) - repeats - len(beyond)
-        if request.in_second and full and not listed and s.second_page > 2:
-            # Past the first page of a crowded second, a full page of leads already listed means Kommo
-            # ignores `page` here: paging on would never end.
-            raise KommoResponseError(
-                f"Kommo answered GET {LEADS_PATH} (request {request.number}) for page {s.second_page - 1} of the "
-                f"leads created at {_iso(request.created_from)} with leads it had listed already: it ignores "
-                "`page` and the export cannot page safely. Check the account's API version.",
-                method="GET", path=LEADS_PATH, page=request.number,
-            )
         s.received += listed
         if not items:
             return None
         self.unprocessed += 1
         return self._filter(_RawPage(raw.page, items, raw.ends_range), listed)
+
+    def _on_second_page(self, request: _LeadRequest, raw: _RawPage, s: _Slice, positions: list[int],
+                        full: bool) -> None:
+        """Moves a slice on after a page of offset paging inside one crowded second.
+
+        Offset pages shift when a lead of that second is deleted meanwhile, and the lead crossing a page
+        boundary is then not listed. So the second is read in passes, each from page 1 to a short page,
+        until two passes in a row list the same leads: a deletion during a pass removes a lead listed by
+        the pass before, so a pass that lost a lead can never equal the one before it. Leads already
+        passed on are not passed on again. Kommo does not say how it orders leads of one second
+        between the two kinds of request, so passes are compared with each other only."""
+        ids = {lead_id for position in positions if (lead_id := positive_int(raw.items[position].get("id")))}
+        if full and s.second_page > 1 and not ids - s.pass_ids:
+            # A full page listing nothing new within the pass: Kommo ignores `page` here, and paging on
+            # would never end.
+            raise KommoResponseError(
+                f"Kommo answered GET {LEADS_PATH} (request {request.number}) for page {s.second_page} of the "
+                f"leads created at {_iso(request.created_from)} with leads it had listed already: it ignores "
+                "`page` and the export cannot page safely. Check the account's API version.",
+                method="GET", path=LEADS_PATH, page=request.number,
+            )
+        s.pass_ids |= ids
+        if full:
+            s.second_page += 1
+        elif s.pass_ids == s.last_pass_ids:  # the second is read: on to the next one
+            s.second_page, s.cursor, s.seen_at_cursor = 0, s.cursor + 1, {}
+            s.pass_ids, s.last_pass_ids = set(), None
+            s.done = s.cursor >= s.end
+        elif s.second_passes >= MAX_SECOND_PASSES:
+            raise KommoResponseError(
+                f"The leads Kommo lists as created at {_iso(request.created_from)} changed during each of "
+                f"{MAX_SECOND_PASSES} passes over them (GET {LEADS_PATH}, request {request.number}): the export "
+                "cannot tell whether leads are missing. Nothing was changed; run the refresh again later.",
+                method="GET", path=LEADS_PATH, page=request.number,
+            )
+        else:  # read it again, and compare
+            s.second_page, s.second_passes = 1, s.second_passes + 1
+            s.pass_ids, s.last_pass_ids = set(), s.pass_ids
 
     def on_processed(self) -> None:
         self.unprocessed -= 1
