@@ -698,7 +698,7 @@ class _Slice:
     cursor: int  # inclusive lower bound of the next request
     seen_at_cursor: dict[int, float] = field(default_factory=dict)  # id -> updated_at, leads at the cursor
     second_page: int = 0  # > 0 while one second holds more leads than a page: offset paging inside it
-    second_passes: int = 0  # passes over that second so far (see _LeadPaging)
+    second_passes: int = 0  # passes over that second so far (see _LeadPaging._on_second_page)
     pass_ids: set[int] = field(default_factory=set)  # ids of that second listed in the current pass
     last_pass_ids: set[int] | None = None  # and in the pass before
     busy: bool = False
