@@ -1218,23 +1218,10 @@ class _SendSlot(threading.local):
 _send_slot = _SendSlot()
 
 
-class _SignallingHTTPConnection(urllib3.connection.HTTPConnection):
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        slot = _send_slot.current
-        if slot is None:
-            super().request(*args, **kwargs)
-            return
-        _send_slot.current = None
-        if self.sock is None:
-            self.connect()  # connect first: the slot covers the write only
-        slot.take()
-        try:
-            super().request(*args, **kwargs)
-        finally:
-            slot.sent()
+class _TakesSlotOnWrite:
+    """Mixin for a urllib3 connection: a request with a pending slot (``_send_slot``) connects first, then
+    takes the slot right before the write and stamps it once written; the slot covers the write only."""
 
-
-class _SignallingHTTPSConnection(urllib3.connection.HTTPSConnection):
     def request(self, *args: Any, **kwargs: Any) -> None:
         slot = _send_slot.current
         if slot is None:
@@ -1248,6 +1235,14 @@ class _SignallingHTTPSConnection(urllib3.connection.HTTPSConnection):
             super().request(*args, **kwargs)
         finally:
             slot.sent()
+
+
+class _SignallingHTTPConnection(_TakesSlotOnWrite, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _SignallingHTTPSConnection(_TakesSlotOnWrite, urllib3.connection.HTTPSConnection):
+    pass
 
 
 class _SignallingHTTPPool(urllib3.HTTPConnectionPool):
