@@ -852,9 +852,10 @@ class _LeadPaging:
         s.last_full = full
         # The leads the request asked for, by the created_at Kommo ordered them by; anything else
         # (unreadable or out-of-range created_at: bad data) goes on to the filter, which skips it.
+        moments = [extract_kommo_epoch(lead.get("created_at")) if isinstance(lead, dict) else None
+                   for lead in raw.items]
         in_range: list[tuple[int, int]] = []  # (position on the page, created_at)
-        for position, lead in enumerate(raw.items):
-            moment = extract_kommo_epoch(lead.get("created_at")) if isinstance(lead, dict) else None
+        for position, moment in enumerate(moments):
             if moment is not None and request.created_from <= moment.timestamp() <= request.created_to:
                 in_range.append((position, int(moment.timestamp())))
         stamps = [ts for _, ts in in_range]
@@ -904,13 +905,13 @@ class _LeadPaging:
                 repeats += 1
                 if _updated_at(lead) <= previous[lead_id]:
                     continue
-            items.append(lead)
+            items.append((lead, moments[position]))
         listed = len(raw.items) - repeats - len(beyond)
         s.received += listed
         if not items:
             return None
         self.unprocessed += 1
-        return self._filter(_RawPage(raw.page, items, raw.ends_range), listed)
+        return self._filter(raw.page, items, listed)
 
     def _on_second_page(self, request: _LeadRequest, raw: _RawPage, s: _Slice, positions: list[int],
                         full: bool) -> None:
@@ -953,7 +954,8 @@ class _LeadPaging:
     def on_processed(self) -> None:
         self.unprocessed -= 1
 
-    def _filter(self, raw: _RawPage, received: int) -> LeadPage:
+    def _filter(self, page: int, items: list[tuple[Any, datetime | None]], received: int) -> LeadPage:
+        """The page's leads that pass the client-side checks; ``items`` pairs each with its created_at."""
         kept: dict[int, dict] = {}  # lead id -> lead, in page order
         skipped: dict[str, int] = {}
         from_ts, to_ts, excluded = self.from_ts, self.to_ts, self.excluded
@@ -961,12 +963,11 @@ class _LeadPaging:
         def skip(reason: str) -> None:
             skipped[reason] = skipped.get(reason, 0) + 1
 
-        for lead in raw.items:
+        for lead, created in items:
             if not isinstance(lead, dict):
                 skip("invalid")
                 continue
             lead_id = positive_int(lead.get("id"))
-            created = extract_kommo_epoch(lead.get("created_at"))
             if lead_id is None or created is None:
                 skip("invalid")
             elif not from_ts <= created.timestamp() < to_ts:
@@ -981,7 +982,7 @@ class _LeadPaging:
                     kept[lead_id] = lead
             else:
                 kept[lead_id] = lead
-        return LeadPage(page=raw.page, leads=list(kept.values()), received=received, skipped=skipped)
+        return LeadPage(page=page, leads=list(kept.values()), received=received, skipped=skipped)
 
 
 def _updated_at(lead: dict) -> float:
