@@ -1,10 +1,12 @@
 """``run_kommo_full_refresh`` on hand-made staging rows: atomicity, refusals, history, vehicle links."""
 
+import time
 import uuid
 from datetime import UTC, datetime
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from kommo_assets.db import runs
 from kommo_assets_tests.helpers import fetch_all, fetch_one, production_checksum
@@ -146,3 +148,128 @@ def test_a_running_import_whose_owner_is_alive_is_never_closed(database_url):
                      (first,))
     stage_run(database_url, [(1, 900, 79790637, 11)])
     assert "abandoned" in runs.get_run(database_url, first)["error"]
+
+
+# --- foreign keys during a bulk load (sql/functions/17_kommo_bulk_load.sql) ------------------------------
+
+FOREIGN_KEYS = """
+    SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), convalidated,
+           obj_description(oid, 'pg_constraint')
+      FROM pg_constraint WHERE contype = 'f' ORDER BY 1, 2"""
+
+THREE_LEADS = ([(1, 900, 79790640, 12), (2, 901, 79790637, 13), (3, 902, 142, None)],
+               [(900, "Ana", "+2", None), (901, "Bo", None, None), (902, "Cy", None, None)])
+
+
+def set_database(url: str, **settings: str) -> None:
+    """``ALTER DATABASE ... SET kommo.<name>``: every later connection of the test (the swap's) has it."""
+    name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        for key, value in settings.items():
+            conn.execute(sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                sql.Identifier(name), sql.Identifier("kommo", key), sql.Literal(value)))
+
+
+def assert_keys_hold(url: str) -> None:
+    """The keys are back and enforced: a booking pointing at no client is refused."""
+    with psycopg.connect(url) as conn, pytest.raises(psycopg.errors.ForeignKeyViolation):
+        conn.execute("INSERT INTO bookings (channel, client_id) VALUES ('manual', gen_random_uuid())")
+
+
+def test_a_bulk_load_checks_the_foreign_keys_at_the_end_and_puts_them_back_as_they_were(database_url):
+    set_database(database_url, bulk_load_min_new_leads="3")
+    with psycopg.connect(database_url) as conn:
+        conn.execute("COMMENT ON CONSTRAINT bookings_vehicle_fk ON bookings IS 'the app''s own note'")
+    keys = fetch_all(database_url, FOREIGN_KEYS)
+    assert ("bookings", "bookings_vehicle_fk", "FOREIGN KEY (vehicle_id) REFERENCES vehicles(id)", True,
+            "the app's own note") in keys
+
+    counts = runs.swap(database_url, stage_run(database_url, *THREE_LEADS))
+    assert (counts["new_leads"], counts["foreign_key_checks"]) == (3, "bulk")
+    assert (counts["sales_leads_added"], counts["bookings_added"], counts["clients_added"]) == (3, 3, 3)
+    assert fetch_all(database_url, FOREIGN_KEYS) == keys
+    assert_keys_hold(database_url)
+
+    # the same rows as a swap that checks row by row
+    bulk = production_rows(database_url)
+    set_database(database_url, bulk_load_min_new_leads="1000")
+    with psycopg.connect(database_url) as conn:
+        conn.execute("TRUNCATE booking_vehicles, bookings, sales_leads, clients, vehicles, calendar_events")
+    counts = runs.swap(database_url, stage_run(database_url, *THREE_LEADS))
+    assert (counts["new_leads"], counts["foreign_key_checks"]) == (3, "per row")
+    assert production_rows(database_url) == bulk
+
+
+def production_rows(url: str) -> list[tuple]:
+    """The Kommo rows with their links resolved to Kommo ids (uuids differ between two loads)."""
+    return fetch_all(url, """
+        SELECT b.source_payload_id, b.status, c.kommo_contact_id, v.kommo_vehicle_id, sl.lead_code,
+               sl.stage_id, (SELECT array_agg(v2.kommo_vehicle_id) FROM booking_vehicles bv
+                               JOIN vehicles v2 ON v2.id = bv.vehicle_id WHERE bv.booking_id = b.id)
+          FROM sales_leads sl
+          LEFT JOIN bookings b ON b.sales_lead_id = sl.id
+          LEFT JOIN clients c ON c.id = sl.client_id
+          LEFT JOIN vehicles v ON v.id = b.vehicle_id
+         ORDER BY sl.lead_code""")
+
+
+def test_a_bulk_swap_that_fails_leaves_the_foreign_keys_and_production_as_they_were(database_url):
+    set_database(database_url, bulk_load_min_new_leads="1")
+    keys = fetch_all(database_url, FOREIGN_KEYS)
+    before = production_checksum(database_url)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("""
+            CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'boom'; END $$;
+            CREATE TRIGGER boom BEFORE INSERT ON booking_vehicles FOR EACH ROW EXECUTE FUNCTION boom();""")
+    run_id = stage_run(database_url, *THREE_LEADS)
+    with pytest.raises(psycopg.errors.RaiseException, match="boom"):
+        runs.swap(database_url, run_id)
+    assert fetch_all(database_url, FOREIGN_KEYS) == keys
+    assert production_checksum(database_url) == before
+    assert_keys_hold(database_url)
+
+
+def test_a_few_new_leads_are_checked_row_by_row(database_url):
+    thirty = [(i, 900, 79790637, 11) for i in range(1, 31)]
+    counts = runs.swap(database_url, stage_run(database_url, thirty))  # the default: 10,000 new leads
+    assert (counts["new_leads"], counts["foreign_key_checks"]) == (30, "per row")
+    set_database(database_url, bulk_load_min_new_leads="1")
+    # two new leads against thirty in the table: under a tenth of it
+    counts = runs.swap(database_url, stage_run(database_url, [*thirty, (31, 900, 142, None), (32, 900, 142, None)]))
+    assert (counts["new_leads"], counts["foreign_key_checks"]) == (2, "per row")
+    # four more against the 32 now in the table: over a tenth of it
+    counts = runs.swap(database_url, stage_run(database_url, [*thirty, *((i, 900, 142, None) for i in range(31, 37))]))
+    assert (counts["new_leads"], counts["foreign_key_checks"]) == (4, "bulk")
+
+
+def test_busy_tables_make_a_bulk_swap_check_row_by_row_instead_of_waiting(database_url):
+    set_database(database_url, bulk_load_min_new_leads="1", bulk_lock_timeout="100ms")
+    keys = fetch_all(database_url, FOREIGN_KEYS)
+    run_id = stage_run(database_url, *THREE_LEADS)
+    with psycopg.connect(database_url) as app:  # an app transaction that has read bookings and is still open
+        app.execute("SELECT count(*) FROM bookings")
+        started = time.monotonic()
+        counts = runs.swap(database_url, run_id)
+        assert time.monotonic() - started < 5
+    assert (counts["bookings_added"], counts["foreign_key_checks"]) == (3, "per row: the tables were busy")
+    assert fetch_all(database_url, FOREIGN_KEYS) == keys
+
+
+def test_a_role_that_does_not_own_the_tables_checks_row_by_row(database_url):
+    set_database(database_url, bulk_load_min_new_leads="1")
+    role = f"importer_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT ALL ON ALL TABLES IN SCHEMA public TO {0};"
+                             " GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {0}").format(sql.Identifier(role)))
+    run_id = stage_run(database_url, *THREE_LEADS)
+    try:
+        with psycopg.connect(database_url) as conn:
+            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+            counts = conn.execute("SELECT run_kommo_full_refresh(%s::uuid)", (run_id,)).fetchone()[0]
+        assert (counts["bookings_added"], counts["foreign_key_checks"]) == (
+            3, "per row: the role may not alter the tables")
+    finally:
+        with psycopg.connect(database_url) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(role)))

@@ -32,6 +32,10 @@ DECLARE
     v_links_removed bigint;
     v_links_added bigint;
     v_counts jsonb;
+    v_new_leads bigint;
+    v_keys_restore text[];
+    v_keys_refused text;
+    v_key_checks text := 'per row';
     v_stats_target text := current_setting('default_statistics_target');
 BEGIN
     -- One swap at a time, across processes and hosts; released at commit or rollback.
@@ -63,6 +67,18 @@ BEGIN
     PERFORM set_config('default_statistics_target', v_stats_target, true);
     SELECT count(*), count(*) FILTER (WHERE is_booking) INTO v_snapshot_leads, v_snapshot_bookings
       FROM kommo_snapshot;
+
+    -- A bulk load (many new leads, and many against the table) checks its foreign keys in one pass at
+    -- the end instead of row by row (17_kommo_bulk_load.sql). Decided before the first write, so the
+    -- locks it needs are taken before any other.
+    SELECT count(*) INTO v_new_leads
+      FROM kommo_snapshot s
+     WHERE NOT EXISTS (SELECT 1 FROM sales_leads t WHERE t.lead_code = s.code);
+    IF v_new_leads >= coalesce(nullif(current_setting('kommo.bulk_load_min_new_leads', true), '')::bigint, 10000)
+       AND v_new_leads * 10 >= (SELECT count(*) FROM sales_leads) THEN
+        SELECT k.restore, k.refused INTO v_keys_restore, v_keys_refused FROM kommo_suspend_foreign_keys() k;
+        v_key_checks := CASE WHEN v_keys_restore IS NULL THEN 'per row: ' || v_keys_refused ELSE 'bulk' END;
+    END IF;
 
     -- Vehicles the bookings need and production lacks; names from the field's enum options.
     WITH ins AS (
@@ -205,6 +221,10 @@ BEGIN
     SELECT (SELECT count(*) FROM del), (SELECT count(*) FROM promoted) + (SELECT count(*) FROM ins)
       INTO v_links_removed, v_links_added;
 
+    IF v_keys_restore IS NOT NULL THEN
+        PERFORM kommo_restore_foreign_keys(v_keys_restore);
+    END IF;
+
     v_counts := jsonb_build_object(
         'snapshot_leads', v_snapshot_leads,
         'snapshot_bookings', v_snapshot_bookings,
@@ -219,6 +239,8 @@ BEGIN
         'bookings_deactivated', v_bookings_deactivated,
         'booking_vehicles_removed', v_links_removed,
         'booking_vehicles_added', v_links_added,
+        'new_leads', v_new_leads,
+        'foreign_key_checks', v_key_checks,
         'swap_seconds', round(extract(epoch FROM clock_timestamp() - v_started)::numeric, 3)
     );
 
