@@ -1104,16 +1104,19 @@ class _Plan:
 
     def _while_paging(self, leads: _LeadPaging, contacts: _ContactBatching) -> _Task | None:
         """While leads are being paged: a couple of lead requests in flight keep paging at their share of
-        the pace, contact batches take the other slots, and a few full batches are kept in reserve, so
-        that when the last slices are waiting for their answers, no slot idles while their contacts are
-        being found. The reserve is bounded, so memory stays flat."""
+        the pace, and contact batches take the other slots. A few full batches are kept in reserve (a
+        bounded number, so memory stays flat) and spent whenever there is no lead request to make: then
+        the last slices are waiting for their answers, and a slot left idle would be lost."""
         ready = contacts.ready()
         if ready > RESERVE_BATCHES or (ready and leads.in_flight >= LEAD_PAGES_IN_FLIGHT):
             batch = contacts.take(partial=False)
             if batch is not None:
                 return _Task("contacts", batch, contacts.fetch)
         request = leads.take()
-        return None if request is None else _Task("lead", request, leads.fetch)
+        if request is not None:
+            return _Task("lead", request, leads.fetch)
+        batch = contacts.take(partial=False)
+        return None if batch is None else _Task("contacts", batch, contacts.fetch)
 
     def on_result(self, task: _Task, result: Any) -> Any:
         if task.kind == "lead":

@@ -37,6 +37,7 @@ from kommo_assets.kommo.client import (
     FieldOptions,
     LeadPage,
     _ceil_epoch,
+    _ContactBatching,
     _Plan,
     _retry_after,
 )
@@ -282,6 +283,23 @@ def test_a_slice_with_leads_left_is_split_for_a_chain_that_finished() -> None:
         assert_exactly([lead for page in pages for lead in page.leads], expected)
         assert paging.splits >= 2
         assert stats.requests <= -(-len(expected) // 250) * 1.05 + 2 * (LEAD_CHAINS + paging.splits)
+
+
+def test_the_contact_reserve_is_spent_while_the_last_slice_waits_for_its_answer(sim: KommoSimulator) -> None:
+    # The end of an export: two slices are read, the last one has a request in flight, and two full
+    # contact batches wait in reserve. Both go out now rather than after that answer: a slot left
+    # idle at the end is lost.
+    with fast_client(sim) as client:
+        paging = client._lead_paging(YEAR_FROM, YEAR_TO, {143})
+        first, second, last = paging.slices
+        first.done = second.done = True
+        last.busy = True
+        contacts = _ContactBatching(client, 250)
+        contacts.add(range(1, 2 * 250 + 1))
+        plan = _Plan(leads=paging, contacts=contacts)
+        tasks = [plan.next_task() for _ in range(3)]
+    assert [task.kind if task else None for task in tasks] == ["contacts", "contacts", None]
+    assert [len(task.arg) for task in tasks[:2]] == [250, 250]
 
 
 def test_an_empty_window_yields_nothing(sim: KommoSimulator) -> None:
