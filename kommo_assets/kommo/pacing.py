@@ -29,7 +29,7 @@ class Pacer:
       sooner than ``(1 - c)/rate`` after the previous grant. Idle time is never banked: after a pause
       the schedule restarts from the first new grant.
     * **the window**: any ``window + 1`` consecutive sends span at least ``window/rate`` seconds. With
-      ``window = 7`` and a rate of 6.8/s, no 8 sends ever fall within 1.03 s, so a server that allows
+      ``window = 7`` and a rate of 6.9/s, no 8 sends ever fall within 1.0145 s, so a server that allows
       7 requests in any sliding second never sees an 8th, even while the schedule catches up. A send
       is stamped when its request was written (see ``hold``), which makes the rule hold on the wire.
 
