@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from kommo_assets.kommo.client import DEFAULT_MAX_RPS
+
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 FALSE_VALUES = frozenset({"0", "false", "no", "off", ""})
 
@@ -149,3 +151,12 @@ def abandoned_grace_seconds(env: Mapping[str, str] | None = None) -> float:
     """``KOMMO_ABANDONED_GRACE_SECONDS`` (default 60): how long an import marked running may have no live
     owner (between two steps) before the next start closes it as abandoned."""
     return _positive_number("KOMMO_ABANDONED_GRACE_SECONDS", 60, env)
+
+
+def kommo_max_rps(env: Mapping[str, str] | None = None) -> float:
+    """``KOMMO_MAX_RPS`` (default 6.9): the Kommo client's pace, requests per second for all its threads
+    together, under Kommo's 7. Lower it for a wider margin against the network (see the README)."""
+    value = _positive_number("KOMMO_MAX_RPS", DEFAULT_MAX_RPS, env)
+    if value == 0:
+        raise ConfigError("KOMMO_MAX_RPS must be above 0, got '0'")
+    return value

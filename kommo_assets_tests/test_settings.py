@@ -1,6 +1,8 @@
 import pytest
 
-from kommo_assets.settings import ConfigError, parse_flag, require_live
+from kommo_assets.kommo.client import DEFAULT_MAX_RPS
+from kommo_assets.resources.kommo import KommoResource
+from kommo_assets.settings import ConfigError, kommo_max_rps, parse_flag, require_live
 
 
 @pytest.mark.parametrize("raw", ["1", "true", "TRUE", "yes", "on", " On "])
@@ -27,3 +29,21 @@ def test_live_off_refuses_with_the_reason():
     with pytest.raises(ConfigError, match="KOMMO_ENABLE_LIVE is off"):
         require_live({})
 
+
+
+def test_the_kommo_pace_defaults_to_the_client_default_and_is_read_when_a_run_starts(monkeypatch):
+    assert kommo_max_rps({}) == DEFAULT_MAX_RPS == 6.9
+    assert kommo_max_rps({"KOMMO_MAX_RPS": " 6.5 "}) == 6.5
+    resource = KommoResource(base_url="http://127.0.0.1:9", access_token="t")
+    monkeypatch.setenv("KOMMO_MAX_RPS", "6.8")
+    with resource.client() as client:
+        assert client.max_rps == 6.8
+    with KommoResource(base_url="http://127.0.0.1:9", access_token="t", max_rps=3.0).client() as client:
+        assert client.max_rps == 3.0
+
+
+@pytest.mark.parametrize("raw, message", [("0", "must be above 0"), ("-1", "must not be negative"),
+                                          ("fast", "must be a number")])
+def test_a_bad_kommo_pace_is_a_config_error_naming_the_variable(raw, message):
+    with pytest.raises(ConfigError, match=f"KOMMO_MAX_RPS {message}"):
+        kommo_max_rps({"KOMMO_MAX_RPS": raw})

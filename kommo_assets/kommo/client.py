@@ -61,7 +61,7 @@ PACE_CATCH_UP = 0.5
 # moves requests closer together. With the window rule of the pacer, 8 sends never fall within 1.0145 s
 # of each other on the wire: the network must bring them 14.5 ms closer within a second for Kommo to see
 # an 8th. If it does, the 429 slows every thread down (THROTTLE_SLOWDOWN) until things stay quiet. A
-# wider margin is a lower max_rps on the Kommo resource (6.8: 29 ms), at about 1.5% of the run each 0.1.
+# wider margin is a lower KOMMO_MAX_RPS (6.8: 29 ms), at about 1.5% of the run each 0.1.
 DEFAULT_MAX_RPS = 6.9
 
 LEADS_PATH = "/api/v4/leads"
