@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rps", type=float, default=7.0, help="the simulator's rate limit")
     parser.add_argument("--latency-ms", type=float, default=400.0, help="the simulator's latency per request")
     parser.add_argument("--client-rps", type=float, default=DEFAULT_MAX_RPS,
-                        help="the client's pace (default: the production default, KommoResource.max_rps)")
+                        help="the client's pace (default: the production default, KOMMO_MAX_RPS unset)")
     parser.add_argument("--max-in-flight", type=int, default=6)
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
     parser.add_argument("--memory-sweep", action="store_true", help="also measure peak RSS at --memory-sizes")

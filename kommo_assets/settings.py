@@ -3,11 +3,15 @@
 Everything else asks this module; nothing reads ``os.environ`` for these names on its own.
 """
 
+import math
 import os
 from collections.abc import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from kommo_assets.kommo.client import DEFAULT_MAX_RPS
+
+# Slower than this, a year of leads would take days: surely a typo.
+MIN_KOMMO_RPS = 0.1
 
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 FALSE_VALUES = frozenset({"0", "false", "no", "off", ""})
@@ -157,6 +161,7 @@ def kommo_max_rps(env: Mapping[str, str] | None = None) -> float:
     """``KOMMO_MAX_RPS`` (default 6.9): the Kommo client's pace, requests per second for all its threads
     together, under Kommo's 7. Lower it for a wider margin against the network (see the README)."""
     value = _positive_number("KOMMO_MAX_RPS", DEFAULT_MAX_RPS, env)
-    if value == 0:
-        raise ConfigError("KOMMO_MAX_RPS must be above 0, got '0'")
+    if not math.isfinite(value) or value < MIN_KOMMO_RPS:
+        raise ConfigError(f"KOMMO_MAX_RPS must be a number of requests per second from {MIN_KOMMO_RPS}, "
+                          f"got {value!r}")
     return value

@@ -42,8 +42,10 @@ def test_the_kommo_pace_defaults_to_the_client_default_and_is_read_when_a_run_st
         assert client.max_rps == 3.0
 
 
-@pytest.mark.parametrize("raw, message", [("0", "must be above 0"), ("-1", "must not be negative"),
-                                          ("fast", "must be a number")])
+@pytest.mark.parametrize("raw, message", [("0", "must be a number of requests per second from 0.1"),
+                                          ("nan", "must be a number of requests per second"),
+                                          ("inf", "must be a number of requests per second"),
+                                          ("-1", "must not be negative"), ("fast", "must be a number")])
 def test_a_bad_kommo_pace_is_a_config_error_naming_the_variable(raw, message):
     with pytest.raises(ConfigError, match=f"KOMMO_MAX_RPS {message}"):
         kommo_max_rps({"KOMMO_MAX_RPS": raw})

@@ -300,15 +300,19 @@ def _prompt_threads() -> Iterator[None]:
     * full garbage collections, which stop every thread while they walk every object alive, the hundreds of
       thousands that importing Dagster creates included: about 90 ms each, 25 times in a run of 500 requests.
       Those objects live as long as the process, so they are frozen (``gc.freeze``, made for this) for the
-      stream: collections then walk only what the stream itself allocates.
+      stream: collections then walk only what the stream itself allocates. (Unless something else froze
+      them already: then it is left to unfreeze them.)
     """
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(min(switch_interval, STREAMING_SWITCH_INTERVAL_S))
-    gc.freeze()
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if freeze:
+            gc.unfreeze()
         sys.setswitchinterval(switch_interval)
 
 

@@ -258,18 +258,90 @@ def test_busy_tables_make_a_bulk_swap_check_row_by_row_instead_of_waiting(databa
 
 def test_a_role_that_does_not_own_the_tables_checks_row_by_row(database_url):
     set_database(database_url, bulk_load_min_new_leads="1")
-    role = f"importer_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(database_url) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
-        conn.execute(sql.SQL("GRANT ALL ON ALL TABLES IN SCHEMA public TO {0};"
-                             " GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {0}").format(sql.Identifier(role)))
+    role = sql.Identifier(f"importer_{uuid.uuid4().hex[:8]}")
     run_id = stage_run(database_url, *THREE_LEADS)
     try:
         with psycopg.connect(database_url) as conn:
-            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("CREATE ROLE {0}; GRANT ALL ON ALL TABLES IN SCHEMA public TO {0};"
+                                 " GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {0}").format(role))
+        with psycopg.connect(database_url) as conn:
+            conn.execute(sql.SQL("SET ROLE {}").format(role))
             counts = conn.execute("SELECT run_kommo_full_refresh(%s::uuid)", (run_id,)).fetchone()[0]
         assert (counts["bookings_added"], counts["foreign_key_checks"]) == (
             3, "per row: the role may not alter the tables")
     finally:
-        with psycopg.connect(database_url) as conn:
-            conn.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(role)))
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role.as_string(conn).strip('"'),)).fetchone():
+                conn.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(role))
+
+
+def keys_seen_while_linking(url: str) -> None:
+    """Records, for each booking link the swap inserts, how many foreign keys bookings has at that moment."""
+    with psycopg.connect(url) as conn:
+        conn.execute("""
+            CREATE TABLE keys_seen (n int);
+            CREATE FUNCTION count_keys() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                INSERT INTO keys_seen SELECT count(*) FROM pg_constraint
+                 WHERE contype = 'f' AND conrelid = 'bookings'::regclass;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER count_keys BEFORE INSERT ON booking_vehicles FOR EACH ROW EXECUTE FUNCTION count_keys();""")
+
+
+@pytest.mark.parametrize("threshold, checks, keys_during", [("1", "bulk", {0}), ("1000", "per row", {3})])
+def test_a_bulk_swap_really_runs_without_its_foreign_keys_and_a_row_swap_with_them(
+        database_url, threshold, checks, keys_during):
+    set_database(database_url, bulk_load_min_new_leads=threshold)
+    keys_seen_while_linking(database_url)
+    counts = runs.swap(database_url, stage_run(database_url, *THREE_LEADS))
+    assert counts["foreign_key_checks"] == checks
+    assert {n for (n,) in fetch_all(database_url, "SELECT n FROM keys_seen")} == keys_during
+    assert fetch_one(database_url, "SELECT count(*) FROM keys_seen")[0] == counts["booking_vehicles_added"] == 2
+
+
+def test_a_row_that_breaks_a_key_fails_a_bulk_swap_as_it_fails_a_row_swap(database_url):
+    # A (hypothetical) bug that links bookings to a client that does not exist: the keys added back at
+    # the end refuse it, and nothing is left behind.
+    set_database(database_url, bulk_load_min_new_leads="1")
+    keys = fetch_all(database_url, FOREIGN_KEYS)
+    before = production_checksum(database_url)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("""
+            CREATE FUNCTION dangle() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN NEW.client_id := gen_random_uuid(); RETURN NEW; END $$;
+            CREATE TRIGGER dangle BEFORE INSERT ON bookings FOR EACH ROW EXECUTE FUNCTION dangle();""")
+    run_id = stage_run(database_url, *THREE_LEADS)
+    with pytest.raises(psycopg.errors.ForeignKeyViolation, match="bookings_client_id_fkey"):
+        runs.swap(database_url, run_id)
+    assert fetch_all(database_url, FOREIGN_KEYS) == keys
+    assert production_checksum(database_url) == before
+
+
+def swap_with_notices(url: str, run_id: str) -> tuple[dict, list[str]]:
+    notices: list[str] = []
+    with psycopg.connect(url) as conn:
+        conn.add_notice_handler(lambda diag: notices.append(diag.message_primary))
+        counts = conn.execute("SELECT run_kommo_full_refresh(%s::uuid)", (run_id,)).fetchone()[0]
+    return counts, notices
+
+
+def test_settings_that_do_not_parse_are_reported_and_the_defaults_used(database_url):
+    set_database(database_url, bulk_load_min_new_leads="10,000")
+    counts, notices = swap_with_notices(database_url, stage_run(database_url, *THREE_LEADS))
+    assert counts["foreign_key_checks"] == "per row"  # 3 new leads, under the default 10,000
+    assert "kommo.bulk_load_min_new_leads must be a whole number, got 10,000; using 10000" in notices
+
+    set_database(database_url, bulk_load_min_new_leads="1", bulk_lock_timeout="soon")
+    three_more = [(lead_id + 3, contact, status, vehicle) for lead_id, contact, status, vehicle in THREE_LEADS[0]]
+    counts, notices = swap_with_notices(database_url, stage_run(database_url, three_more, THREE_LEADS[1]))
+    assert (counts["new_leads"], counts["foreign_key_checks"]) == (3, "bulk")
+    assert "kommo.bulk_lock_timeout must be an interval such as 2s or 500ms, got soon; using 2s" in notices
+
+
+def test_the_foreign_keys_are_never_suspended_outside_the_swap(database_url):
+    keys = fetch_all(database_url, FOREIGN_KEYS)
+    with psycopg.connect(database_url, autocommit=True) as conn, pytest.raises(
+            psycopg.errors.RaiseException, match="runs only inside run_kommo_full_refresh"):
+        conn.execute("SELECT kommo_suspend_foreign_keys()")
+    assert fetch_all(database_url, FOREIGN_KEYS) == keys

@@ -70,14 +70,15 @@ BEGIN
 
     -- A bulk load (many new leads, and many against the table) checks its foreign keys in one pass at
     -- the end instead of row by row (17_kommo_bulk_load.sql). Decided before the first write, so the
-    -- locks it needs are taken before any other.
+    -- locks it needs are taken before the swap writes anything.
     SELECT count(*) INTO v_new_leads
       FROM kommo_snapshot s
      WHERE NOT EXISTS (SELECT 1 FROM sales_leads t WHERE t.lead_code = s.code);
-    IF v_new_leads >= coalesce(nullif(current_setting('kommo.bulk_load_min_new_leads', true), '')::bigint, 10000)
-       AND v_new_leads * 10 >= (SELECT count(*) FROM sales_leads) THEN
+    IF kommo_is_bulk_load(v_new_leads) THEN
         SELECT k.restore, k.refused INTO v_keys_restore, v_keys_refused FROM kommo_suspend_foreign_keys() k;
-        v_key_checks := CASE WHEN v_keys_restore IS NULL THEN 'per row: ' || v_keys_refused ELSE 'bulk' END;
+        v_key_checks := CASE WHEN v_keys_restore IS NULL THEN 'per row: ' || v_keys_refused
+                             WHEN v_keys_restore = '{}' THEN 'none to check'
+                             ELSE 'bulk' END;
     END IF;
 
     -- Vehicles the bookings need and production lacks; names from the field's enum options.
