@@ -9,7 +9,8 @@
 -- with production once, then updates the rows that differ and inserts the rows that are missing. An
 -- unchanged row is only read: not rewritten, and not even locked (INSERT ... ON CONFLICT DO UPDATE
 -- would lock every conflicting row, i.e. write every page of the table, on a re-run that changes
--- nothing). New rows are plain inserts, which cost less than speculative ON CONFLICT inserts.
+-- nothing). New rows are plain inserts, which cost less than speculative ON CONFLICT inserts. A bulk load
+-- checks its foreign keys once at the end rather than row by row (17_kommo_bulk_load.sql).
 -- Concurrent writers are not expected on Kommo rows (codes 'kommo:<id>'); one that inserted such a
 -- row meanwhile would fail this transaction on the unique key, leaving production unchanged.
 
