@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from kommo_assets.kommo.client import DEFAULT_MAX_RPS
 
-# Slower than this, a year of leads would take days: surely a typo.
+# Below this, a refresh of 100,000 leads would take hours: surely a mistake.
 MIN_KOMMO_RPS = 0.1
 
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})

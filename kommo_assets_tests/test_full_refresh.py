@@ -246,3 +246,16 @@ def test_live_flag_off_refuses_with_a_clear_reason(kommo_env, database_url, monk
     assert "KOMMO_ENABLE_LIVE is off" in str(failure.event_specific_data.error)
     assert fetch_one(database_url, "SELECT count(*) FROM kommo_import_runs")[0] == 0
     assert kommo_env.stats()["requests"] == 0
+
+
+def test_a_bad_pace_fails_the_run_naming_the_variable_before_any_request(kommo_env, database_url, monkeypatch):
+    monkeypatch.setenv("KOMMO_MAX_RPS", "fast")
+    before = production_checksum(database_url)
+    result = run_job("kommo_full_refresh_job")
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "KOMMO_MAX_RPS must be a number, got 'fast'" in str(failure.event_specific_data.error)
+    status, error = fetch_one(database_url, "SELECT status, error FROM kommo_import_runs")
+    assert status == "failed" and "KOMMO_MAX_RPS" in error
+    assert kommo_env.stats()["requests"] == 0
+    assert production_checksum(database_url) == before
