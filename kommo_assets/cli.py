@@ -23,7 +23,7 @@ def _run(args: argparse.Namespace) -> int:
     from kommo_assets.assets.common import DRY_RUN_JOB, FULL_REFRESH_JOB
     from kommo_assets.db.runs import get_run
     from kommo_assets.definitions import defs
-    from kommo_assets.devenv import start_local_environment
+    from kommo_assets.dev.environment import start_local_environment
 
     env = start_local_environment(Path(args.home), leads=args.leads)
     for note in env.notes:
@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from kommo_assets.db.local import LocalPostgres
+    from kommo_assets.dev.local_postgres import LocalPostgres
 
     server = LocalPostgres(Path(args.home) / "pg")
     if not server.is_running():
@@ -71,19 +71,19 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from kommo_assets.devserver import serve
+    from kommo_assets.dev.dagster_dev import serve
 
     return serve(args)
 
 
 def _benchmark(argv: list[str]) -> int:
-    from kommo_assets.benchmark import main as benchmark_main
+    from kommo_assets.dev.benchmark import main as benchmark_main
 
     return benchmark_main(argv)
 
 
 def _simulator(argv: list[str]) -> int:
-    from kommo_assets.simulator.cli import main as simulator_main
+    from kommo_assets.dev.simulator.cli import main as simulator_main
 
     return simulator_main(argv)
 

@@ -11,8 +11,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from kommo_assets.db.local import LocalPostgres
 from kommo_assets.db.migrate import migrate
+from kommo_assets.dev.local_postgres import LocalPostgres
 
 TEMPLATE_DB = "kommo_test_template"
 
@@ -84,7 +84,7 @@ def empty_database_url(pg_admin_url) -> str:
 @pytest.fixture
 def make_simulator():
     """Starts Kommo simulators over real HTTP; all are stopped at the end of the test."""
-    from kommo_assets.simulator import KommoSimulator, SimulatorConfig
+    from kommo_assets.dev.simulator import KommoSimulator, SimulatorConfig
 
     started = []
 

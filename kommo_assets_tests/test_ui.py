@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from kommo_assets.assets.common import DRY_RUN_JOB, FULL_REFRESH_JOB, REFRESH_TAG
-from kommo_assets.db.local import LocalPostgres
-from kommo_assets.devserver import REPO_ROOT, DevServer, launch
+from kommo_assets.dev.dagster_dev import REPO_ROOT, DevServer, launch
+from kommo_assets.dev.local_postgres import LocalPostgres
 from kommo_assets_tests.ui_support import (
     CHROMIUM_ARGS,
     IN_PROGRESS,

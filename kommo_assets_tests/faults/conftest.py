@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from kommo_assets.simulator import KommoSimulator, SimulatorConfig
+from kommo_assets.dev.simulator import KommoSimulator, SimulatorConfig
 from kommo_assets_tests.faults.support import (
     LEADS,
     SEED,

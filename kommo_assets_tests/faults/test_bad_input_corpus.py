@@ -20,8 +20,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from kommo_assets.dev.simulator import KommoSimulator, SimulatorConfig
 from kommo_assets.kommo.fields import MAX_AMOUNT, MAX_ID, parse_amount, positive_int
-from kommo_assets.simulator import KommoSimulator, SimulatorConfig
 from kommo_assets_tests.faults.support import (
     create_database,
     database_name,

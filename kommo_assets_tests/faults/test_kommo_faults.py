@@ -19,7 +19,7 @@ import time
 import pytest
 
 from kommo_assets.db.runs import get_run
-from kommo_assets.simulator import LeadQuery
+from kommo_assets.dev.simulator import LeadQuery
 from kommo_assets_tests.faults.support import (
     Scan,
     assert_matches_expected,

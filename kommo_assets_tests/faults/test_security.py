@@ -22,9 +22,9 @@ from kommo_assets.automation import request_table
 from kommo_assets.automation.schedules import build_schedules
 from kommo_assets.db.runs import get_run
 from kommo_assets.definitions import defs
+from kommo_assets.dev.simulator import KommoSimulator, SimulatorConfig
 from kommo_assets.resources import build_resources
 from kommo_assets.settings import LIVE_DISABLED_REASON
-from kommo_assets.simulator import KommoSimulator, SimulatorConfig
 from kommo_assets_tests.faults.support import (
     DRY_RUN,
     FULL_REFRESH,

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from kommo_assets.dev.simulator import KommoSimulator, LeadQuery, SimulatorConfig
 from kommo_assets.kommo import (
     VEHICLE_FIELD_ID,
     KommoAuthError,
@@ -42,7 +43,6 @@ from kommo_assets.kommo.client import (
     _Plan,
     _retry_after,
 )
-from kommo_assets.simulator import KommoSimulator, LeadQuery, SimulatorConfig
 
 TOKEN = "simulator-token"
 LEADS = "/api/v4/leads"
@@ -690,7 +690,7 @@ def simulator_process(*args: str) -> Iterator[str]:
     """The simulator in its own process, as Kommo is: the server's work then cannot delay the
     client's threads (or the other way round) through one shared GIL, which would blur arrival times
     by more than the 14.5 ms the 6.9-vs-7 margin leaves over 8 requests."""
-    command = [sys.executable, "-m", "kommo_assets.simulator", "--port", "0", "--token", TOKEN, *args]
+    command = [sys.executable, "-m", "kommo_assets.dev.simulator", "--port", "0", "--token", TOKEN, *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline() if process.stdout else ""

@@ -8,8 +8,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kommo_assets.db.local import LocalPostgres
 from kommo_assets.db.migrate import migrate
+from kommo_assets.dev.local_postgres import LocalPostgres
 
 DEFAULT_HOME = Path(".kommo-dev")
 
@@ -47,7 +47,7 @@ def start_local_environment(home: Path = DEFAULT_HOME, *, leads: int = 3000, see
     simulator = None
     base_url = os.environ.get("KOMMO_BASE_URL", "").strip()
     if not base_url:
-        from kommo_assets.simulator import KommoSimulator, SimulatorConfig
+        from kommo_assets.dev.simulator import KommoSimulator, SimulatorConfig
 
         token = secrets.token_urlsafe(24)
         simulator = KommoSimulator(SimulatorConfig(leads=leads, seed=seed, token=token, latency_ms=latency_ms))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from kommo_assets.simulator import (
+from kommo_assets.dev.simulator import (
     CONTACT_ID_BASE,
     LEAD_ID_BASE,
     PIPELINE_CORPORATE,
@@ -28,7 +28,7 @@ from kommo_assets.simulator import (
 )
 
 TOKEN = "test-token-123"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -472,7 +472,7 @@ def _rss_kb(pid: int) -> int:
 def test_cli_prints_ready_line_serves_and_stops_on_sigterm():
     secret = "cli-secret-token-987"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kommo_assets.simulator", "--leads", "1000000", "--port", "0",
+        [sys.executable, "-m", "kommo_assets.dev.simulator", "--leads", "1000000", "--port", "0",
          "--token", secret, "--rps", "0", "--seed", "3"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},

@@ -207,7 +207,7 @@ if os.environ.get("KOMMO_BENCHMARK_SIMULATOR_PRIORITY") == "1":
         except OSError:
             pass
 print("KOMMO_BENCHMARK_SIMULATOR " + mode, flush=True)
-from kommo_assets.simulator.cli import main
+from kommo_assets.dev.simulator.cli import main
 sys.exit(main())
 """
 
@@ -244,7 +244,7 @@ def _simulator(leads: int, rps: float, latency_ms: float, *, priority: bool = Tr
 
 def _run_worker(mode: str, database_url: str, base_url: str, max_rps: float, max_in_flight: int) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "kommo_assets.benchmark", "worker", "--mode", mode, "--database-url", database_url,
+        [sys.executable, "-m", "kommo_assets.dev.benchmark", "worker", "--mode", mode, "--database-url", database_url,
          "--base-url", base_url, "--max-rps", str(max_rps), "--max-in-flight", str(max_in_flight)],
         capture_output=True, text=True,
     )
@@ -279,7 +279,7 @@ def _machine() -> str:
     except (OSError, StopIteration, ValueError):
         pass
     try:
-        from kommo_assets.db.local import find_bindir
+        from kommo_assets.dev.local_postgres import find_bindir
 
         out = subprocess.run([str(find_bindir() / "postgres"), "--version"], capture_output=True, text=True).stdout
         version = out.split("(PostgreSQL)", 1)[-1].split()[0]
@@ -304,7 +304,7 @@ def _fresh_database(server, name: str) -> str:
 
 
 def _measure(args: argparse.Namespace) -> dict:
-    from kommo_assets.db.local import LocalPostgres
+    from kommo_assets.dev.local_postgres import LocalPostgres
 
     root = Path(tempfile.mkdtemp(prefix="kommo-benchmark-"))
     server = LocalPostgres(root / "pg")

@@ -17,11 +17,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from kommo_assets.db.local import LocalPostgres, free_port
-from kommo_assets.devenv import LocalEnvironment, start_local_environment
+from kommo_assets.dev.environment import LocalEnvironment, start_local_environment
+from kommo_assets.dev.local_postgres import LocalPostgres, free_port
 from kommo_assets.settings import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DAGSTER_DATABASE = "dagster"
 # Written beside the instance while `dagster dev` runs: its process group id, for cleanup by whoever
 # started us (the file is removed on a clean exit).

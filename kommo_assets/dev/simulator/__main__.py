@@ -1,4 +1,4 @@
-"""``python -m kommo_assets.simulator``: see cli.py."""
+"""``python -m kommo_assets.dev.simulator``: see cli.py."""
 
 import sys
 

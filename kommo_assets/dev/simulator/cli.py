@@ -19,7 +19,7 @@ from .server import KommoSimulator
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kommo_assets.simulator", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m kommo_assets.dev.simulator", description=__doc__.splitlines()[0])
     p.add_argument("--leads", type=int, default=2000, help=f"number of leads (0..{MAX_LEADS}, default 2000)")
     p.add_argument("--seed", type=int, default=1, help="dataset seed (default 1)")
     p.add_argument("--year", type=int, default=2025, help="year that holds ~80%% of the leads (default 2025)")

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from kommo_assets.simulator import (
+from kommo_assets.dev.simulator import (
     COLLECT_FIELD_ID,
     CONTACT_ID_BASE,
     DELIVERY_FIELD_ID,
