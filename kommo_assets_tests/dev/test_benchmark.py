@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from kommo_assets.dev import benchmark
 from kommo_assets.db.staging import payload_json
+from kommo_assets.dev import benchmark
 from kommo_assets.kommo.fields import sanitize_payload
 
 
