@@ -23,19 +23,29 @@ def _run(args: argparse.Namespace) -> int:
     from kommo_assets.assets.common import DRY_RUN_JOB, FULL_REFRESH_JOB
     from kommo_assets.db.runs import get_run
     from kommo_assets.definitions import defs
+    from kommo_assets.dev.dagster_dev import prepare_instance
     from kommo_assets.dev.environment import start_local_environment
 
-    env = start_local_environment(Path(args.home), leads=args.leads)
+    home = Path(args.home)
+    env = start_local_environment(home, leads=args.leads)
     for note in env.notes:
         print(f"* {note}")
     job_name = DRY_RUN_JOB if args.dry_run else FULL_REFRESH_JOB
     config = {"year": args.year, "max_drop_ratio": args.max_drop_ratio}
     print(f"* running {job_name} for {args.year} ...")
     try:
-        with dg.DagsterInstance.ephemeral() as instance:
+        # The instance `kommo-assets dev` serves: the run, its materializations and checks are in the UI.
+        local = prepare_instance(home, env)
+        print(f"* {local.note}; the run is recorded there for `make dev`")
+        os.environ.update(local.environ)
+        with dg.DagsterInstance.get() as instance:
             result = defs.resolve_job_def(job_name).execute_in_process(
                 instance=instance,
-                run_config={"ops": {"kommo_staging": {"config": config}}},
+                run_config={
+                    "ops": {"kommo_staging": {"config": config}},
+                    # Progress (pages, rows, swap counts) at INFO; Dagster's own step events are DEBUG.
+                    "loggers": {"console": {"config": {"log_level": "INFO"}}},
+                },
                 raise_on_error=False,
             )
         record = get_run(env.database_url, result.run_id)

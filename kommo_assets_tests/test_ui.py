@@ -7,8 +7,11 @@ One dev server serves the whole module (it takes ~15 s to start). Deselect with 
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -35,9 +38,34 @@ SCREENSHOTS = (REPO_ROOT / "docs" / "screenshots" if os.environ.get("KOMMO_UPDAT
 LEADS = 800
 
 
+@dataclass
+class CliRun:
+    run_id: str
+    output: str
+
+
 @pytest.fixture(scope="module")
-def dev_server():
+def dev_home():
     home = Path(tempfile.mkdtemp(prefix="kommo-ui-"))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cli_run(dev_home) -> CliRun:
+    """`make run`'s command on the dev server's home, before the dev server starts."""
+    done = subprocess.run([sys.executable, "-m", "kommo_assets.cli", "run", "--home", str(dev_home),
+                           "--leads", str(LEADS)], env=isolated_env(), capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    match = re.search(r"\* Dagster run ([0-9a-f-]{36}): success", done.stdout)
+    assert match, done.stdout
+    return CliRun(match.group(1), done.stdout + done.stderr)
+
+
+@pytest.fixture(scope="module")
+def dev_server(dev_home, cli_run):
+    home = dev_home
     server: DevServer | None = None
     try:
         server = launch(home, leads=LEADS, env=isolated_env())
@@ -47,7 +75,6 @@ def dev_server():
             server.stop()
         # The dev server stops the Postgres it started; this covers a dev server that died first.
         LocalPostgres(home / "pg").stop("immediate")
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +135,28 @@ def _fetch_all(url: str, query: str, params=None):
 def _fetch_one(url: str, query: str, params=None):
     with psycopg.connect(url) as conn:
         return conn.execute(query, params).fetchone()
+
+
+def test_the_run_of_make_run_is_in_the_ui_afterwards(cli_run, graphql, kommo_db):
+    """`make run` then `make dev`: the run, its materializations and checks are in the UI's instance."""
+    assert graphql.run(cli_run.run_id).status == "SUCCESS"
+    data = graphql.query(
+        """query ($runId: ID!) { runOrError(runId: $runId) { ... on Run {
+               jobName
+               assetMaterializations { assetKey { path } }
+               assetCheckEvaluations: eventConnection(afterCursor: null) { events { __typename } } } } }""",
+        {"runId": cli_run.run_id},
+    )["runOrError"]
+    assert data["jobName"] == FULL_REFRESH_JOB
+    materialized = {"/".join(m["assetKey"]["path"]) for m in data["assetMaterializations"]}
+    assert {"stg_kommo_leads", "bookings", "calendar_events_expanded"} <= materialized, materialized
+    kinds = {e["__typename"] for e in data["assetCheckEvaluations"]["events"]}
+    assert "AssetCheckEvaluationEvent" in kinds, kinds
+    row = _fetch_one(kommo_db, "SELECT status FROM kommo_import_runs WHERE dagster_run_id = %s",
+                     (cli_run.run_id,))
+    assert row == ("succeeded",)
+    # Progress at INFO, not Dagster's DEBUG step events.
+    assert "Swap of run" in cli_run.output and " - DEBUG - " not in cli_run.output
 
 
 def test_materialize_full_refresh_from_the_ui(dev_server, graphql, kommo_db, page):
@@ -227,8 +276,9 @@ def test_second_refresh_waits_in_the_queue(dev_server, graphql, kommo_db):
 
 
 def test_dev_server_stops_cleanly(dev_server: DevServer):
-    """SIGTERM stops `dagster dev` (webserver, daemon, code server) and the Postgres the dev server
-    started, leaving no process behind."""
+    """SIGTERM stops `dagster dev` (webserver, daemon, code server), leaving no process behind; the
+    Postgres that `make run` started before it keeps running, as `make run` promises (`make stop` stops
+    it)."""
     dagster_pgid = dev_server.dagster_pgid()
     assert dagster_pgid is not None
     started = time.monotonic()
@@ -243,4 +293,4 @@ def test_dev_server_stops_cleanly(dev_server: DevServer):
 
     with pytest.raises(ProcessLookupError):
         os.killpg(dagster_pgid, 0)
-    assert not (dev_server.home / "pg" / "postmaster.pid").exists(), "the dev server left its Postgres running"
+    assert LocalPostgres(dev_server.home / "pg").is_running(), "the dev server stopped a Postgres it did not start"

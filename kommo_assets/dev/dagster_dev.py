@@ -66,6 +66,37 @@ def prepare_dagster_home(home: Path) -> Path:
     return dagster_home
 
 
+@dataclass
+class LocalInstance:
+    """The Dagster instance of the embedded default, shared by ``kommo-assets run`` and ``kommo-assets dev``:
+    a run made by one is in the UI of the other."""
+
+    home: Path  # DAGSTER_HOME, with the repository's dagster.yaml
+    environ: dict[str, str]  # DAGSTER_HOME and DAGSTER_POSTGRES_URL, for the processes that use it
+    note: str
+    started: list[LocalPostgres]  # servers started for it (the caller stops them when it started them)
+
+
+def prepare_instance(home: Path, env: LocalEnvironment) -> LocalInstance:
+    """Storage in ``DAGSTER_POSTGRES_URL`` when set, else in a ``dagster`` database of the local server."""
+    started: list[LocalPostgres] = []
+    storage_url = os.environ.get("DAGSTER_POSTGRES_URL", "").strip()
+    if storage_url:
+        note = "Dagster storage: DAGSTER_POSTGRES_URL"
+    else:
+        server = env.postgres
+        if server is None:  # KOMMO_DATABASE_URL points elsewhere: keep Dagster's own data local
+            server, running = _local_postgres(home)
+            server.start()
+            if not running:
+                started.append(server)
+        storage_url = server.ensure_database(DAGSTER_DATABASE)
+        note = f"Dagster storage: database {DAGSTER_DATABASE!r} at {storage_url}"
+    dagster_home = prepare_dagster_home(home)
+    environ = {"DAGSTER_HOME": str(dagster_home), "DAGSTER_POSTGRES_URL": psycopg2_url(storage_url)}
+    return LocalInstance(dagster_home, environ, note, started)
+
+
 def server_info_url(host: str, port: int) -> str:
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
     return f"http://{probe_host}:{port}/server_info"
@@ -142,9 +173,13 @@ def serve(args) -> int:
         stop_requests.append(signum)
         if child is None:
             raise KeyboardInterrupt
-        # What a terminal's Ctrl-C does to a plain `dagster dev`: the whole group hears it; `dagster dev`
-        # then stops the webserver, the daemon and the code server, and runs in progress are interrupted.
-        _signal_group(child.pid, signal.SIGINT if signum == signal.SIGHUP else signum)
+        # Only `dagster dev` itself hears it, and stops the webserver, the daemon and the code server in
+        # order (runs in progress are interrupted). Signalling its whole group instead, as a terminal's
+        # Ctrl-C does, races its shutdown: a code server that exits first is restarted and left behind.
+        try:
+            os.kill(child.pid, signal.SIGINT if signum == signal.SIGHUP else signum)
+        except ProcessLookupError:
+            pass
 
     # Installed before the child starts: a caught signal reverts to its default in the exec'd child, so
     # `dagster dev` reacts to SIGINT/SIGTERM even when this process was started with them ignored
@@ -165,22 +200,11 @@ def serve(args) -> int:
         for note in env.notes:
             print(f"* {note}", flush=True)
 
-        storage_url = os.environ.get("DAGSTER_POSTGRES_URL", "").strip()
-        if storage_url:
-            print("* Dagster storage: DAGSTER_POSTGRES_URL", flush=True)
-        else:
-            server = env.postgres
-            if server is None:  # KOMMO_DATABASE_URL points elsewhere: keep Dagster's own data local
-                server, running = _local_postgres(home)
-                server.start()
-                if not running:
-                    stop_postgres.append(server)
-            storage_url = server.ensure_database(DAGSTER_DATABASE)
-            print(f"* Dagster storage: database {DAGSTER_DATABASE!r} at {storage_url}", flush=True)
-
-        dagster_home = prepare_dagster_home(home)
-        child_env = dict(os.environ, DAGSTER_HOME=str(dagster_home),
-                         DAGSTER_POSTGRES_URL=psycopg2_url(storage_url))
+        instance = prepare_instance(home, env)
+        stop_postgres.extend(instance.started)
+        print(f"* {instance.note}", flush=True)
+        dagster_home = instance.home
+        child_env = dict(os.environ, **instance.environ)
         # cwd is the instance folder: `dagster dev` warns about any other dagster.yaml in its cwd.
         child = subprocess.Popen(dagster_dev_command(host, port), cwd=dagster_home, env=child_env,
                                  start_new_session=True)
