@@ -138,7 +138,7 @@ def test_double_click_and_a_running_refresh_return_the_same_request(database_url
     again = _request(database_url, staff)
     assert again["id"] == first["id"] and again["accepted"] is False
     assert again["message"] == (f"A Kommo refresh is already waiting to start (request #{first['id']}, 2025); "
-                                "a new one can be requested 00:10:00 after it ends.")
+                                "a new one can be requested 10 minutes after it ends.")
     # another staff member pressing while it waits gets the same request too
     assert _request(database_url, _add_staff(database_url))["id"] == first["id"]
     # still the same once the sensor has queued it, and while its run runs

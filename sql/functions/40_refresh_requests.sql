@@ -74,6 +74,7 @@ DECLARE
     v_enabled boolean;
     v_years integer[];
     v_year integer;
+    v_minutes numeric;
     v_cooldown interval;
     v_request kommo_refresh_requests;
     v_answer kommo_refresh_request_answer;
@@ -107,7 +108,8 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'KOMMO_REFRESH_YEARS in the environment of the Dagster code location lists them';
     END IF;
-    v_cooldown := make_interval(secs => (kommo_runtime_setting('KOMMO_REQUEST_COOLDOWN_MINUTES'))::numeric * 60);
+    v_minutes := (kommo_runtime_setting('KOMMO_REQUEST_COOLDOWN_MINUTES'))::numeric;
+    v_cooldown := make_interval(secs => v_minutes * 60);
 
     -- Serialize callers so the look at waiting, running and recent requests and the insert see the same
     -- picture; the unique index kommo_refresh_requests_one_waiting backs this up.
@@ -118,10 +120,10 @@ BEGIN
         v_answer.accepted := false;
         v_answer.message := format(
             CASE WHEN v_request.status = 'running'
-                 THEN 'A Kommo refresh is running (request #%s, %s); a new one can be requested %s after it ends.'
+                 THEN 'A Kommo refresh is running (request #%s, %s); a new one can be requested %s minutes after it ends.'
                  ELSE 'A Kommo refresh is already waiting to start (request #%s, %s); '
-                      'a new one can be requested %s after it ends.' END,
-            v_request.id, coalesce(v_request.year::text, 'default year'), v_cooldown);
+                      'a new one can be requested %s minutes after it ends.' END,
+            v_request.id, coalesce(v_request.year::text, 'default year'), trim_scale(v_minutes));
     ELSE
         SELECT * INTO v_request FROM kommo_refresh_requests r
          WHERE r.finished_at IS NOT NULL ORDER BY r.finished_at DESC, r.id DESC LIMIT 1;
