@@ -165,3 +165,42 @@ def kommo_max_rps(env: Mapping[str, str] | None = None) -> float:
         raise ConfigError(f"KOMMO_MAX_RPS must be a number of requests per second from {MIN_KOMMO_RPS}, "
                           f"got {value!r}")
     return value
+
+
+# --- the Bookings-page button: which years requests may ask for, and how often ---------------------
+
+DEFAULT_REFRESH_YEARS = (2025,)
+DEFAULT_REQUEST_COOLDOWN_MINUTES = 10.0
+
+
+def refresh_years(env: Mapping[str, str] | None = None) -> tuple[int, ...]:
+    """``KOMMO_REFRESH_YEARS`` (comma-separated, default 2025): the years a refresh request may ask for;
+    the first is the default. The request sensor copies them into the database for the app."""
+    from kommo_assets.db.runs import window_for
+
+    env = os.environ if env is None else env
+    raw = env.get("KOMMO_REFRESH_YEARS", "")
+    if not raw.strip():
+        return DEFAULT_REFRESH_YEARS
+    years: list[int] = []
+    for item in raw.split(","):
+        try:
+            year = int(item.strip())
+            window_for(year)
+        except ValueError:
+            raise ConfigError(
+                f"KOMMO_REFRESH_YEARS must be comma-separated years between 2000 and 2100 such as "
+                f"'2025,2024', got {raw!r}"
+            ) from None
+        if year not in years:
+            years.append(year)
+    return tuple(years)
+
+
+def request_cooldown_minutes(env: Mapping[str, str] | None = None) -> float:
+    """``KOMMO_REQUEST_COOLDOWN_MINUTES`` (default 10): how long after a requested refresh ends the button
+    may ask for the next one, so it cannot keep refreshes running back to back on Kommo's shared rate limit."""
+    value = _positive_number("KOMMO_REQUEST_COOLDOWN_MINUTES", DEFAULT_REQUEST_COOLDOWN_MINUTES, env)
+    if not math.isfinite(value):
+        raise ConfigError(f"KOMMO_REQUEST_COOLDOWN_MINUTES must be a number of minutes, got {value!r}")
+    return value

@@ -49,3 +49,31 @@ def test_the_kommo_pace_defaults_to_the_client_default_and_is_read_when_a_run_st
 def test_a_bad_kommo_pace_is_a_config_error_naming_the_variable(raw, message):
     with pytest.raises(ConfigError, match=f"KOMMO_MAX_RPS {message}"):
         kommo_max_rps({"KOMMO_MAX_RPS": raw})
+
+
+from kommo_assets.settings import refresh_years, request_cooldown_minutes  # noqa: E402
+
+
+def test_refresh_years_default_to_2025_and_keep_their_order():
+    assert refresh_years({}) == refresh_years({"KOMMO_REFRESH_YEARS": " "}) == (2025,)
+    assert refresh_years({"KOMMO_REFRESH_YEARS": " 2025, 2024,2025 "}) == (2025, 2024)
+
+
+@pytest.mark.parametrize("raw", ["2025,", "next", "2025;2024", "1999", "2101", "25"])
+def test_bad_refresh_years_are_a_config_error_naming_the_variable(raw):
+    with pytest.raises(ConfigError, match=f"KOMMO_REFRESH_YEARS must be comma-separated years .* got '{raw}'"):
+        refresh_years({"KOMMO_REFRESH_YEARS": raw})
+
+
+def test_the_request_cooldown_defaults_to_10_minutes():
+    assert request_cooldown_minutes({}) == 10
+    assert request_cooldown_minutes({"KOMMO_REQUEST_COOLDOWN_MINUTES": "0"}) == 0
+    assert request_cooldown_minutes({"KOMMO_REQUEST_COOLDOWN_MINUTES": " 2.5 "}) == 2.5
+
+
+@pytest.mark.parametrize("raw, message", [("soon", "must be a number"), ("-1", "must not be negative"),
+                                          ("inf", "must be a number of minutes"),
+                                          ("nan", "must be a number of minutes")])
+def test_a_bad_request_cooldown_is_a_config_error_naming_the_variable(raw, message):
+    with pytest.raises(ConfigError, match=f"KOMMO_REQUEST_COOLDOWN_MINUTES {message}"):
+        request_cooldown_minutes({"KOMMO_REQUEST_COOLDOWN_MINUTES": raw})

@@ -1,7 +1,10 @@
-"""The Bookings-page button: each pending ``kommo_refresh_requests`` row becomes one full-refresh run.
+"""The Bookings-page button: each pending ``kommo_refresh_requests`` row becomes one full-refresh run of
+the year it asks for.
 
-Requests that arrive while a refresh runs simply become queued runs: the ``kommo/refresh`` concurrency
-tag of the jobs lets dagster.yaml's run queue start them one at a time.
+Every tick first copies the settings the request function needs from the code location's environment
+into the database (``KOMMO_ENABLE_LIVE``, ``KOMMO_REFRESH_YEARS``, ``KOMMO_REQUEST_COOLDOWN_MINUTES``):
+SQL cannot read them. While a requested refresh waits or runs, and for the cooldown after it, the request
+function answers with that request instead of queueing another.
 """
 
 import dagster as dg
@@ -10,7 +13,13 @@ from kommo_assets.assets.common import REQUEST_ID_TAG, REQUESTED_BY_TAG
 from kommo_assets.automation import request_table
 from kommo_assets.jobs import kommo_full_refresh_job
 from kommo_assets.resources.postgres import PostgresResource
-from kommo_assets.settings import LIVE_DISABLED_REASON, ConfigError, live_enabled
+from kommo_assets.settings import (
+    LIVE_DISABLED_REASON,
+    ConfigError,
+    live_enabled,
+    refresh_years,
+    request_cooldown_minutes,
+)
 
 RUN_KEY_PREFIX = "kommo-refresh-request-"
 
@@ -18,6 +27,13 @@ RUN_KEY_PREFIX = "kommo-refresh-request-"
 def request_run_key(request_id: int) -> str:
     """Stable per request: Dagster never starts a second run for the same key, whatever a tick repeats."""
     return f"{RUN_KEY_PREFIX}{request_id}"
+
+
+def request_run_config(row: dict) -> dict:
+    """The staging step's config for a request: its year (none on requests made before years existed)."""
+    if row.get("year") is None:
+        return {}
+    return {"ops": {"kommo_staging": {"config": {"year": row["year"]}}}}
 
 
 def _ids(rows: list[dict]) -> str:
@@ -29,9 +45,10 @@ def _ids(rows: list[dict]) -> str:
     job=kommo_full_refresh_job,
     minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Copies KOMMO_ENABLE_LIVE into kommo_runtime_flags, then starts one kommo_full_refresh_job "
-    "run per pending kommo_refresh_requests row (run key kommo-refresh-request-<id>), or refuses the "
-    "pending requests while the flag is off. Cursor: the highest request id handled.",
+    description="Copies KOMMO_ENABLE_LIVE into kommo_runtime_flags and KOMMO_REFRESH_YEARS and "
+    "KOMMO_REQUEST_COOLDOWN_MINUTES into kommo_runtime_settings, then starts one kommo_full_refresh_job "
+    "run per pending kommo_refresh_requests row for the year it asks (run key kommo-refresh-request-<id>), "
+    "or refuses the pending requests while the flag is off. Cursor: the highest request id handled.",
 )
 def kommo_refresh_request_sensor(
     context: dg.SensorEvaluationContext, postgres: PostgresResource
@@ -45,6 +62,11 @@ def kommo_refresh_request_sensor(
         request_table.sync_flag(url, request_table.LIVE_FLAG, False)
         raise
     request_table.sync_flag(url, request_table.LIVE_FLAG, live)
+    # An unreadable value fails the tick naming the variable; the copies keep their last good values.
+    request_table.sync_settings(url, {
+        request_table.YEARS_SETTING: list(refresh_years()),
+        request_table.COOLDOWN_SETTING: request_cooldown_minutes(),
+    })
 
     if not live:
         refused = request_table.refuse_pending(url, LIVE_DISABLED_REASON)
@@ -67,6 +89,7 @@ def kommo_refresh_request_sensor(
         run_requests=[
             dg.RunRequest(
                 run_key=request_run_key(row["id"]),
+                run_config=request_run_config(row),
                 tags={REQUESTED_BY_TAG: str(row["requested_by"]), REQUEST_ID_TAG: str(row["id"])},
             )
             for row in claimed

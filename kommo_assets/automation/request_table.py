@@ -6,16 +6,29 @@ Each function is one call of ``sql/functions/40_refresh_requests.sql``; the rule
 from typing import Any
 
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from kommo_assets.db import connect
 
 LIVE_FLAG = "KOMMO_ENABLE_LIVE"
+YEARS_SETTING = "KOMMO_REFRESH_YEARS"
+COOLDOWN_SETTING = "KOMMO_REQUEST_COOLDOWN_MINUTES"
 
 
 def sync_flag(database_url: str, name: str, enabled: bool) -> bool:
     """Copies a flag of the code location's environment into ``kommo_runtime_flags``."""
     with connect(database_url) as conn:
         return conn.execute("SELECT sync_kommo_runtime_flag(%s, %s)", (name, enabled)).fetchone()[0]
+
+
+def sync_settings(database_url: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Copies settings of the code location's environment (JSON values) into ``kommo_runtime_settings``,
+    in one transaction; returns the values stored."""
+    with connect(database_url) as conn:
+        return {
+            name: conn.execute("SELECT sync_kommo_runtime_setting(%s, %s)", (name, Jsonb(value))).fetchone()[0]
+            for name, value in settings.items()
+        }
 
 
 def claim_pending(database_url: str, after_id: int) -> list[dict[str, Any]]:
@@ -50,6 +63,10 @@ def record_finished(database_url: str, request_id: int, *, dagster_run_id: str, 
 
 
 def request_status(database_url: str, request_id: int) -> dict[str, Any] | None:
-    """The app's polling payload (``kommo_refresh_request_status``)."""
+    """The app's polling payload (``kommo_refresh_request_status``) as the request's requester sees it."""
     with connect(database_url) as conn:
-        return conn.execute("SELECT kommo_refresh_request_status(%s)", (request_id,)).fetchone()[0]
+        return conn.execute(
+            "SELECT kommo_refresh_request_status(%s,"
+            " (SELECT requested_by FROM kommo_refresh_requests WHERE id = %s))",
+            (request_id, request_id),
+        ).fetchone()[0]

@@ -10,6 +10,7 @@ import pytest
 from kommo_assets.automation import request_table
 from kommo_assets.definitions import defs
 from kommo_assets.resources import build_resources
+from kommo_assets.settings import refresh_years, request_cooldown_minutes
 from kommo_assets_tests.automation.fake_slack import FakeSlack
 from kommo_assets_tests.helpers import fetch_one
 
@@ -57,8 +58,10 @@ def staff(database_url) -> uuid.UUID:
 
 @pytest.fixture
 def live_synced(database_url):
-    """The flag copy as the request sensor leaves it while KOMMO_ENABLE_LIVE is on."""
+    """The copies as the request sensor leaves them while KOMMO_ENABLE_LIVE is on (other settings unset)."""
     request_table.sync_flag(database_url, request_table.LIVE_FLAG, True)
+    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: list(refresh_years({})),
+                                               request_table.COOLDOWN_SETTING: request_cooldown_minutes({})})
 
 
 class SensorTicker:

@@ -1,18 +1,21 @@
-"""kommo_refresh_request_sensor against a real database: one run per request, stable run keys, refusals."""
+"""kommo_refresh_request_sensor against a real database: one run per request for its year, stable run keys,
+refusals, and the settings it copies for the request function."""
 
+import dagster as dg
 import psycopg
 import pytest
 
 from kommo_assets.assets.common import REQUEST_ID_TAG, REQUESTED_BY_TAG
 from kommo_assets.automation import request_table
+from kommo_assets.definitions import defs
 from kommo_assets.settings import ConfigError
-from kommo_assets_tests.helpers import fetch_one
+from kommo_assets_tests.helpers import fetch_all, fetch_one
 
 SENSOR = "kommo_refresh_request_sensor"
 
 
-def _request(url: str, user) -> int:
-    return fetch_one(url, "SELECT id FROM request_kommo_refresh(%s)", (user,))[0]
+def _request(url: str, user, year=None) -> int:
+    return fetch_one(url, "SELECT id FROM request_kommo_refresh(%s, %s)", (user, year))[0]
 
 
 def _status(url: str, request_id: int) -> tuple:
@@ -35,6 +38,7 @@ def test_staff_request_starts_one_run_and_a_repeat_tick_none(automation_env, dat
     tags = result.run_requests[0].tags
     assert tags[REQUESTED_BY_TAG] == str(staff) and tags[REQUEST_ID_TAG] == str(request_id)
     assert result.cursor == str(request_id)
+    assert result.run_requests[0].run_config == {"ops": {"kommo_staging": {"config": {"year": 2025}}}}
     assert _status(database_url, request_id) == ("queued", None)
 
     repeat = ticker.tick(SENSOR)
@@ -79,3 +83,50 @@ def test_unreadable_live_flag_fails_the_tick_and_counts_as_off(automation_env, d
     with pytest.raises(ConfigError, match="KOMMO_ENABLE_LIVE"):
         ticker.tick(SENSOR)
     assert _flag(database_url) is False
+
+
+def _settings(url: str) -> dict:
+    return dict(fetch_all(url, "SELECT name, value FROM kommo_runtime_settings"))
+
+
+def test_the_tick_copies_years_and_cooldown_and_runs_the_year_asked_for(automation_env, database_url, staff,
+                                                                        ticker, monkeypatch):
+    ticker.tick(SENSOR)
+    assert _settings(database_url) == {"KOMMO_REFRESH_YEARS": [2025], "KOMMO_REQUEST_COOLDOWN_MINUTES": 10}
+    monkeypatch.setenv("KOMMO_REFRESH_YEARS", "2025, 2024")
+    monkeypatch.setenv("KOMMO_REQUEST_COOLDOWN_MINUTES", "0")
+    ticker.tick(SENSOR)
+    assert _settings(database_url) == {"KOMMO_REFRESH_YEARS": [2025, 2024], "KOMMO_REQUEST_COOLDOWN_MINUTES": 0}
+
+    request_id = _request(database_url, staff, 2024)
+    (run_request,) = ticker.tick(SENSOR).run_requests
+    assert run_request.run_config == {"ops": {"kommo_staging": {"config": {"year": 2024}}}}
+    assert request_id == int(run_request.tags["kommo/request_id"])
+    # the config is one the job accepts, and it is the window a run imports (the dry run shares the step)
+    dg.validate_run_config(defs.resolve_job_def("kommo_full_refresh_job"), run_request.run_config)
+    result = defs.resolve_job_def("kommo_dry_run_job").execute_in_process(
+        run_config=run_request.run_config, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert result.success
+    assert fetch_one(database_url, "SELECT created_from::date::text, created_to::date::text FROM kommo_import_runs "
+                                   "WHERE id = %s", (result.run_id,)) == ("2024-01-01", "2025-01-01")
+
+
+def test_a_request_made_before_years_runs_the_default_config(automation_env, database_url, staff, ticker):
+    ticker.tick(SENSOR)
+    request_id = fetch_one(database_url, "INSERT INTO kommo_refresh_requests (requested_by) VALUES (%s) RETURNING id",
+                           (staff,))[0]
+    (run_request,) = ticker.tick(SENSOR).run_requests
+    assert run_request.run_key == f"kommo-refresh-request-{request_id}" and run_request.run_config == {}
+
+
+@pytest.mark.parametrize("name, raw", [("KOMMO_REFRESH_YEARS", "2025,next"), ("KOMMO_REFRESH_YEARS", "1999"),
+                                       ("KOMMO_REQUEST_COOLDOWN_MINUTES", "soon"),
+                                       ("KOMMO_REQUEST_COOLDOWN_MINUTES", "-5")])
+def test_an_unreadable_setting_fails_the_tick_naming_it_and_keeps_the_last_copy(
+        automation_env, database_url, staff, ticker, monkeypatch, name, raw):
+    ticker.tick(SENSOR)
+    before = _settings(database_url)
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(ConfigError, match=name):
+        ticker.tick(SENSOR)
+    assert _settings(database_url) == before

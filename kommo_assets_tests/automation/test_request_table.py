@@ -1,7 +1,9 @@
-"""The SQL side of the button: request_kommo_refresh's checks, the double click, the polling payload."""
+"""The SQL side of the button: request_kommo_refresh's checks, whose request it is, the year, the double
+click and the cooldown, and the polling payload."""
 
 import threading
 import uuid
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -9,38 +11,176 @@ import pytest
 from kommo_assets.automation import request_table
 from kommo_assets_tests.helpers import fetch_one
 
+PAYLOAD_KEYS = {"request_id", "run_id", "status", "year", "leads", "contacts", "vehicles", "error", "requested_at",
+                "updated_at", "finished_at"}
 
-def _request(url: str, user) -> dict:
+
+def _request(url: str, user=None, year=None, *, session: dict[str, str] | None = None) -> dict:
+    """Presses the button; ``session`` are settings the caller's transaction carries (its identity)."""
     with psycopg.connect(url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        cur.execute("SELECT * FROM request_kommo_refresh(%s)", (user,))
+        for name, value in (session or {}).items():
+            cur.execute("SELECT set_config(%s, %s, true)", (name, value))
+        cur.execute("SELECT * FROM request_kommo_refresh(%s, %s)", (user, year))
         return cur.fetchone()
+
+
+def _poll(url: str, request_id: int, user=None, *, session: dict[str, str] | None = None):
+    with psycopg.connect(url) as conn:
+        for name, value in (session or {}).items():
+            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+        return conn.execute("SELECT kommo_refresh_request_status(%s, %s)", (request_id, user)).fetchone()[0]
+
+
+def _add_staff(url: str) -> uuid.UUID:
+    user = uuid.uuid4()
+    fetch_one(url, "INSERT INTO kommo_refresh_staff (user_id) VALUES (%s) RETURNING 1", (user,))
+    return user
+
+
+def _finish(url: str, request_id: int, ago: timedelta, status: str = "succeeded") -> None:
+    """Moves the clock: the request's run ended ``ago`` before now."""
+    fetch_one(url, "UPDATE kommo_refresh_requests SET status = %s, finished_at = now() - %s WHERE id = %s "
+                   "RETURNING 1", (status, ago, request_id))
+
+
+def _requests(url: str) -> int:
+    return fetch_one(url, "SELECT count(*) FROM kommo_refresh_requests")[0]
 
 
 def test_staff_request_is_pending_and_polls_as_the_202_payload(database_url, staff, live_synced):
     request = _request(database_url, staff)
-    assert request["status"] == "pending" and request["requested_by"] == staff
+    assert request["status"] == "pending" and request["accepted"] is True and request["year"] == 2025
+    assert request["message"] == f"Kommo refresh of 2025 requested (request #{request['id']})."
+    assert "requested_by" not in request
+    assert fetch_one(database_url, "SELECT requested_by, year FROM kommo_refresh_requests WHERE id = %s",
+                     (request["id"],)) == (staff, 2025)
     status = request_table.request_status(database_url, request["id"])
+    assert set(status) == PAYLOAD_KEYS  # nothing about who asked
     assert {k: status[k] for k in ("request_id", "run_id", "status", "leads", "contacts", "vehicles", "error")} == {
         "request_id": request["id"], "run_id": None, "status": "pending", "leads": None, "contacts": None,
         "vehicles": None, "error": None,
     }
+    assert _poll(database_url, request["id"], staff) == status
     assert request_table.request_status(database_url, request["id"] + 1000) is None
 
 
-def test_double_click_returns_the_waiting_request(database_url, staff, live_synced):
+def test_the_status_is_only_for_the_user_who_asked(database_url, staff, live_synced):
+    request_id = _request(database_url, staff)["id"]
+    other = _add_staff(database_url)
+    assert _poll(database_url, request_id, other) is None
+    assert _poll(database_url, request_id, None) is None
+    assert _poll(database_url, request_id, session={"kommo.user_id": str(other)}) is None
+    assert _poll(database_url, request_id, session={"kommo.user_id": str(staff)})["request_id"] == request_id
+    # a session's user cannot read someone else's request by naming them
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="is not the signed-in user"):
+        _poll(database_url, request_id, staff, session={"kommo.user_id": str(other)})
+
+
+@pytest.mark.parametrize("identity", ["kommo.user_id", "request.jwt.claims", "request.jwt.claim.sub"])
+def test_the_session_user_wins_and_nobody_can_act_as_another(database_url, staff, live_synced, identity):
+    stranger = uuid.uuid4()
+
+    def session(user: uuid.UUID) -> dict[str, str]:
+        return {identity: f'{{"sub": "{user}", "role": "authenticated"}}' if identity == "request.jwt.claims"
+                else str(user)}
+
+    # a stranger passing a staff member's id is refused, whatever the id
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match=f"user_id {staff} is not the signed-in user"):
+        _request(database_url, staff, session=session(stranger))
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match=f"user {stranger} is not staff"):
+        _request(database_url, None, session=session(stranger))
+    assert _requests(database_url) == 0
+    # staff, signed in: the argument may be left out or name themselves
+    request = _request(database_url, None, session=session(staff))
+    assert request["accepted"] and _request(database_url, staff, session=session(staff))["id"] == request["id"]
+    assert fetch_one(database_url, "SELECT requested_by FROM kommo_refresh_requests")[0] == staff
+    assert _poll(database_url, request["id"], session=session(staff))["status"] == "pending"
+
+
+def test_an_anonymous_postgrest_request_is_nobody_even_with_a_staff_id(database_url, staff, live_synced):
+    # PostgREST sets the claims (without sub for the anon key) and request.method on every request
+    for session in ({"request.jwt.claims": '{"role": "anon"}'}, {"request.method": "POST"}):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="is not the signed-in user"):
+            _request(database_url, staff, session=session)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match=r"user \(none\) is not staff"):
+            _request(database_url, None, session=session)
+    assert _requests(database_url) == 0
+
+
+def test_the_year_defaults_to_the_first_configured_and_others_are_refused(database_url, staff, live_synced):
+    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: [2024, 2025]})
     first = _request(database_url, staff)
-    assert _request(database_url, staff)["id"] == first["id"]
+    assert first["year"] == 2024
+    _finish(database_url, first["id"], timedelta(hours=1))
+    assert _request(database_url, staff, 2025)["year"] == 2025
+    for year in (2023, 2026):
+        with pytest.raises(psycopg.errors.InvalidParameterValue,
+                           match=f"year {year} is not one of the years requests may ask for \\(2024, 2025\\)") as no:
+            _request(database_url, staff, year)
+        assert "KOMMO_REFRESH_YEARS" in no.value.diag.message_hint
+    assert [r for r in fetch_one(database_url, "SELECT array_agg(year ORDER BY id) FROM kommo_refresh_requests")] == [
+        [2024, 2025]]
+
+
+def test_settings_never_synced_refuse_naming_the_variable(database_url, staff):
+    request_table.sync_flag(database_url, request_table.LIVE_FLAG, True)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="KOMMO_REFRESH_YEARS has not been synced"):
+        _request(database_url, staff)
+    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: [2025]})
+    with pytest.raises(psycopg.errors.InsufficientPrivilege,
+                       match="KOMMO_REQUEST_COOLDOWN_MINUTES has not been synced"):
+        _request(database_url, staff)
+    assert _requests(database_url) == 0
+
+
+def test_double_click_and_a_running_refresh_return_the_same_request(database_url, staff, live_synced):
+    first = _request(database_url, staff)
+    again = _request(database_url, staff)
+    assert again["id"] == first["id"] and again["accepted"] is False
+    assert again["message"] == (f"A Kommo refresh is already waiting to start (request #{first['id']}, 2025); "
+                                "a new one can be requested 10 minutes after it ends.")
     # another staff member pressing while it waits gets the same request too
-    other = uuid.uuid4()
-    fetch_one(database_url, "INSERT INTO kommo_refresh_staff (user_id) VALUES (%s) RETURNING 1", (other,))
-    assert _request(database_url, other)["id"] == first["id"]
-    # still the same once the sensor has queued it
+    assert _request(database_url, _add_staff(database_url))["id"] == first["id"]
+    # still the same once the sensor has queued it, and while its run runs
     assert [r["id"] for r in request_table.claim_pending(database_url, 0)] == [first["id"]]
     assert _request(database_url, staff)["id"] == first["id"]
-    # once its run has started, a new press is a new request (a refresh after the running one)
     assert request_table.mark_started(database_url, first["id"], "run-1")
-    assert _request(database_url, staff)["id"] != first["id"]
-    assert fetch_one(database_url, "SELECT count(*) FROM kommo_refresh_requests")[0] == 2
+    running = _request(database_url, staff)
+    assert (running["id"], running["status"], running["run_id"], running["accepted"]) == (
+        first["id"], "running", "run-1", False)
+    assert running["message"].startswith(f"A Kommo refresh is running (request #{first['id']}, 2025)")
+    assert _requests(database_url) == 1
+
+
+def test_the_cooldown_after_a_refresh_ends(database_url, staff, live_synced):
+    first = _request(database_url, staff)
+    request_table.mark_started(database_url, first["id"], "run-1")
+    ended = request_table.record_finished(database_url, first["id"], dagster_run_id="run-1",
+                                          import_run_id=None, error="boom")
+    assert ended["status"] == "failed" and ended["finished_at"] is not None  # failed runs count too
+    # 9 minutes after it ended: still the last one, with when the next may be asked for
+    _finish(database_url, first["id"], timedelta(minutes=9), "failed")
+    cooling = _request(database_url, staff)
+    assert (cooling["id"], cooling["status"], cooling["accepted"]) == (first["id"], "failed", False)
+    assert cooling["retry_after"] == cooling["finished_at"] + timedelta(minutes=10)
+    assert cooling["message"].startswith(f"The last Kommo refresh (request #{first['id']}, failed) ended at ")
+    assert "the next one can be requested from" in cooling["message"]
+    assert "KOMMO_REQUEST_COOLDOWN_MINUTES" in cooling["message"]
+    assert _requests(database_url) == 1
+    # 11 minutes after: a new request
+    _finish(database_url, first["id"], timedelta(minutes=11), "failed")
+    second = _request(database_url, staff)
+    assert second["accepted"] and second["id"] != first["id"] and second["status"] == "pending"
+    # the cooldown follows the setting, and a refused request (it never ran) does not start one
+    _finish(database_url, second["id"], timedelta(minutes=11))
+    request_table.sync_settings(database_url, {request_table.COOLDOWN_SETTING: 30})
+    assert _request(database_url, staff)["id"] == second["id"]
+    request_table.sync_settings(database_url, {request_table.COOLDOWN_SETTING: 0.5})
+    third = _request(database_url, staff)
+    assert third["accepted"]
+    assert request_table.refuse_pending(database_url, "off")[0]["id"] == third["id"]
+    assert _request(database_url, staff)["accepted"]
+    assert _requests(database_url) == 4
 
 
 def test_simultaneous_clicks_make_one_request(database_url, staff, live_synced):
@@ -58,7 +198,7 @@ def test_simultaneous_clicks_make_one_request(database_url, staff, live_synced):
     for t in threads:
         t.join()
     assert errors == [] and len(set(ids)) == 1
-    assert fetch_one(database_url, "SELECT count(*) FROM kommo_refresh_requests")[0] == 1
+    assert _requests(database_url) == 1
 
 
 def test_non_staff_is_refused_with_the_reason(database_url, live_synced):
@@ -67,7 +207,7 @@ def test_non_staff_is_refused_with_the_reason(database_url, live_synced):
         _request(database_url, stranger)
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not staff"):
         _request(database_url, None)
-    assert fetch_one(database_url, "SELECT count(*) FROM kommo_refresh_requests")[0] == 0
+    assert _requests(database_url) == 0
 
 
 def test_live_flag_off_is_refused_with_how_to_turn_it_on(database_url, staff):
@@ -78,7 +218,7 @@ def test_live_flag_off_is_refused_with_how_to_turn_it_on(database_url, staff):
                        match="KOMMO_ENABLE_LIVE is off. Set KOMMO_ENABLE_LIVE=1") as refused:
         _request(database_url, staff)
     assert refused.value.sqlstate == "42501"
-    assert fetch_one(database_url, "SELECT count(*) FROM kommo_refresh_requests")[0] == 0
+    assert _requests(database_url) == 0
 
 
 def test_flag_sync_moves_updated_at_only_on_change(database_url):
@@ -90,3 +230,15 @@ def test_flag_sync_moves_updated_at_only_on_change(database_url):
     assert request_table.sync_flag(database_url, "KOMMO_ENABLE_LIVE", False) is False
     assert fetch_one(database_url, "SELECT enabled, updated_at > %s FROM kommo_runtime_flags", (first[0],)) == (
         False, True)
+
+
+def test_setting_sync_moves_updated_at_only_on_change(database_url):
+    assert request_table.sync_settings(database_url, {"KOMMO_REFRESH_YEARS": [2025, 2024]}) == {
+        "KOMMO_REFRESH_YEARS": [2025, 2024]}
+    first = fetch_one(database_url, "SELECT updated_at, synced_at FROM kommo_runtime_settings")
+    request_table.sync_settings(database_url, {"KOMMO_REFRESH_YEARS": [2025, 2024]})
+    second = fetch_one(database_url, "SELECT updated_at, synced_at FROM kommo_runtime_settings")
+    assert second[0] == first[0] and second[1] > first[1]
+    request_table.sync_settings(database_url, {"KOMMO_REFRESH_YEARS": [2024]})
+    assert fetch_one(database_url, "SELECT value, updated_at > %s FROM kommo_runtime_settings", (first[0],)) == (
+        [2024], True)

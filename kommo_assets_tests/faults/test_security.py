@@ -189,7 +189,8 @@ def test_a_role_without_grants_cannot_read_or_write_the_run_log_and_staging(intr
     ],
 )
 def test_the_functions_do_not_open_the_tables_to_a_role_without_grants(intruder, call):
-    # the functions run with the caller's rights (no SECURITY DEFINER), so they cannot be a way around
+    # no project function is executable by PUBLIC; the two the app calls run as their owner, so only the
+    # kommo_app role may execute them (kommo_assets_tests/db/test_privileges.py)
     _, conn = intruder
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
         conn.execute(call)
@@ -206,6 +207,7 @@ def _request(url: str, user) -> dict:
 def test_requests_from_non_staff_are_refused(fault_env):
     env = fault_env(start="empty")
     request_table.sync_flag(env.url, request_table.LIVE_FLAG, True)
+    request_table.sync_settings(env.url, {request_table.YEARS_SETTING: [2025], request_table.COOLDOWN_SETTING: 10})
     staff = uuid.uuid4()
     fetch_one(env.url, "INSERT INTO kommo_refresh_staff (user_id) VALUES (%s) RETURNING 1", (staff,))
     for user in (uuid.uuid4(), None):

@@ -1,22 +1,87 @@
 -- The refresh request table's interface: what the web app calls (request_kommo_refresh,
--- kommo_refresh_request_status) and what the Dagster sensors call (flag sync, claim, refuse, started,
--- finished). Tables: sql/migrations/0004_refresh_requests.sql.
+-- kommo_refresh_request_status) and what the Dagster sensors call (flag and setting sync, claim, refuse,
+-- started, finished). Tables: sql/migrations/0004_refresh_requests.sql, 0008_app_role_and_least_privilege.sql.
+
+-- The web app's two entry points run as their owner (SECURITY DEFINER, search_path pinned at the end of
+-- this file), so the app's role (kommo_app, sql/migrations/0008_app_role_and_least_privilege.sql) needs
+-- no table privileges, and they decide whose request it is rather than trust the caller:
+--   * PostgREST / Supabase: the signed-in user of the request (the JWT's sub, what auth.uid() reads);
+--     a request without one (anonymous) is nobody's.
+--   * An app server on its own connection: it sets kommo.user_id for each transaction from its verified
+--     session (SET LOCAL kommo.user_id = '<uuid>', or set_config('kommo.user_id', $1, true)).
+--   * Neither: the user_id argument is the user (the app server must take it from its session, never
+--     from the browser). Use this only where the app's database role is not reachable by browsers.
+-- When the session names a user, a user_id argument must be NULL or that user, else the call is refused:
+-- nobody can act as someone else by passing their id.
+CREATE OR REPLACE FUNCTION kommo_refresh_caller(p_user_id uuid) RETURNS uuid
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_claims text := nullif(current_setting('request.jwt.claims', true), '');
+    v_sub text := nullif(current_setting('request.jwt.claim.sub', true), '');
+    v_app_user text := nullif(btrim(current_setting('kommo.user_id', true)), '');
+    v_session_user uuid;
+BEGIN
+    -- PostgREST sets these on every request it serves, with or without a signed-in user.
+    IF v_claims IS NOT NULL OR v_sub IS NOT NULL
+       OR nullif(current_setting('request.method', true), '') IS NOT NULL THEN
+        v_session_user := nullif(coalesce(v_sub, v_claims::jsonb ->> 'sub'), '')::uuid;
+    ELSIF v_app_user IS NOT NULL THEN
+        v_session_user := v_app_user::uuid;
+    ELSE
+        RETURN p_user_id;
+    END IF;
+    IF p_user_id IS NOT NULL AND p_user_id IS DISTINCT FROM v_session_user THEN
+        RAISE EXCEPTION 'Kommo refresh refused: user_id % is not the signed-in user', p_user_id
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'pass NULL (or omit user_id): the signed-in user is taken from the session';
+    END IF;
+    RETURN v_session_user;
+END;
+$$;
+
+-- A setting the request sensor copies from the code location (kommo_runtime_settings); refuses, saying
+-- how to fix it, while it has never been copied.
+CREATE OR REPLACE FUNCTION kommo_runtime_setting(p_name text) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_value jsonb;
+BEGIN
+    SELECT value INTO v_value FROM kommo_runtime_settings WHERE name = p_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'Kommo refresh is disabled: % has not been synced from the Dagster code location yet. '
+                        'Turn on the sensor kommo_refresh_request_sensor, which copies it into '
+                        'kommo_runtime_settings on every tick.', p_name
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN v_value;
+END;
+$$;
 
 -- The Bookings-page button. Refuses (SQLSTATE 42501 insufficient_privilege, with the reason as message)
--- a user who is not staff and any request while the live flag is off; otherwise adds a pending request,
--- or returns the request already waiting for a run, so a double click never queues two refreshes.
--- p_user_id must be the id of the signed-in user taken from the app's session (e.g. auth.uid() in
--- Supabase), never a value the browser sends.
+-- a user who is not staff and any request while the live flag is off, and (22023) a year outside
+-- KOMMO_REFRESH_YEARS; year NULL is the first configured year. Otherwise it queues a request, unless one
+-- is already waiting or running, or the last one finished less than KOMMO_REQUEST_COOLDOWN_MINUTES ago:
+-- then it answers with that request and says why (accepted false, retry_after when the cooldown ends).
+-- A double click never queues two refreshes, and the button cannot keep refreshes running back to back
+-- on the account's shared rate limit.
 -- An app with its own roles table can replace the kommo_refresh_staff check below with its own lookup.
-CREATE OR REPLACE FUNCTION request_kommo_refresh(p_user_id uuid) RETURNS kommo_refresh_requests
-LANGUAGE plpgsql AS $$
+DROP FUNCTION IF EXISTS request_kommo_refresh(uuid);
+CREATE OR REPLACE FUNCTION request_kommo_refresh(user_id uuid DEFAULT NULL, year integer DEFAULT NULL)
+RETURNS kommo_refresh_request_answer
+LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
+    v_user uuid := kommo_refresh_caller(request_kommo_refresh.user_id);
     v_enabled boolean;
+    v_years integer[];
+    v_year integer;
+    v_minutes numeric;
+    v_cooldown interval;
     v_request kommo_refresh_requests;
+    v_answer kommo_refresh_request_answer;
 BEGIN
-    IF p_user_id IS NULL
-       OR NOT EXISTS (SELECT 1 FROM kommo_refresh_staff WHERE user_id = p_user_id) THEN
-        RAISE EXCEPTION 'Kommo refresh refused: user % is not staff', coalesce(p_user_id::text, '(none)')
+    IF v_user IS NULL
+       OR NOT EXISTS (SELECT 1 FROM kommo_refresh_staff s WHERE s.user_id = v_user) THEN
+        RAISE EXCEPTION 'Kommo refresh refused: user % is not staff', coalesce(v_user::text, '(none)')
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'only users listed in kommo_refresh_staff may request a Kommo refresh';
     END IF;
@@ -34,37 +99,94 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege';
     END IF;
 
-    -- Serialize callers so the "already waiting?" look and the insert see the same picture; the unique
-    -- index kommo_refresh_requests_one_waiting backs this up.
-    PERFORM pg_advisory_xact_lock(90903);
-    SELECT * INTO v_request FROM kommo_refresh_requests
-     WHERE status IN ('pending', 'queued') ORDER BY id LIMIT 1;
-    IF FOUND THEN
-        RETURN v_request;
+    SELECT array_agg(e.value::integer ORDER BY e.ordinality) INTO v_years
+      FROM jsonb_array_elements_text(kommo_runtime_setting('KOMMO_REFRESH_YEARS')) WITH ORDINALITY AS e;
+    v_year := coalesce(request_kommo_refresh.year, v_years[1]);
+    IF v_year IS NULL OR NOT v_year = ANY (v_years) THEN
+        RAISE EXCEPTION 'Kommo refresh refused: year % is not one of the years requests may ask for (%)',
+                        v_year, array_to_string(v_years, ', ')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'KOMMO_REFRESH_YEARS in the environment of the Dagster code location lists them';
     END IF;
-    INSERT INTO kommo_refresh_requests (requested_by) VALUES (p_user_id) RETURNING * INTO v_request;
-    RETURN v_request;
+    v_minutes := (kommo_runtime_setting('KOMMO_REQUEST_COOLDOWN_MINUTES'))::numeric;
+    v_cooldown := make_interval(secs => v_minutes * 60);
+
+    -- Serialize callers so the look at waiting, running and recent requests and the insert see the same
+    -- picture; the unique index kommo_refresh_requests_one_waiting backs this up.
+    PERFORM pg_advisory_xact_lock(90903);
+    SELECT * INTO v_request FROM kommo_refresh_requests r
+     WHERE r.status IN ('pending', 'queued', 'running') ORDER BY r.id DESC LIMIT 1;
+    IF FOUND THEN
+        v_answer.accepted := false;
+        v_answer.message := format(
+            CASE WHEN v_request.status = 'running'
+                 THEN 'A Kommo refresh is running (request #%s, %s); a new one can be requested %s minutes after it ends.'
+                 ELSE 'A Kommo refresh is already waiting to start (request #%s, %s); '
+                      'a new one can be requested %s minutes after it ends.' END,
+            v_request.id, coalesce(v_request.year::text, 'default year'), trim_scale(v_minutes));
+    ELSE
+        SELECT * INTO v_request FROM kommo_refresh_requests r
+         WHERE r.finished_at IS NOT NULL ORDER BY r.finished_at DESC, r.id DESC LIMIT 1;
+        IF FOUND AND v_request.finished_at + v_cooldown > now() THEN
+            v_answer.accepted := false;
+            v_answer.retry_after := v_request.finished_at + v_cooldown;
+            v_answer.message := format(
+                'The last Kommo refresh (request #%s, %s) ended at %s; the next one can be requested from %s '
+                '(KOMMO_REQUEST_COOLDOWN_MINUTES).',
+                v_request.id, v_request.status,
+                to_char(v_request.finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'),
+                to_char(v_answer.retry_after AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'));
+        ELSE
+            INSERT INTO kommo_refresh_requests (requested_by, year) VALUES (v_user, v_year)
+            RETURNING * INTO v_request;
+            v_answer.accepted := true;
+            v_answer.message := format('Kommo refresh of %s requested (request #%s).', v_year, v_request.id);
+        END IF;
+    END IF;
+    v_answer.id := v_request.id;
+    v_answer.status := v_request.status;
+    v_answer.year := v_request.year;
+    v_answer.run_id := v_request.dagster_run_id;
+    v_answer.requested_at := v_request.requested_at;
+    v_answer.finished_at := v_request.finished_at;
+    RETURN v_answer;
 END;
 $$;
 
--- What the app polls for its toast: {request_id, run_id, status, leads, contacts, vehicles, error}
--- (run_id is the Dagster run id, null until a run is started). NULL for an unknown request id.
-CREATE OR REPLACE FUNCTION kommo_refresh_request_status(p_id bigint) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
+-- What the app polls for its toast: {request_id, run_id, status, year, leads, contacts, vehicles, error,
+-- requested_at, updated_at, finished_at} (run_id is the Dagster run id, null until a run is started).
+-- Only the caller's own requests (the caller as request_kommo_refresh decides it): NULL for any other id.
+DROP FUNCTION IF EXISTS kommo_refresh_request_status(bigint);
+CREATE OR REPLACE FUNCTION kommo_refresh_request_status(request_id bigint, user_id uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER AS $$
     SELECT jsonb_build_object(
         'request_id', r.id,
         'run_id', r.dagster_run_id,
         'status', r.status,
+        'year', r.year,
         'leads', r.leads,
         'contacts', r.contacts,
         'vehicles', r.vehicles,
         'error', coalesce(r.error, r.reason),
-        'requested_by', r.requested_by,
         'requested_at', r.requested_at,
-        'updated_at', r.updated_at
+        'updated_at', r.updated_at,
+        'finished_at', r.finished_at
     )
       FROM kommo_refresh_requests r
-     WHERE r.id = p_id;
+     WHERE r.id = kommo_refresh_request_status.request_id
+       AND r.requested_by = kommo_refresh_caller(kommo_refresh_request_status.user_id);
+$$;
+
+-- The code location's copy of a setting (see kommo_runtime_settings). Returns the value stored.
+CREATE OR REPLACE FUNCTION sync_kommo_runtime_setting(p_name text, p_value jsonb) RETURNS jsonb
+LANGUAGE sql AS $$
+    INSERT INTO kommo_runtime_settings AS s (name, value) VALUES (p_name, p_value)
+    ON CONFLICT (name) DO UPDATE
+       SET value = EXCLUDED.value,
+           synced_at = now(),
+           updated_at = CASE WHEN s.value IS DISTINCT FROM EXCLUDED.value THEN now() ELSE s.updated_at END
+    RETURNING value;
 $$;
 
 -- The code location's copy of a flag (see kommo_runtime_flags). Returns the value stored.
@@ -133,9 +255,21 @@ BEGIN
            contacts = v_run.contacts_count,
            vehicles = v_run.vehicles_count,
            error = CASE WHEN v_status = 'succeeded' THEN NULL ELSE coalesce(v_run.error, p_error) END,
-           updated_at = now()
+           updated_at = now(),
+           finished_at = now()
      WHERE id = p_id AND status <> 'refused'
     RETURNING * INTO v_request;
     RETURN v_request;
+END;
+$$;
+
+-- The entry points resolve names only in the project's schema (pg_catalog first, as always, and pg_temp
+-- last), so a caller's own objects can never stand in for the tables or functions they use.
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION request_kommo_refresh(uuid, integer) SET search_path = %I, pg_temp',
+                   current_schema());
+    EXECUTE format('ALTER FUNCTION kommo_refresh_request_status(bigint, uuid) SET search_path = %I, pg_temp',
+                   current_schema());
 END;
 $$;
