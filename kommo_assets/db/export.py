@@ -56,7 +56,8 @@ def export_snapshot(database_url: str, run_id: str, directory: str | Path,
                 with _private_file(partial) as raw, gzip.open(raw, "wt", encoding="utf-8") as out, \
                         conn.cursor(name=f"export_{kind}") as cur:
                     cur.itersize = 2000
-                    cur.execute(f"SELECT payload::text FROM {table} WHERE run_id = %s ORDER BY {key}", (run_id,))
+                    cur.execute(f"SELECT payload::text FROM {table} WHERE run_id = %s ORDER BY {key}",
+                                (run_id,))
                     for (line,) in cur:
                         out.write(line)
                         out.write("\n")
