@@ -329,10 +329,10 @@ def staged_lead(lead: dict) -> StagedLead:
     Raises :class:`InvalidPayload` only when ``lead`` is not a dict or has no positive integer ``id`` (an
     int or a numeric string of at most 19 digits). Every other field falls back to None when missing or
     malformed: ids (status, pipeline, responsible user, enums) must be positive integers up to ``MAX_ID``;
-    ``price`` goes through :func:`parse_amount`; ``name`` through :func:`clean_text`; vehicle and source are the first
-    ``enum_id`` of fields 1234163 and 823206; delivery and collect the first value of fields 1218176
-    and 1218178 through :func:`extract_kommo_epoch`, as are created/updated/closed_at; the contact is
-    :func:`main_contact_id`.
+    ``price`` goes through :func:`parse_amount`; ``name`` through :func:`clean_text`; vehicle and source
+    are the first ``enum_id`` of fields 1234163 and 823206; delivery and collect the first value of fields
+    1218176 and 1218178 through :func:`extract_kommo_epoch`, as are created/updated/closed_at; the contact
+    is :func:`main_contact_id`.
     """
     if not isinstance(lead, dict):
         raise InvalidPayload(f"lead is not an object but {type(lead).__name__}")
