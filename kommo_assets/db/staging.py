@@ -27,8 +27,11 @@ from kommo_assets.db import connect
 from kommo_assets.kommo.client import ContactBatch, FieldOptions, KommoClient, LeadPage
 from kommo_assets.kommo.errors import InvalidPayload
 from kommo_assets.kommo.fields import (
+    MAX_NESTING,
     SOURCE_FIELD_ID,
     VEHICLE_FIELD_ID,
+    clean_text,
+    nesting_exceeds,
     sanitize_payload,
     staged_contact,
     staged_lead,
@@ -113,11 +116,19 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 def payload_json(obj: object) -> str:
     """The JSON text of a raw payload, as ``jsonb`` accepts it: the same document as
     ``json.dumps(sanitize_payload(obj))``, without the deep copy when nothing needs cleaning (the usual
-    case): NUL characters, lone surrogates and NaN/inf take the slow, sanitizing path."""
+    case): NUL characters, lone surrogates and NaN/inf take the slow, sanitizing path.
+
+    Raises :class:`InvalidPayload` for a payload nested deeper than ``MAX_NESTING``: no Kommo record is,
+    and the walks that store it recurse."""
     try:
         text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except RecursionError:  # deeper than the stack allows, so far deeper than MAX_NESTING
+        raise InvalidPayload(f"the payload nests deeper than {MAX_NESTING} levels") from None
     except (ValueError, TypeError):
         text = None
+    # Each level opens a bracket, so a text with few of them is shallow enough: only the rest is walked.
+    if (text is None or text.count("{") + text.count("[") > MAX_NESTING) and nesting_exceeds(obj):
+        raise InvalidPayload(f"the payload nests deeper than {MAX_NESTING} levels")
     if text is None or "\\u0000" in text or _SURROGATE.search(text):
         text = json.dumps(sanitize_payload(obj), ensure_ascii=False, separators=(",", ":"))
     return text
@@ -175,11 +186,15 @@ class StagingWriter:
             conn.execute(_PREPARE)
 
     def write_field_options(self, field_id: int, options: dict[int, str]) -> None:
+        """Stages a select field's options. Labels are cleaned like every other text (a NUL would fail the
+        insert, and with it the run); an option whose label is left empty is not staged, so its leads get
+        the fallback of an unknown option (a placeholder vehicle name, no source)."""
+        labels = [(enum_id, clean_text(value)) for enum_id, value in options.items()]
         with self.conn.transaction(), self.conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO stg_kommo_field_options (run_id, field_id, enum_id, value) VALUES (%s, %s, %s, %s)"
                 " ON CONFLICT (run_id, field_id, enum_id) DO UPDATE SET value = EXCLUDED.value",
-                [(self.run_id, field_id, enum_id, value) for enum_id, value in options.items()],
+                [(self.run_id, field_id, enum_id, label) for enum_id, label in labels if label is not None],
             )
 
     def write_leads(self, leads: Iterable[dict], skipped: Counter) -> LeadsWritten:
@@ -188,11 +203,12 @@ class StagingWriter:
         for lead in leads:
             try:
                 s = staged_lead(lead)
+                payload = payload_json(lead)
             except InvalidPayload:
                 skipped["invalid_lead"] += 1
                 continue
             rows.append((
-                self.run_id, s.lead_id, payload_json(lead), s.contact_id, s.status_id, s.pipeline_id,
+                self.run_id, s.lead_id, payload, s.contact_id, s.status_id, s.pipeline_id,
                 s.responsible_user_id, s.price, s.name, s.vehicle_enum_id, s.source_enum_id, s.delivery_at,
                 s.collect_at, s.created_at, s.updated_at, s.closed_at,
             ))
@@ -213,10 +229,11 @@ class StagingWriter:
         for contact in contacts:
             try:
                 s = staged_contact(contact)
+                payload = payload_json(contact)
             except InvalidPayload:
                 skipped["invalid_contact"] += 1
                 continue
-            rows.append((self.run_id, s.contact_id, payload_json(contact), s.name, s.phone, s.email))
+            rows.append((self.run_id, s.contact_id, payload, s.name, s.phone, s.email))
         if not rows:
             return 0
         with self.conn.transaction(), self.conn.cursor() as cur:

@@ -2,7 +2,8 @@
 
 Every parser here is tolerant: Kommo sends the same field in several shapes, and a malformed value
 must become ``None`` (reported downstream), never an exception that stops a run. The only exception
-is :class:`~kommo_assets.kommo.errors.InvalidPayload`, raised when an entity has no usable id.
+is :class:`~kommo_assets.kommo.errors.InvalidPayload`, raised when an entity has no usable id; staging
+also skips an entity nested deeper than any Kommo record is (``MAX_NESTING``, see :func:`nesting_exceeds`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,16 @@ _MILLISECONDS_ABOVE = 1e11
 MAX_ID = 2**63 - 1
 MAX_AMOUNT = Decimal("999999999999.99")
 _AMOUNT_OVERFLOW = MAX_AMOUNT + Decimal("0.005")  # Postgres rounds half away from zero, to cents
+# MAX_ID has 19 digits. A longer digit string is no id, and is refused before int() sees it: Python refuses
+# to convert more than 4,300 digits (ValueError), which would stop the run instead of skipping one value.
+_MAX_ID_DIGITS = len(str(MAX_ID))
+# Kommo's records nest about seven levels (lead -> custom_fields_values -> field -> values -> value). One
+# nested deeper is skipped as a whole: storing it walks it recursively (json.dumps, the sanitizer), and
+# near Python's recursion limit that walk would fail the run, not just the record.
+MAX_NESTING = 64
 
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_INT_TEXT_RE = re.compile(r"([+-]?)(\d+)(?:\.0*)?")
 # C0 control characters except \t and \n, plus lone UTF-16 surrogates (they cannot be encoded as
 # UTF-8, so Postgres would reject the row).
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\ud800-\udfff]")
@@ -52,7 +61,8 @@ _FALLBACK_NAMES = {
 
 
 def _as_int(value: object) -> int | None:
-    """An int from an int, an integral float or a decimal-digit string; bools and anything else -> None."""
+    """An int from an int, an integral float or a decimal-digit string (``"42"``, ``"42.0"``) of at most
+    19 significant digits; bools, longer digit strings and anything else -> None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -60,11 +70,12 @@ def _as_int(value: object) -> int | None:
     if isinstance(value, float):
         return int(value) if math.isfinite(value) and value.is_integer() else None
     if isinstance(value, str):
-        text = value.strip()
-        if re.fullmatch(r"[+-]?\d+", text):
-            return int(text)
-        if re.fullmatch(r"[+-]?\d+\.0*", text):
-            return int(text.split(".")[0])
+        match = _INT_TEXT_RE.fullmatch(value.strip())
+        if match is None:
+            return None
+        sign, digits = match.groups()
+        digits = digits.lstrip("0") or "0"
+        return int(sign + digits) if len(digits) <= _MAX_ID_DIGITS else None
     return None
 
 
@@ -73,6 +84,24 @@ def positive_int(value: object) -> int | None:
     a digit string; else None."""
     number = _as_int(value)
     return number if number is not None and 0 < number <= MAX_ID else None
+
+
+def nesting_exceeds(value: object, limit: int = MAX_NESTING) -> bool:
+    """Whether a decoded JSON value nests objects and arrays more than ``limit`` levels deep (a scalar is
+    level 0, ``{}`` and ``[]`` level 1). Iterative: a value of any depth is measured without recursion."""
+    pending: list[tuple[object, int]] = [(value, 1)]
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if level > limit:
+            return True
+        pending.extend((child, level + 1) for child in children if isinstance(child, dict | list | tuple))
+    return False
 
 
 # --- timestamps ----------------------------------------------------------------------------------
@@ -297,13 +326,13 @@ class StagedLead:
 def staged_lead(lead: dict) -> StagedLead:
     """Parses a raw lead (as returned by ``/api/v4/leads``) into a :class:`StagedLead`.
 
-    Raises :class:`InvalidPayload` only when ``lead`` is not a dict or has no positive integer ``id``
-    (an int or a numeric string). Every other field falls back to None when missing or malformed:
-    ids (status, pipeline, responsible user) must be positive integers; ``price`` goes through
-    :func:`parse_amount`; ``name`` through :func:`clean_text`; vehicle and source are the first
-    ``enum_id`` of fields 1234163 and 823206; delivery and collect the first value of fields 1218176
-    and 1218178 through :func:`extract_kommo_epoch`, as are created/updated/closed_at; the contact is
-    :func:`main_contact_id`.
+    Raises :class:`InvalidPayload` only when ``lead`` is not a dict or has no positive integer ``id`` (an
+    int or a numeric string of at most 19 digits). Every other field falls back to None when missing or
+    malformed: ids (status, pipeline, responsible user, enums) must be positive integers up to ``MAX_ID``;
+    ``price`` goes through :func:`parse_amount`; ``name`` through :func:`clean_text`; vehicle and source
+    are the first ``enum_id`` of fields 1234163 and 823206; delivery and collect the first value of fields
+    1218176 and 1218178 through :func:`extract_kommo_epoch`, as are created/updated/closed_at; the contact
+    is :func:`main_contact_id`.
     """
     if not isinstance(lead, dict):
         raise InvalidPayload(f"lead is not an object but {type(lead).__name__}")
@@ -366,7 +395,8 @@ def _multitext_first(contact: dict, code: str) -> str | None:
 def staged_contact(contact: dict) -> StagedContact:
     """Parses a raw contact (as returned by ``/api/v4/contacts``) into a :class:`StagedContact`.
 
-    Raises :class:`InvalidPayload` only when ``contact`` is not a dict or has no positive integer id.
+    Raises :class:`InvalidPayload` only when ``contact`` is not a dict or has no positive integer id (an
+    int or a numeric string of at most 19 digits).
     Fallbacks: ``name`` is the cleaned ``name``, else ``first_name`` + ``last_name`` joined by a space,
     else None. ``phone``/``email`` are the first non-empty value of the multitext field whose
     ``field_code`` is PHONE/EMAIL (any case); when no field carries the code, a ``multitext`` field
@@ -395,7 +425,7 @@ def sanitize_payload(obj: object) -> object:
 
     Removes NUL characters (jsonb rejects ``\\u0000``) and lone surrogates (invalid Unicode) from every
     string, dict keys included; turns NaN/inf floats into None (not valid JSON); tuples become lists.
-    Everything else is copied as is.
+    Everything else is copied as is. Recursive: check :func:`nesting_exceeds` first on untrusted input.
     """
     if isinstance(obj, str):
         return _INVALID_IN_JSONB_RE.sub("", obj)
@@ -412,5 +442,8 @@ def sanitize_payload(obj: object) -> object:
 
 
 def _short(value: object, limit: int = 40) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4,300 digits has no repr
+        text = f"<{type(value).__name__} too long to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."

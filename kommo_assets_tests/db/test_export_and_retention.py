@@ -1,11 +1,14 @@
 """Raw snapshot export round-trips to the staged payloads; staging retention prunes by age and status."""
 
+import contextlib
 import gzip
 import json
 import os
+import stat
 import time
 
 import psycopg
+import pytest
 
 from kommo_assets.db import runs
 from kommo_assets.db.export import export_snapshot, prune_exports, snapshot_path
@@ -27,6 +30,8 @@ def test_export_files_round_trip_to_the_staged_payloads(kommo_env, database_url,
         staged = _staged(database_url, table, key, result.run_id)
         assert len(staged) > 100
         assert exported == staged
+        assert _mode(path) == 0o600
+    assert _mode(tmp_path) == 0o700
     assert not list(tmp_path.glob("*.partial"))
 
 
@@ -77,3 +82,82 @@ def test_staging_retention_prunes_old_succeeded_and_keeps_recent_and_failed(data
     left = {r[0] for r in fetch_all(database_url, "SELECT run_id::text FROM stg_kommo_leads")}
     assert left == {new_ok, old_failed}
     assert {old_ok, older_failed} <= {r[0] for r in fetch_all(database_url, "SELECT id::text FROM kommo_import_runs")}
+
+
+def _run_with_a_lead(url) -> str:
+    run_id = str(fetch_one(url, "SELECT gen_random_uuid()")[0])
+    runs.start_run(url, run_id=run_id, dagster_run_id=None, job_name="t", triggered_by=None,
+                   dry_run=True, window=runs.window_for(2025), max_drop_ratio=0.3)
+    with psycopg.connect(url) as conn:
+        conn.execute("INSERT INTO stg_kommo_leads (run_id, lead_id, payload) VALUES (%s, 1, %s)",
+                     (run_id, json.dumps({"id": 1, "name": "Ana Silva", "phone": "+351 912 345"})))
+    return run_id
+
+
+@contextlib.contextmanager
+def _umask(mask: int):
+    before = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_export_files_are_readable_by_their_owner_only_whatever_the_umask(database_url, tmp_path):
+    run_id = _run_with_a_lead(database_url)
+    new_directory = tmp_path / "new" / "snapshots"
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    os.chmod(existing, 0o777)
+    # a partial file left by an earlier attempt, world-readable: truncated and made private
+    stale = existing / f"kommo-snapshot-{run_id}-leads.jsonl.gz.partial"
+    stale.write_bytes(b"old bytes")
+    os.chmod(stale, 0o666)
+    with _umask(0):  # the most permissive: every mode the process asks for is kept
+        for directory in (new_directory, existing):
+            export = export_snapshot(database_url, run_id, directory)
+            assert _mode(directory) == 0o700, directory
+            assert export.rows == {"leads": 1, "contacts": 0}
+            for path in export.files.values():
+                assert _mode(path) == 0o600, path
+            assert sorted(p.name for p in directory.iterdir()) == sorted(p.name for p in export.files.values())
+    with gzip.open(snapshot_path(existing, run_id, "leads"), "rt", encoding="utf-8") as f:
+        assert [json.loads(line)["name"] for line in f] == ["Ana Silva"]
+
+
+def test_a_failed_export_removes_its_partial_file(database_url, tmp_path):
+    run_id = _run_with_a_lead(database_url)
+    # the database fails the query: the leads file was opened, nothing was written
+    with pytest.raises(psycopg.Error):
+        export_snapshot(database_url, "not-a-run-id", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    # the rename of the complete leads file fails (a directory holds its name)
+    snapshot_path(tmp_path, run_id, "leads").mkdir()
+    (snapshot_path(tmp_path, run_id, "leads") / "keep").write_bytes(b"")
+    with pytest.raises(OSError):
+        export_snapshot(database_url, run_id, tmp_path)
+    assert not list(tmp_path.glob("*.partial"))
+    assert [p.name for p in tmp_path.iterdir()] == [snapshot_path(tmp_path, run_id, "leads").name]
+
+
+def test_retention_also_removes_partial_files_of_old_failed_exports(tmp_path):
+    stale = time.time() - 10 * 86400
+    names = {
+        "old_snapshot": "kommo-snapshot-a-leads.jsonl.gz",
+        "old_partial": "kommo-snapshot-b-contacts.jsonl.gz.partial",
+        "recent_partial": "kommo-snapshot-c-leads.jsonl.gz.partial",  # may be an export under way
+        "recent_snapshot": "kommo-snapshot-c-contacts.jsonl.gz",
+        "old_unrelated": "other.jsonl.gz.partial",
+    }
+    paths = {key: tmp_path / name for key, name in names.items()}
+    for key, path in paths.items():
+        path.write_bytes(b"")
+        if key.startswith("old"):
+            os.utime(path, (stale, stale))
+    assert prune_exports(tmp_path, retention_days=5) == 2
+    assert {p.name for p in tmp_path.iterdir()} == {names["recent_partial"], names["recent_snapshot"],
+                                                    names["old_unrelated"]}

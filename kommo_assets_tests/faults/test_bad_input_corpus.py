@@ -11,6 +11,7 @@ docs/reliability.md.
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ import psycopg
 import pytest
 
 from kommo_assets.dev.simulator import KommoSimulator, SimulatorConfig
-from kommo_assets.kommo.fields import MAX_AMOUNT, MAX_ID, parse_amount, positive_int
+from kommo_assets.kommo.fields import MAX_AMOUNT, MAX_ID, MAX_NESTING, parse_amount, positive_int
 from kommo_assets_tests.faults.support import (
     create_database,
     database_name,
@@ -48,6 +49,18 @@ MISSING_CONTACT = 39_999_999
 SHARED_CONTACT = 39_000_900  # a well-formed contact several cases point at
 BIGINT_MAX = 2**63 - 1
 DELETE = object()  # an override that removes the key
+# Python's int() refuses more than 4,300 digits (ValueError): such an id once stopped every run.
+LONG_DIGITS = "9" * 5000
+# Options the corpus adds to the account's select fields (served by the simulator as crafted field
+# definitions): labels with control characters, a label of nothing but them, an id of 5,000 digits.
+NUL_LABEL_VEHICLE, BLANK_LABEL_VEHICLE, NUL_LABEL_SOURCE = 1999001, 1999002, 2999001
+EXTRA_OPTIONS = {
+    VEHICLE: [{"id": NUL_LABEL_VEHICLE, "value": "Fiat\x00 500\x07 \u00b7 AB123CD\x1b", "sort": 9000},
+              {"id": BLANK_LABEL_VEHICLE, "value": "\x00\x1b \x07", "sort": 9010},
+              {"id": LONG_DIGITS, "value": "an option whose id has 5,000 digits", "sort": 9020}],
+    SOURCE: [{"id": NUL_LABEL_SOURCE, "value": "Web\x00site\x1f", "sort": 9000},
+             {"id": LONG_DIGITS, "value": "an option whose id has 5,000 digits", "sort": 9010}],
+}
 
 # --- how a corpus lead is built ------------------------------------------------------------------
 
@@ -121,6 +134,21 @@ def dates(delivery: Any = DELETE, collect: Any = DELETE) -> dict:
 def vehicle_values(values: Any) -> dict:
     return {VEHICLE: {"field_id": VEHICLE, "field_name": "Vehicle", "field_code": None, "field_type": "select",
                       "values": values}}
+
+
+def nested(levels: int) -> Any:
+    """A JSON value ``levels`` objects and arrays deep."""
+    value: Any = "leaf"
+    for level in range(levels):
+        value = {"k": value} if level % 2 else [value]
+    return value
+
+
+def deep_field(levels: int) -> dict:
+    """A custom field this project does not read, whose value nests ``levels`` deep (the record nests
+    ``levels + 4``: record, field list, field, values, value)."""
+    return {999001: {"field_id": 999001, "field_name": "Notes", "field_code": None, "field_type": "text",
+                     "values": [nested(levels)]}}
 
 
 # --- the cases ------------------------------------------------------------------------------------
@@ -367,6 +395,44 @@ case("price_bool", "prices", "true -> null", lead={"price": True}, expect={"pric
 case("price_too_large", "prices", "1e15 (beyond numeric(14,2)) -> null", lead={"price": 10**15},
      expect={"price": None})
 
+# hostile input: over-long digit strings, deep nesting, control characters in option labels
+HOSTILE = "hostile input"
+case("id_too_many_digits", HOSTILE, "lead id of 5,000 digits (int() refuses it) -> skipped (`invalid`)",
+     lead={"id": LONG_DIGITS}, skipped="invalid")
+case("status_too_many_digits", HOSTILE, "status id of 5,000 digits -> no status: booking `pending`",
+     lead={"status_id": LONG_DIGITS}, expect={"status": "pending", "kommo_status_id": None})
+case("responsible_user_too_many_digits", HOSTILE, "responsible_user_id of 5,000 digits -> no owner",
+     lead={"responsible_user_id": LONG_DIGITS}, expect={"owner": None})
+case("cf_enum_id_too_many_digits", HOSTILE, "vehicle enum_id of 5,000 digits -> no vehicle",
+     fields={VEHICLE: _select(VEHICLE, LONG_DIGITS)}, expect={"vehicle": None})
+case("cf_field_id_too_many_digits", HOSTILE, "a field whose field_id has 5,000 digits is no field this project "
+     "reads; the others are read", fields={999002: {**_select(999002, 1), "field_id": LONG_DIGITS}},
+     expect={"vehicle": KNOWN_VEHICLE, "start_at": T_AT})
+case("contact_id_too_many_digits", HOSTILE, "main contact id of 5,000 digits -> ignored: no client",
+     lead={"_embedded": {"contacts": [{"id": LONG_DIGITS, "is_main": True}]}}, contact=None, expect={"client": None})
+case("contact_payload_id_too_many_digits", HOSTILE, "Kommo answers the main contact with an id of 5,000 digits "
+     "-> not that contact: no client (counted in contacts_missing_in_kommo)",
+     contact=lambda n: good_contact(n, id=LONG_DIGITS), expect={"client": None})
+case("nested_too_deep", HOSTILE, f"a field nested 100 levels deep (Kommo's records: about 7) -> skipped "
+     f"(`invalid_lead`: more than {MAX_NESTING} levels)", fields=deep_field(100), skipped="invalid_lead")
+case("contact_nested_too_deep", HOSTILE, "the main contact nested 100 levels deep -> skipped "
+     "(`invalid_contact`): no client", contact=lambda n: good_contact(n, _embedded=nested(100)),
+     expect={"client": None})
+case("cf_enum_label_nul", HOSTILE, "NUL in a select value's label on the lead -> vehicle read by its enum id",
+     fields={VEHICLE: {**_select(VEHICLE, KNOWN_VEHICLE), "values": [{"value": "A\x00B", "enum_id": KNOWN_VEHICLE}]}},
+     expect={"vehicle": KNOWN_VEHICLE})
+case("vehicle_option_label_control_characters", HOSTILE, "the vehicle option's label (field definition) with "
+     "NUL and other control characters -> vehicle named with them removed",
+     fields={VEHICLE: _select(VEHICLE, NUL_LABEL_VEHICLE)},
+     expect={"vehicle": NUL_LABEL_VEHICLE, "vehicle_name": "Fiat 500 \u00b7 AB123CD"})
+case("vehicle_option_label_only_control_characters", HOSTILE, "an option label of nothing but control "
+     "characters -> no label: vehicle created as `Kommo vehicle #<id>`",
+     fields={VEHICLE: _select(VEHICLE, BLANK_LABEL_VEHICLE)},
+     expect={"vehicle": BLANK_LABEL_VEHICLE, "vehicle_name": f"Kommo vehicle #{BLANK_LABEL_VEHICLE}"})
+case("source_option_label_control_characters", HOSTILE, "the source option's label with NUL and control "
+     "characters -> source with them removed", fields={SOURCE: _select(SOURCE, NUL_LABEL_SOURCE)},
+     expect={"source": "Website"})
+
 # duplicates (the old copy is listed in November, the new one in January: two slices, see corpus_run)
 DUPLICATE_N = next(_n)
 DUPLICATE_OLD = good_lead(DUPLICATE_N, name="old version", updated_at=CREATED)
@@ -392,6 +458,7 @@ class Result:
     metadata: dict
     tables: set[str]
     base: dict[str, int]  # the warning counts the run must report, from the database's own view
+    options: dict[tuple[int, int], str]  # (field id, enum id) -> the option's label as staged
 
 
 def _ordered_entries() -> list[tuple[Any, int]]:
@@ -429,6 +496,13 @@ def corpus_run(pg_admin_url, template_url) -> Result:
             for payload, created in _ordered_entries():
                 sim.dataset.put_raw_lead(payload, created_at=created)
             sim.dataset.put_raw_contact(SHARED_CONTACT, good_contact(SHARED_CONTACT - CONTACT_BASE))
+            for field_id, options in EXTRA_OPTIONS.items():
+                # the account's field definition with the corpus's options added, served as Kommo sends it
+                definition = sim.dataset.field(field_id)
+                definition["enums"] = [*definition["enums"], *options]
+                sim.add_fault(kind="status", status=200, path=f"/api/v4/leads/custom_fields/{field_id}",
+                              path_exact=True, times=-1, body=json.dumps(definition),
+                              content_type="application/hal+json")
             for item in CASES:
                 if item.contact is not None:
                     sim.dataset.put_raw_contact(contact_id(item.n), item.contact)
@@ -470,6 +544,8 @@ def _collect(url: str, result, base: dict, base_skipped: Counter, base_counts: d
             """SELECT lead_id FROM stg_kommo_leads WHERE run_id = %s AND delivery_at IS NULL AND collect_at IS NULL
                   AND coalesce(status_id, 0) NOT IN (79790631, 91703923, 143)""", (run_id,))}
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        options = {(r[0], r[1]): r[2] for r in conn.execute(
+            "SELECT field_id, enum_id, value FROM stg_kommo_field_options WHERE run_id = %s", (run_id,))}
         vehicle_enums = conn.execute(
             """SELECT count(DISTINCT vehicle_enum_id) FROM stg_kommo_leads
                 WHERE run_id = %s AND vehicle_enum_id IS NOT NULL
@@ -482,7 +558,7 @@ def _collect(url: str, result, base: dict, base_skipped: Counter, base_counts: d
     metadata = materializations(result)
     assert set(base) <= set(leads)  # the ordinary leads are all there
     return Result(leads, staged, metadata["stg_kommo_leads"]["skipped"], base_skipped, checks, undated,
-                  metadata, tables, {**base_counts, "vehicle_enums": vehicle_enums})
+                  metadata, tables, {**base_counts, "vehicle_enums": vehicle_enums}, options)
 
 
 # --- one test per case ----------------------------------------------------------------------------
@@ -533,8 +609,9 @@ def test_duplicates_are_counted(corpus_run: Result):
     assert corpus_run.skipped.get("duplicate") == 2
 
 
-UNMAPPED_STATUS = ("status_unknown", "status_missing", "status_beyond_bigint")
-NO_CONTACT_ID = ("no_contacts_embedded", "contacts_empty", "embedded_not_object", "contact_id_beyond_bigint")
+UNMAPPED_STATUS = ("status_unknown", "status_missing", "status_beyond_bigint", "status_too_many_digits")
+NO_CONTACT_ID = ("no_contacts_embedded", "contacts_empty", "embedded_not_object", "contact_id_beyond_bigint",
+                 "contact_id_too_many_digits")
 
 
 def test_undated_bookings_are_counted_by_the_warning_check(corpus_run: Result):
@@ -567,6 +644,20 @@ def test_a_deleted_contact_is_counted_as_missing(corpus_run: Result):
     assert corpus_run.metadata["stg_kommo_contacts"]["contacts_missing_in_kommo"] >= 1
 
 
+def test_a_contact_nested_too_deep_is_skipped_and_counted(corpus_run: Result):
+    assert corpus_run.skipped.get("invalid_contact") == 1, corpus_run.skipped
+
+
+def test_option_labels_are_staged_clean_and_options_without_a_readable_id_left_out(corpus_run: Result):
+    options = corpus_run.options
+    assert options[(VEHICLE, NUL_LABEL_VEHICLE)] == "Fiat 500 \u00b7 AB123CD"
+    assert options[(SOURCE, NUL_LABEL_SOURCE)] == "Website"
+    assert (VEHICLE, BLANK_LABEL_VEHICLE) not in options  # nothing left of its label: the placeholder names it
+    assert "an option whose id has 5,000 digits" not in options.values()
+    assert (VEHICLE, KNOWN_VEHICLE) in options and (SOURCE, KNOWN_SOURCE) in options  # the account's own
+    assert not any(ch in label for label in options.values() for ch in "\x00\x07\x1b\x1f")
+
+
 def test_sql_in_names_executed_nothing(corpus_run: Result):
     assert {"bookings", "clients", "sales_leads"} <= corpus_run.tables
     assert len(corpus_run.leads) > 240
@@ -586,3 +677,28 @@ def test_the_parser_bounds_match_the_staging_columns(database_url):
                      (positive_int(MAX_ID), parse_amount("999999999999.99"), 1, parse_amount("999999999999.994")))
         with pytest.raises(psycopg.errors.NumericValueOutOfRange):
             conn.execute("INSERT INTO bounds VALUES (%s, %s)", (1, Decimal("999999999999.995")))
+
+
+def test_staging_skips_a_record_nested_beyond_the_recursion_limit(database_url):
+    """Deeper than the simulator can serve (it copies raw entries recursively): a lead and a contact nested
+    2,000 levels, with a NUL deep inside, go to the staging writer as the client hands them over. Storing
+    them used to raise RecursionError (json.dumps of the payload), which failed the run; now each is skipped
+    and counted, and the page's other records are staged."""
+    from kommo_assets.db import runs
+    from kommo_assets.db.staging import StagingWriter
+
+    run_id = str(uuid.uuid4())
+    runs.start_run(database_url, run_id=run_id, dagster_run_id=None, job_name="t", triggered_by=None,
+                   dry_run=True, window=runs.window_for(2025), max_drop_ratio=0.3)
+    lead_deep = good_lead(900, notes=[nested(1999), "\x00"])
+    skipped: Counter = Counter()
+    with psycopg.connect(database_url) as conn:
+        writer = StagingWriter(conn, run_id)
+        written = writer.write_leads([lead_deep, good_lead(901)], skipped)
+        added_contacts = writer.write_contacts([good_contact(900, _embedded=nested(2000)), good_contact(901)],
+                                               skipped)
+    assert skipped == {"invalid_lead": 1, "invalid_contact": 1}
+    assert (written.added, added_contacts) == (1, 1)
+    with psycopg.connect(database_url) as conn:
+        staged = conn.execute("SELECT lead_id FROM stg_kommo_leads WHERE run_id = %s", (run_id,)).fetchall()
+    assert staged == [(lead_id(901),)]

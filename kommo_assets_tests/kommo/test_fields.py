@@ -13,6 +13,8 @@ from kommo_assets.kommo.errors import InvalidPayload
 from kommo_assets.kommo.fields import (
     COLLECT_FIELD_ID,
     DELIVERY_FIELD_ID,
+    MAX_ID,
+    MAX_NESTING,
     SOURCE_FIELD_ID,
     VEHICLE_FIELD_ID,
     StagedContact,
@@ -21,6 +23,7 @@ from kommo_assets.kommo.fields import (
     extract_kommo_epoch,
     first_value,
     main_contact_id,
+    nesting_exceeds,
     parse_amount,
     positive_int,
     sanitize_payload,
@@ -252,10 +255,77 @@ def test_parse_amount(value: object, expected: Decimal | None) -> None:
         (True, None),
         ("x", None),
         (5.5, None),
+        (str(MAX_ID), MAX_ID),
+        pytest.param("0" * 5000 + "42", 42, id="leading-zeros"),  # not significant
+        ("+42.000", 42),
+        (str(MAX_ID + 1), None),
+        ("9" * 20, None),
+        pytest.param("9" * 5000, None, id="5000-digits"),  # int() would raise: more than 4,300 digits
+        pytest.param("-" + "9" * 5000, None, id="minus-5000-digits"),
+        pytest.param("9" * 5000 + ".0", None, id="5000-digits-point-0"),
+        pytest.param("0" * 100_000 + "x", None, id="100000-zeros-then-x"),
     ],
 )
 def test_positive_int(value: object, expected: int | None) -> None:
     assert positive_int(value) == expected
+
+
+LONG_DIGITS = "9" * 5000
+
+
+def test_over_long_digit_strings_are_unreadable_values_not_errors() -> None:
+    """Python refuses int() of more than 4,300 digits; every parser reads such a value as unreadable."""
+    with pytest.raises(ValueError, match="4300"):
+        int(LONG_DIGITS)
+    lead = {
+        "id": 5, "status_id": LONG_DIGITS, "pipeline_id": LONG_DIGITS, "responsible_user_id": LONG_DIGITS,
+        "price": LONG_DIGITS, "name": LONG_DIGITS, "created_at": LONG_DIGITS, "updated_at": LONG_DIGITS,
+        "closed_at": "0." + LONG_DIGITS,
+        "custom_fields_values": [
+            {"field_id": LONG_DIGITS, "values": [{"enum_id": 1}]},  # no field has that id
+            cf(VEHICLE_FIELD_ID, {"value": "Van", "enum_id": LONG_DIGITS}),
+            cf(SOURCE_FIELD_ID, {"value": "Web", "enum_id": LONG_DIGITS + ".0"}),
+            cf(DELIVERY_FIELD_ID, {"value": LONG_DIGITS}),
+            cf(COLLECT_FIELD_ID, {"value": "-" + LONG_DIGITS}),
+        ],
+        "_embedded": {"contacts": [{"id": LONG_DIGITS, "is_main": True}, {"id": "8"}]},
+    }
+    staged = staged_lead(lead)
+    assert staged.lead_id == 5
+    assert (staged.status_id, staged.pipeline_id, staged.responsible_user_id) == (None, None, None)
+    assert staged.vehicle_enum_id is None and staged.source_enum_id is None
+    assert staged.delivery_at is None and staged.collect_at is None
+    assert staged.created_at is None and staged.updated_at is None and staged.closed_at is None
+    assert staged.price is None
+    assert staged.contact_id == 8  # the unreadable main contact is passed over, as any unusable id
+    assert staged.name == "9" * 1000
+
+
+@pytest.mark.parametrize("entity_id", [LONG_DIGITS, "-" + LONG_DIGITS, LONG_DIGITS + ".0", 10**5000],
+                         ids=["digits", "negative", "integral_float_text", "python_int"])
+def test_a_lead_or_contact_whose_id_has_too_many_digits_is_invalid(entity_id: object) -> None:
+    with pytest.raises(InvalidPayload, match="no usable id"):
+        staged_lead({"id": entity_id})
+    with pytest.raises(InvalidPayload, match="no usable id"):
+        staged_contact({"id": entity_id})
+
+
+def nested(levels: int, leaf: object = 1) -> object:
+    value = leaf
+    for level in range(levels):
+        value = {"k": value} if level % 2 else [value]
+    return value
+
+
+def test_nesting_exceeds_measures_levels_without_recursion() -> None:
+    assert not nesting_exceeds(1, 0) and not nesting_exceeds("x" * 10, 0)
+    assert nesting_exceeds({}, 0) and not nesting_exceeds({}, 1) and not nesting_exceeds([], 1)
+    assert not nesting_exceeds({"a": [1, {"b": 2}], "c": {}}, 3)
+    assert nesting_exceeds({"a": [1, {"b": {}}], "c": {}}, 3)
+    assert not nesting_exceeds(full_lead(), MAX_NESTING)
+    assert not nesting_exceeds(nested(MAX_NESTING)) and nesting_exceeds(nested(MAX_NESTING + 1))
+    # far deeper than Python's recursion limit: measured all the same
+    assert nesting_exceeds(nested(200_000)) and not nesting_exceeds(nested(200_000), 200_000)
 
 
 # --- staged rows ---------------------------------------------------------------------------------
