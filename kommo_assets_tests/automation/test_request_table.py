@@ -183,6 +183,40 @@ def test_the_cooldown_after_a_refresh_ends(database_url, staff, live_synced):
     assert _requests(database_url) == 4
 
 
+def _import_run(url: str, *, dry_run: bool, status: str = "running", ended_ago: timedelta | None = None) -> str:
+    """A refresh launched from Dagster (the UI, a schedule): an import record without a request."""
+    run_id = str(uuid.uuid4())
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO kommo_import_runs (id, dagster_run_id, job_name, dry_run, created_from, created_to)"
+            " VALUES (%s, %s, 'kommo_full_refresh_job', %s, '2025-01-01Z', '2026-01-01Z')",
+            (run_id, f"dagster-{run_id[:8]}", dry_run))
+        if status != "running":
+            conn.execute("UPDATE kommo_import_runs SET status = %s, finished_at = now() - %s WHERE id = %s",
+                         (status, ended_ago, run_id))
+    return run_id
+
+
+def test_a_refresh_launched_from_dagster_holds_the_button_too(database_url, staff, live_synced):
+    run_id = _import_run(database_url, dry_run=False)
+    answer = _request(database_url, staff)
+    assert not answer["accepted"] and answer["id"] is None and answer["status"] == "running"
+    assert answer["run_id"] == f"dagster-{run_id[:8]}"
+    assert answer["message"].startswith("A Kommo refresh started from Dagster is running (run dagster-")
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE kommo_import_runs SET status = 'succeeded', finished_at = now() - interval '4 minutes'")
+    cooling = _request(database_url, staff)
+    assert not cooling["accepted"] and cooling["status"] == "succeeded"
+    assert cooling["retry_after"] == cooling["finished_at"] + timedelta(minutes=10)
+    assert "KOMMO_REQUEST_COOLDOWN_MINUTES" in cooling["message"]
+    assert _requests(database_url) == 0
+    # A dry run reads Kommo too, but briefly and without a swap: it does not hold the button.
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE kommo_import_runs SET finished_at = now() - interval '11 minutes'")
+    _import_run(database_url, dry_run=True)
+    assert _request(database_url, staff)["accepted"]
+
+
 def test_simultaneous_clicks_make_one_request(database_url, staff, live_synced):
     ids, errors = [], []
 

@@ -77,6 +77,7 @@ DECLARE
     v_minutes numeric;
     v_cooldown interval;
     v_request kommo_refresh_requests;
+    v_import kommo_import_runs;
     v_answer kommo_refresh_request_answer;
 BEGIN
     IF v_user IS NULL
@@ -137,6 +138,33 @@ BEGIN
                 to_char(v_request.finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'),
                 to_char(v_answer.retry_after AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'));
         ELSE
+            -- A refresh launched elsewhere (the Dagster UI, a schedule) holds the account's rate limit
+            -- just the same: while it runs, and for the cooldown after it, the button waits too.
+            SELECT * INTO v_import FROM kommo_import_runs r
+             WHERE NOT r.dry_run AND (r.status = 'running' OR r.finished_at + v_cooldown > now())
+             ORDER BY r.status = 'running' DESC, r.finished_at DESC NULLS LAST LIMIT 1;
+            IF FOUND THEN
+                v_answer.accepted := false;
+                v_answer.status := v_import.status;
+                v_answer.run_id := v_import.dagster_run_id;
+                v_answer.finished_at := v_import.finished_at;
+                IF v_import.status = 'running' THEN
+                    v_answer.message := format(
+                        'A Kommo refresh started from Dagster is running (run %s, since %s); a new one can be '
+                        'requested %s minutes after it ends.', coalesce(v_import.dagster_run_id, v_import.id::text),
+                        to_char(v_import.started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'),
+                        trim_scale(v_minutes));
+                ELSE
+                    v_answer.retry_after := v_import.finished_at + v_cooldown;
+                    v_answer.message := format(
+                        'The last Kommo refresh (run %s, %s) ended at %s; the next one can be requested from %s '
+                        '(KOMMO_REQUEST_COOLDOWN_MINUTES).', coalesce(v_import.dagster_run_id, v_import.id::text),
+                        v_import.status,
+                        to_char(v_import.finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'),
+                        to_char(v_answer.retry_after AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'));
+                END IF;
+                RETURN v_answer;
+            END IF;
             INSERT INTO kommo_refresh_requests (requested_by, year) VALUES (v_user, v_year)
             RETURNING * INTO v_request;
             v_answer.accepted := true;
