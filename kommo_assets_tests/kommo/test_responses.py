@@ -23,5 +23,6 @@ def test_retry_after_http_date() -> None:
     from email.utils import format_datetime
 
     when = datetime.now(UTC).replace(microsecond=0)
-    seconds = retry_after_seconds(format_datetime(when.fromtimestamp(when.timestamp() + 10, UTC), usegmt=True))
+    in_ten_seconds = when.fromtimestamp(when.timestamp() + 10, UTC)
+    seconds = retry_after_seconds(format_datetime(in_ten_seconds, usegmt=True))
     assert seconds is not None and 8 <= seconds <= 10.5

@@ -213,7 +213,8 @@ def test_retries_are_logged_and_the_token_never_is(
 def test_a_retry_after_beyond_the_cap_fails_at_once_naming_the_wait(sim: KommoSimulator, wait: str) -> None:
     """A Retry-After longer than a run waits out (300 s) is not waited out on every attempt: the first
     one fails the run, saying how long Kommo asked to wait."""
-    header = wait if wait != "http-date" else format_datetime(datetime.now(UTC) + timedelta(hours=1), usegmt=True)
+    in_an_hour = format_datetime(datetime.now(UTC) + timedelta(hours=1), usegmt=True)
+    header = in_an_hour if wait == "http-date" else wait
     sim.add_fault(kind="status", path=LEADS, status=429, times=-1, headers={"Retry-After": header})
     with fast_client(sim, max_in_flight=1) as client, pytest.raises(KommoUnavailableError) as caught:
         started = time.monotonic()
@@ -245,7 +246,8 @@ DEPTH = 100_000  # far beyond what the JSON decoder's recursion allows
 def deeply_nested_page() -> str:
     """A page of one lead whose custom field value is nested DEPTH levels deep, as raw JSON text."""
     created = int(datetime(2025, 3, 1, tzinfo=UTC).timestamp())
-    lead = f'{{"id": 1, "created_at": {created}, "updated_at": {created}, "custom": {"[" * DEPTH}{"]" * DEPTH}}}'
+    nested = "[" * DEPTH + "]" * DEPTH
+    lead = f'{{"id": 1, "created_at": {created}, "updated_at": {created}, "custom": {nested}}}'
     return f'{{"_page": 1, "_links": {{}}, "_embedded": {{"leads": [{lead}]}}}}'
 
 
@@ -267,5 +269,6 @@ def test_deeply_nested_json_in_an_error_body_still_names_the_status(sim: KommoSi
                   body="[" * DEPTH + "]" * DEPTH, content_type="application/problem+json")
     with fast_client(sim) as client, pytest.raises(KommoResponseError) as caught:
         client.get_pipelines()
-    assert str(caught.value).startswith("Unexpected HTTP 400 on GET /api/v4/leads/pipelines. Kommo answered. ")
+    expected = "Unexpected HTTP 400 on GET /api/v4/leads/pipelines. Kommo answered. Check KOMMO_BASE_URL"
+    assert str(caught.value).startswith(expected)
     assert_token_free(caught.value)
