@@ -85,10 +85,6 @@ class KommoClient:
         self.base_url = base_url
         self.max_rps = max_rps
         self.max_in_flight = max_in_flight
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
         self.page_size = page_size
         self._transport = Transport(
             base_url, access_token.strip(), max_rps=max_rps, pool_size=max(max_in_flight, 10),
@@ -234,10 +230,8 @@ class KommoClient:
         """The definition of lead custom field ``field_id`` (``GET /api/v4/leads/custom_fields/{id}``),
         or None when Kommo says it does not exist (204 or 404)."""
         path = f"/api/v4/leads/custom_fields/{int(field_id)}"
-        body = self._transport.get(path, [], none_on_404=True, cancel=cancel)
-        if body is None:  # confirm: a spurious 204 here would silently drop every vehicle name
-            body = self._transport.get(path, [], none_on_404=True, cancel=cancel)
-        return body
+        # Confirmed: a spurious 204 here would silently drop every vehicle name.
+        return self._transport.get_confirmed(path, [], none_on_404=True, cancel=cancel)
 
     def field_enums(self, field_id: int, *, cancel: threading.Event | None = None) -> dict[int, str]:
         """``enum_id -> value`` of a select/multiselect lead field; {} (with a warning) when the field
@@ -271,9 +265,7 @@ class KommoClient:
     def get_pipelines(self) -> list[dict]:
         """Every lead pipeline with its ``_embedded.statuses`` (``GET /api/v4/leads/pipelines``, one
         page: Kommo caps accounts at 50 pipelines)."""
-        body = self._transport.get(PIPELINES_PATH, [])
-        if body is None:  # every account has a pipeline: confirm before believing a 204
-            body = self._transport.get(PIPELINES_PATH, [])
+        body = self._transport.get_confirmed(PIPELINES_PATH, [])  # every account has a pipeline
         if body is None:
             return []
         return [

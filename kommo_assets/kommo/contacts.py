@@ -64,10 +64,9 @@ def fetch_contacts(transport: Transport, ids: list[int], page_size: int,
             )
         params = [("filter[id][]", str(contact_id)) for contact_id in ids]
         params += [("limit", str(page_size)), ("page", str(page))]
-        body = transport.get(CONTACTS_PATH, params, page=page, cancel=cancel)
-        if body is None and page == 1:
-            # Not one of up to 250 contacts exists: possible, but confirm it before trusting a 204.
-            body = transport.get(CONTACTS_PATH, params, page=page, cancel=cancel)
+        # Not one of up to 250 contacts existing is possible, but a 204 on page 1 is confirmed first.
+        get = transport.get_confirmed if page == 1 else transport.get
+        body = get(CONTACTS_PATH, params, page=page, cancel=cancel)
         if body is None:
             break
         answer = read_list(body, "contacts", CONTACTS_PATH, page, page_size)

@@ -18,6 +18,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import requests
 
@@ -187,6 +188,12 @@ class Transport:
             ),
             method="GET", path=path, page=page, status=last_status,
         )
+
+    def get_confirmed(self, path: str, params: list[tuple[str, str]], **options: Any) -> dict | None:
+        """:meth:`get`, asking once more before believing an answer of nothing (204, or 404 with
+        ``none_on_404``): where something is expected, a spurious empty answer would silently drop data."""
+        body = self.get(path, params, **options)
+        return body if body is not None else self.get(path, params, **options)
 
     def _attempt(self, path: str, params: list[tuple[str, str]], page: int | None, stop: threading.Event,
                  none_on_404: bool) -> dict | None | _Retry:
