@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from kommo_assets.kommo.client import DEFAULT_MAX_RPS
+from kommo_assets.kommo import DEFAULT_MAX_RPS
 
 # Below this, a refresh of 100,000 leads would take hours: surely a mistake.
 MIN_KOMMO_RPS = 0.1

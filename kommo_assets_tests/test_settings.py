@@ -1,6 +1,6 @@
 import pytest
 
-from kommo_assets.kommo.client import DEFAULT_MAX_RPS
+from kommo_assets.kommo import DEFAULT_MAX_RPS
 from kommo_assets.resources.kommo import KommoResource
 from kommo_assets.settings import ConfigError, kommo_max_rps, parse_flag, require_live
 

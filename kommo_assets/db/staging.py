@@ -24,7 +24,7 @@ from datetime import datetime
 import psycopg
 
 from kommo_assets.db import connect
-from kommo_assets.kommo.client import ContactBatch, FieldOptions, KommoClient, LeadPage
+from kommo_assets.kommo import ContactBatch, FieldOptions, KommoClient, LeadPage
 from kommo_assets.kommo.errors import InvalidPayload
 from kommo_assets.kommo.fields import (
     MAX_NESTING,

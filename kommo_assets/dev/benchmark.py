@@ -20,7 +20,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from kommo_assets.kommo.client import DEFAULT_MAX_RPS, MAX_PAGE_SIZE
+from kommo_assets.kommo import DEFAULT_MAX_RPS, MAX_PAGE_SIZE
 
 TOKEN = "benchmark-token"
 
@@ -100,7 +100,7 @@ def _worker_naive(args: argparse.Namespace) -> dict:
     import uuid
 
     from kommo_assets.db import connect, runs
-    from kommo_assets.kommo.client import KommoClient
+    from kommo_assets.kommo import KommoClient
     from kommo_assets.kommo.errors import InvalidPayload
     from kommo_assets.kommo.fields import sanitize_payload, staged_contact, staged_lead
 

@@ -1,6 +1,7 @@
 """The Kommo API client and payload parsers, free of Dagster: paging, pacing, retries, parsing."""
 
-from kommo_assets.kommo.client import ClientStats, KommoClient, LeadPage
+from kommo_assets.kommo.client import MAX_PAGE_SIZE, FieldOptions, KommoClient
+from kommo_assets.kommo.contacts import ContactBatch
 from kommo_assets.kommo.errors import (
     InvalidPayload,
     KommoAuthError,
@@ -9,6 +10,7 @@ from kommo_assets.kommo.errors import (
     KommoUnavailableError,
     redact,
 )
+from kommo_assets.kommo.fanout import SnapshotStream
 from kommo_assets.kommo.fields import (
     COLLECT_FIELD_ID,
     DELIVERY_FIELD_ID,
@@ -28,15 +30,23 @@ from kommo_assets.kommo.fields import (
     staged_contact,
     staged_lead,
 )
-from kommo_assets.kommo.pacing import Pacer
+from kommo_assets.kommo.pacing import DEFAULT_MAX_RPS, Pacer
+from kommo_assets.kommo.paging import KeyRange, KeysetPaging, LeadPage
+from kommo_assets.kommo.transport import ClientStats
 
 __all__ = [
     "COLLECT_FIELD_ID",
+    "DEFAULT_MAX_RPS",
     "DELIVERY_FIELD_ID",
+    "MAX_PAGE_SIZE",
     "SOURCE_FIELD_ID",
     "VEHICLE_FIELD_ID",
     "ClientStats",
+    "ContactBatch",
+    "FieldOptions",
     "InvalidPayload",
+    "KeyRange",
+    "KeysetPaging",
     "KommoAuthError",
     "KommoClient",
     "KommoError",
@@ -44,6 +54,7 @@ __all__ = [
     "KommoUnavailableError",
     "LeadPage",
     "Pacer",
+    "SnapshotStream",
     "StagedContact",
     "StagedLead",
     "clean_text",

@@ -57,6 +57,15 @@ class KommoResponseError(KommoError):
     """An unexpected status (other 4xx, redirects) or a response body the client cannot read."""
 
 
+class KommoCancelled(KommoError):
+    """The iteration that owns a request was closed, or the client was: the request gave up."""
+
+    def __init__(
+        self, message: str = "the Kommo request was abandoned: its iteration stopped or the client was closed"
+    ) -> None:
+        super().__init__(message)
+
+
 class InvalidPayload(ValueError):
     """A Kommo entity has no usable id (or is not an object), so it cannot be staged."""
 

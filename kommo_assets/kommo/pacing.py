@@ -1,4 +1,5 @@
-"""A thread-safe pacer that spaces request sends under Kommo's requests-per-second limit.
+"""Wire pacing: a thread-safe pacer that spaces request sends under Kommo's requests-per-second limit,
+and the HTTP adapter whose connections take its slot right before they write a request.
 
 Kommo allows 7 requests/s and blocks accounts that keep exceeding it, so the client never bursts past
 the limit: every send (retries included) takes a slot, slots follow a steady schedule of ``1/rate``,
@@ -8,13 +9,33 @@ moments the requests were really written.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+import urllib.parse
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import requests
+import urllib3
+import urllib3.connection
+import urllib3.poolmanager
+from requests.adapters import HTTPAdapter
+
+from kommo_assets.kommo.errors import KommoCancelled
 
 # Longest single sleep while a cancel event is being watched, so a cancelled waiter leaves promptly.
 _CANCEL_POLL_S = 0.05
+
+# The pace: under Kommo's 7 requests/s with a margin, since its limiter counts arrivals and the network
+# moves requests closer together. With the window rule of the pacer, 8 sends never fall within 1.0145 s
+# of each other on the wire: the network must bring them 14.5 ms closer within a second for Kommo to see
+# an 8th. If it does, the 429 slows every thread down (see the transport) until things stay quiet. A
+# wider margin is a lower KOMMO_MAX_RPS (6.8: 29 ms), at about 1.5% of the run each 0.1.
+DEFAULT_MAX_RPS = 6.9
+# The pacer may make up this share of an interval when a send was late (the window rule still holds).
+PACE_CATCH_UP = 0.5
 
 
 class Pacer:
@@ -177,3 +198,118 @@ class Pacer:
             until = self._clock() + seconds
             if self._not_before is None or self._not_before < until:
                 self._not_before = until
+
+
+def write_pacing_possible(session: requests.Session, base_url: str) -> bool:
+    """Whether requests to ``base_url`` go through connections that take their slot on write: directly
+    or through an HTTP(S) proxy, but not a SOCKS proxy (whose connection classes are not ours)."""
+    try:
+        settings = session.merge_environment_settings(base_url, {}, None, None, None)
+        proxy = requests.utils.select_proxy(base_url, settings.get("proxies") or {})
+    except Exception:  # noqa: BLE001 - unreadable proxy settings: the safe, slower way
+        return False
+    return proxy is None or urllib.parse.urlsplit(proxy).scheme.lower() in ("http", "https")
+
+
+class Slot:
+    """One attempt's pacer slot: taken right before the write, stamped once the request is written."""
+
+    __slots__ = ("_cancel", "_pacer", "granted", "granted_at", "_held")
+
+    def __init__(self, pacer: Pacer, cancel: threading.Event) -> None:
+        self._pacer = pacer
+        self._cancel = cancel
+        self.granted = False
+        self.granted_at: float | None = None
+        self._held = False
+
+    def take(self) -> None:
+        """Waits for the slot; raises KommoCancelled if the attempt was abandoned."""
+        if not self._pacer.acquire(self._cancel, hold=True):
+            raise KommoCancelled()
+        self.granted = True
+        self.granted_at = time.monotonic()
+        self._held = True
+
+    def sent(self) -> None:
+        """The request has been written (or failed): the pacer stamps the send and serves the next."""
+        if self._held:
+            self._held = False
+            self._pacer.release()
+
+    @contextlib.contextmanager
+    def covering(self, *, on_write: bool) -> Iterator[None]:
+        """Covers the one request sent inside the block: the slot is taken by the connection right
+        before it writes (``on_write``, see :class:`PacedAdapter`) or now, and stamped once written."""
+        if on_write:
+            _send_slot.current = self
+        else:
+            self.take()
+        try:
+            yield
+        finally:
+            _send_slot.current = None
+            self.sent()  # no-op if the write already stamped it
+
+
+class _SendSlot(threading.local):
+    """Per thread: the slot the next request written on this thread must take."""
+
+    current: Slot | None = None
+
+
+_send_slot = _SendSlot()
+
+
+class _TakesSlotOnWrite:
+    """Mixin for a urllib3 connection: a request with a pending slot (``_send_slot``) connects first, then
+    takes the slot right before the write and stamps it once written; the slot covers the write only."""
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        slot = _send_slot.current
+        if slot is None:
+            super().request(*args, **kwargs)
+            return
+        _send_slot.current = None
+        if self.sock is None:
+            self.connect()
+        slot.take()
+        try:
+            super().request(*args, **kwargs)
+        finally:
+            slot.sent()
+
+
+class _SignallingHTTPConnection(_TakesSlotOnWrite, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _SignallingHTTPSConnection(_TakesSlotOnWrite, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _SignallingHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _SignallingHTTPConnection
+
+
+class _SignallingHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _SignallingHTTPSConnection
+
+
+_SIGNALLING_POOLS = {"http": _SignallingHTTPPool, "https": _SignallingHTTPSPool}
+
+
+class PacedAdapter(HTTPAdapter):
+    """An HTTPAdapter whose connections take the pacer's slot right before they write a request and
+    stamp it once written. Where that cannot be wired (e.g. a SOCKS proxy), the slot is taken before
+    the request and released when the response arrives instead: slower, never faster than the pace."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = dict(_SIGNALLING_POOLS)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if getattr(manager, "pool_classes_by_scheme", None) == urllib3.poolmanager.pool_classes_by_scheme:
+            manager.pool_classes_by_scheme = dict(_SIGNALLING_POOLS)
+        return manager
