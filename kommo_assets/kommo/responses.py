@@ -54,6 +54,16 @@ def read_list(body: dict, key: str, path: str, page: int | None, limit: int | No
     return ListPage(page or 1, items, ends)
 
 
+# Python's int() refuses more than 4,300 digits, so json.loads would fail the whole page (and every retry of
+# it) on one such number. Keeping the digits as text lets the parser judge the one field instead: no id has
+# more than 19 digits, so the record is skipped as unreadable (kommo/fields.py, positive_int).
+_MAX_INT_DIGITS = 4000
+
+
+def _int_or_digits(text: str) -> int | str:
+    return int(text) if len(text) <= _MAX_INT_DIGITS else text
+
+
 def decode_object(content: bytes, path: str, page: int | None) -> tuple[dict | None, str]:
     """The JSON object of a 200 body, or (None, why it cannot be read) for empty, cut-off or non-JSON
     bodies, which a proxy or a dropped connection produced and a retry usually fixes.
@@ -65,7 +75,7 @@ def decode_object(content: bytes, path: str, page: int | None) -> tuple[dict | N
         return None, "an empty body with HTTP 200"
     too_deep = False
     try:
-        body = json.loads(content)
+        body = json.loads(content, parse_int=_int_or_digits)
     except RecursionError:
         too_deep = True  # raised below, outside the except block, with no traceback of the decoder
     except (ValueError, UnicodeDecodeError) as exc:

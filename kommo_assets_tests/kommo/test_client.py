@@ -26,7 +26,9 @@ from kommo_assets.kommo import (
     main_contact_id,
     redact,
 )
+from kommo_assets.kommo.errors import InvalidPayload
 from kommo_assets.kommo.fanout import LEAD_CHAINS
+from kommo_assets.kommo.fields import staged_lead
 from kommo_assets_tests.kommo.support import (
     LEADS,
     TOKEN,
@@ -242,6 +244,26 @@ def test_a_full_page_without_a_next_link_ends_the_range(sim: KommoSimulator) -> 
         pages = list(client.iter_lead_pages(YEAR_FROM, YEAR_TO))
         assert client.stats.requests == 1
     assert [page.page for page in pages] == [1] and pages[0].received == 250
+
+
+def test_a_number_too_long_for_python_in_a_page_spoils_only_its_lead(sim: KommoSimulator) -> None:
+    """json.loads refuses a number of more than 4,300 digits (ValueError), which failed the page on every
+    retry; its digits now stay text, and the parser skips the one lead as having no usable id."""
+    items = sim.dataset.leads(sim.dataset.find_lead_ids(window_query(), 0, 2), WITH)
+    body = json.dumps({"_page": 1, "_links": {"self": {"href": f"{sim.base_url}{LEADS}"}},
+                       "_embedded": {"leads": items}})
+    huge = "9" * 5000
+    body = body.replace(f'"id": {items[1]["id"]},', f'"id": {huge},', 1)
+    assert huge in body
+    sim.add_fault(kind="status", path=LEADS, query={"page": "1"}, status=200, times=-1, body=body,
+                  content_type="application/hal+json")
+    with fast_client(sim, max_in_flight=1) as client:
+        pages = list(client.iter_lead_pages(YEAR_FROM, YEAR_TO))
+        assert client.stats.requests == 1 and client.stats.retries == 0
+    assert [lead["id"] for page in pages for lead in page.leads] == [items[0]["id"]]
+    assert sum(page.skipped.get("invalid", 0) for page in pages) == 1
+    with pytest.raises(InvalidPayload, match="no usable id"):
+        staged_lead({**items[1], "id": huge})
 
 
 # --- contacts, fields, pipelines -----------------------------------------------------------------
