@@ -5,6 +5,7 @@ import math
 
 import dagster as dg
 import pytest
+from dagster._utils.error import serializable_error_info_from_exc_info
 
 from kommo_assets.kommo.client import DEFAULT_MAX_RPS
 from kommo_assets.resources import build_resources
@@ -152,7 +153,6 @@ def test_a_bad_token_fails_the_run_at_resource_configuration_naming_the_variable
     monkeypatch.setenv("KOMMO_BASE_URL", "http://127.0.0.1:9")
     with pytest.raises(Exception) as refused, dg.build_resources({"kommo": build_resources()["kommo"]}):
         pass
-    text = "".join(dg._utils.error.serializable_error_info_from_exc_info(  # noqa: SLF001 - as Dagster stores it
-        (type(refused.value), refused.value, refused.tb)).to_string())
+    text = serializable_error_info_from_exc_info((refused.type, refused.value, refused.tb)).to_string()
     assert "KOMMO_ACCESS_TOKEN contains a control character" in text
     assert "secret-tail" not in text

@@ -8,6 +8,7 @@ import dagster as dg
 from pydantic import Field
 
 from kommo_assets.db import runs
+from kommo_assets.kommo.errors import redact
 from kommo_assets.resources.postgres import PostgresResource
 from kommo_assets.settings import ConfigError, require_live
 
@@ -73,4 +74,18 @@ def working_on_run(postgres: PostgresResource, run_id: str, secrets: Iterable[st
             postgres.close_run(run_id, "failed", exc, secrets, attempts=10)
         except Exception as close_error:  # the database is gone for good; the next start closes the dead run
             log.error("could not close Kommo import run %s: %s", run_id, runs.safe_error(close_error, secrets))
+        if isinstance(exc, Exception) and _quotes_a_secret(exc, secrets):
+            # Dagster would store the text (and its causes) in the event log and the failure sensor would
+            # quote it: the step fails with the redacted text instead, without the original chained.
+            raise dg.Failure(description=runs.safe_error(exc, secrets)) from None
         raise
+
+
+def _quotes_a_secret(exc: BaseException, secrets: list[str]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = f"{seen!s} {seen!r}"
+        if redact(text, secrets) != text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -113,7 +113,8 @@ def kommo_run_canceled_sensor(context: dg.RunStatusSensorContext, postgres: Post
 
 
 def dagster_error(context: dg.RunFailureSensorContext) -> str | None:
-    """What Dagster says went wrong: the first failed step's error, else the run failure message."""
+    """What Dagster says went wrong: the first failed step's error, else the run failure message and its
+    root cause."""
     for event in context.get_step_failure_events():
         error = getattr(event.event_specific_data, "error", None)
         if error is not None:
@@ -123,7 +124,16 @@ def dagster_error(context: dg.RunFailureSensorContext) -> str | None:
             if sep and error.cls_name and head.endswith(error.cls_name):
                 message = f"{error.cls_name}: {rest}"
             return f"step {event.step_key} failed: {message}"
-    return context.failure_event.message if context.failure_event else None
+    failure = context.failure_event
+    if failure is None:
+        return None
+    error = getattr(failure.event_specific_data, "error", None)
+    if error is None:
+        return failure.message
+    # A run that failed before any step (a resource refusing its configuration): the root cause says why.
+    while error.cause is not None:
+        error = error.cause
+    return f"{failure.message} {error.message.strip()}"
 
 
 @dg.run_failure_sensor(
