@@ -69,8 +69,8 @@ OWNER_LOCK_CLASS = 90903  # pg_advisory_lock(90903, hashtext(run id)): held by t
 
 
 class ImportRuns:
-    """The import run record on one connection. In autocommit mode each call commits as it returns;
-    inside a transaction of the caller's, each call is part of it."""
+    """The import run record on one connection: each call is part of the caller's transaction (in autocommit
+    mode, each commits as it returns; the swap is always a transaction of its own)."""
 
     def __init__(self, conn: psycopg.Connection) -> None:
         self.conn = conn
@@ -109,8 +109,12 @@ class ImportRuns:
         return result
 
     def swap(self, run_id: str) -> dict[str, Any]:
-        """Runs ``run_kommo_full_refresh`` in one transaction; it marks the run succeeded as it commits."""
-        return self.conn.execute("SELECT run_kommo_full_refresh(%s::uuid)", (run_id,)).fetchone()[0]
+        """Runs ``run_kommo_full_refresh`` in one transaction; it marks the run succeeded as it commits.
+
+        Explicitly so, also on an autocommit connection: a statement of its own would commit as it ends
+        even if this process had been killed while it waited on a lock."""
+        with self.conn.transaction():
+            return self.conn.execute("SELECT run_kommo_full_refresh(%s::uuid)", (run_id,)).fetchone()[0]
 
     def prune_staging(self, succeeded_days: float, failed_days: float) -> dict[str, Any]:
         return self.conn.execute(

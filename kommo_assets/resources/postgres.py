@@ -97,8 +97,9 @@ class PostgresResource(dg.ConfigurableResource):
 
     @contextmanager
     def import_runs(self) -> Iterator[runs.ImportRuns]:
-        """The import-run record on a connection of its own, each call committed as it returns."""
-        with self.connect(autocommit=True) as conn:
+        """The import-run record on a connection of its own: one transaction, committed when the block ends
+        (a process killed before then leaves nothing behind, the swap included)."""
+        with self.connect() as conn:
             yield runs.ImportRuns(conn)
 
     @contextmanager
