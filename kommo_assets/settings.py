@@ -75,15 +75,10 @@ def positive_number(name: str, value: str | float) -> float:
 
 
 def _positive_number(name: str, default: float, env: Mapping[str, str] | None = None) -> float:
+    """The variable ``name`` read from the environment as :func:`positive_number`; ``default`` when unset."""
     env = os.environ if env is None else env
     raw = env.get(name, "").strip()
     return positive_number(name, raw) if raw else default
-
-
-def is_set(name: str, env: Mapping[str, str] | None = None) -> bool:
-    """True when the variable holds something other than blanks."""
-    env = os.environ if env is None else env
-    return bool(env.get(name, "").strip())
 
 
 DEFAULT_DRY_RUN_CRON = "0 2 * * *"
