@@ -12,11 +12,14 @@ PRODUCTION_TABLES = ("clients", "vehicles", "sales_leads", "bookings", "booking_
 
 
 def run_job(name: str, *, instance: dg.DagsterInstance | None = None, tags: dict | None = None,
-            fast_retry: bool = False, **config) -> dg.ExecuteInProcessResult:
+            fast_retry: bool = False, resources: dict | None = None, **config) -> dg.ExecuteInProcessResult:
+    """``resources`` replace the code location's (e.g. a snapshot export resource built with a directory)."""
     from kommo_assets.definitions import defs
 
     if fast_retry:
         defs = fast_retry_definitions(defs)
+    if resources:
+        defs = with_resources(defs, **resources)
     run_config: dict = {"ops": {"kommo_staging": {"config": config}}} if config else {}
     context = nullcontext(instance) if instance else dg.DagsterInstance.ephemeral()
     with context as inst:
@@ -53,6 +56,11 @@ def fast_retry_definitions(defs: dg.Definitions) -> dg.Definitions:
 
     kommo = KommoResource(base_url=dg.EnvVar("KOMMO_BASE_URL"), access_token=dg.EnvVar("KOMMO_ACCESS_TOKEN"),
                           max_retries=2, backoff_base_seconds=0.01)
+    return with_resources(defs, kommo=kommo)
+
+
+def with_resources(defs: dg.Definitions, **resources) -> dg.Definitions:
+    """The same Definitions with some resources replaced."""
     return dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs,
                           sensors=defs.sensors, schedules=defs.schedules,
-                          resources={**defs.resources, "kommo": kommo})
+                          resources={**defs.resources, **resources})

@@ -4,6 +4,9 @@ Expected rows are derived from the simulator's own ground truth with simple rule
 the project's parser, so a parsing or mapping bug shows up as a difference.
 """
 
+import os
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime
 
@@ -248,14 +251,12 @@ def test_live_flag_off_refuses_with_a_clear_reason(kommo_env, database_url, monk
     assert kommo_env.stats()["requests"] == 0
 
 
-def test_a_bad_pace_fails_the_run_naming_the_variable_before_any_request(kommo_env, database_url, monkeypatch):
-    monkeypatch.setenv("KOMMO_MAX_RPS", "fast")
-    before = production_checksum(database_url)
-    result = run_job("kommo_full_refresh_job")
-    assert not result.success
-    failure = next(e for e in result.all_events if e.is_step_failure)
-    assert "KOMMO_MAX_RPS must be a number, got 'fast'" in str(failure.event_specific_data.error)
-    status, error = fetch_one(database_url, "SELECT status, error FROM kommo_import_runs")
-    assert status == "failed" and "KOMMO_MAX_RPS" in error
+def test_a_bad_pace_stops_the_code_location_naming_the_variable_before_any_run(kommo_env, database_url):
+    """KOMMO_MAX_RPS is validated when the definitions load (the resource's field): no run can start."""
+    env = {**os.environ, "KOMMO_MAX_RPS": "fast"}
+    done = subprocess.run([sys.executable, "-c", "import kommo_assets.definitions"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "KOMMO_MAX_RPS must be a number, got 'fast'" in done.stderr
+    assert fetch_one(database_url, "SELECT count(*) FROM kommo_import_runs")[0] == 0
     assert kommo_env.stats()["requests"] == 0
-    assert production_checksum(database_url) == before

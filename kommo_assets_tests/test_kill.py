@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from kommo_assets.db.runs import get_run
+from kommo_assets.resources.postgres import PostgresResource
 from kommo_assets_tests.helpers import fetch_all, fetch_one, production_checksum, run_job
 from kommo_assets_tests.test_full_refresh import WINDOW
 
@@ -58,7 +59,9 @@ def _assert_recovers(database_url, before: str) -> None:
     running = fetch_all(database_url, "SELECT id FROM kommo_import_runs WHERE status = 'running'")
     assert len(running) == 1
     time.sleep(1.2)  # past the abandonment grace
-    result = run_job("kommo_full_refresh_job")
+    # this process loaded the definitions before the short grace was set: its resource carries it instead
+    short_grace = PostgresResource(database_url=database_url, abandoned_grace_seconds=1)
+    result = run_job("kommo_full_refresh_job", resources={"postgres": short_grace})
     assert result.success
     for (run_id,) in running:
         closed = get_run(database_url, str(run_id))

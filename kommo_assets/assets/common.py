@@ -1,13 +1,15 @@
 """What the Kommo assets share: group name, asset keys, the run config and run bookkeeping."""
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import dagster as dg
 from pydantic import Field
 
 from kommo_assets.db import runs
+from kommo_assets.kommo.errors import redact
+from kommo_assets.resources.postgres import PostgresResource
 from kommo_assets.settings import ConfigError, require_live
 
 KOMMO_GROUP = "kommo"
@@ -45,10 +47,9 @@ class KommoRefreshConfig(dg.Config):
     )
 
 
-def import_run_id(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> str:
+def import_run_id(run: dg.DagsterRun) -> str:
     """The import run id is the Dagster run id of the run that staged it. A re-execution of a failed run
     reuses its root's staging, so it points at the root run (whose record then says it is closed)."""
-    run = context.run
     return run.root_run_id or run.run_id
 
 
@@ -60,15 +61,31 @@ def ensure_live() -> None:
 
 
 @contextmanager
-def working_on_run(database_url: str, run_id: str, secret: str | None = None) -> Iterator[None]:
+def working_on_run(postgres: PostgresResource, run_id: str, secrets: Iterable[str] = ()) -> Iterator[None]:
     """A step's hold on the import run: its owner lock while the step works, and on any exception the
-    run closed as failed (with a safe error) before the exception propagates."""
+    run closed as failed (its error without ``secrets`` or the database password) before the exception
+    propagates."""
+    secrets = [*postgres.secrets(), *secrets]
     try:
-        with runs.owning(database_url, run_id):
+        with postgres.owning(run_id):
             yield
     except BaseException as exc:
         try:
-            runs.close_run(database_url, run_id, "failed", exc, secret, attempts=10)
-        except Exception:  # the database is gone for good; the next start closes the dead run
-            log.exception("could not close Kommo import run %s", run_id)
+            postgres.close_run(run_id, "failed", exc, secrets, attempts=10)
+        except Exception as close_error:  # the database is gone for good; the next start closes the dead run
+            log.error("could not close Kommo import run %s: %s", run_id, runs.safe_error(close_error, secrets))
+        if isinstance(exc, Exception) and _quotes_a_secret(exc, secrets):
+            # Dagster would store the text (and its causes) in the event log and the failure sensor would
+            # quote it: the step fails with the redacted text instead, without the original chained.
+            raise dg.Failure(description=runs.safe_error(exc, secrets)) from None
         raise
+
+
+def _quotes_a_secret(exc: BaseException, secrets: list[str]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = f"{seen!s} {seen!r}"
+        if redact(text, secrets) != text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

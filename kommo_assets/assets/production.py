@@ -2,7 +2,6 @@
 
 import dagster as dg
 
-from kommo_assets import settings
 from kommo_assets.assets.common import (
     CALENDAR_VIEW,
     KOMMO_GROUP,
@@ -12,9 +11,8 @@ from kommo_assets.assets.common import (
     import_run_id,
     working_on_run,
 )
-from kommo_assets.db import runs
-from kommo_assets.db.export import export_snapshot
 from kommo_assets.resources.postgres import PostgresResource
+from kommo_assets.resources.snapshot import SnapshotExportResource
 
 _DESCRIPTIONS = {
     "vehicles": "Vehicles; Kommo vehicle enums missing here are created by the swap.",
@@ -50,24 +48,24 @@ SELECT (SELECT count(*) FROM vehicles),
         for key in PRODUCTION_KEYS
     ],
 )
-def kommo_swap(context: dg.AssetExecutionContext, postgres: PostgresResource):
+def kommo_swap(context: dg.AssetExecutionContext, postgres: PostgresResource,
+               snapshot_export: SnapshotExportResource):
     """Runs ``run_kommo_full_refresh(run_id)``: one transaction; any error leaves production as it was."""
-    run_id = import_run_id(context)
-    url = postgres.database_url
+    run_id = import_run_id(context.run)
     extra: dict = {}
-    with working_on_run(url, run_id):
+    with working_on_run(postgres, run_id):
         ensure_live()
-        directory = settings.snapshot_dir()
-        if directory:
-            # Before the swap, so what replaced production is on disk even if the swap then fails.
-            export = export_snapshot(url, run_id, directory, settings.snapshot_retention_days())
+        # Before the swap, so what replaced production is on disk even if the swap then fails.
+        export = snapshot_export.export(postgres, run_id)
+        if export:
             context.log.info(f"Raw snapshot exported: {export.rows} rows, {export.bytes_written} bytes")
             extra["raw_snapshot"] = dg.MetadataValue.json({k: str(p) for k, p in export.files.items()})
         else:
             extra["raw_snapshot"] = "skipped: KOMMO_SNAPSHOT_DIR is not set"
-        counts = runs.swap(url, run_id)
+        with postgres.import_runs() as import_runs:
+            counts = import_runs.swap(run_id)
     context.log.info(f"Swap of run {run_id} committed in {counts['swap_seconds']} s: {counts}")
-    pruned = runs.prune_staging(url, *settings.staging_retention_days())
+    pruned = postgres.prune_staging()
     if pruned["runs"]:
         context.log.info(f"Pruned the staging of {pruned['runs']} old runs ({pruned['leads']} leads)")
     extra["staging_pruned_runs"] = pruned["runs"]

@@ -2,11 +2,9 @@
 
 import time
 from dataclasses import asdict
-from datetime import timedelta
 
 import dagster as dg
 
-from kommo_assets import settings
 from kommo_assets.assets.common import (
     DRY_RUN_JOB,
     KOMMO_API,
@@ -20,7 +18,7 @@ from kommo_assets.assets.common import (
     import_run_id,
     working_on_run,
 )
-from kommo_assets.db import runs
+from kommo_assets.db.runs import window_for
 from kommo_assets.db.staging import stage_snapshot
 from kommo_assets.reporting import preview_markdown, preview_summary
 from kommo_assets.resources.kommo import KommoResource
@@ -55,23 +53,22 @@ def kommo_staging(
 ):
     ensure_live()
     try:
-        window = runs.window_for(config.year, config.created_from, config.created_to)
+        window = window_for(config.year, config.created_from, config.created_to)
     except ValueError as exc:
         raise dg.Failure(description=f"invalid run config: {exc}", allow_retries=False) from None
-    run_id = import_run_id(context)
-    url = postgres.database_url
-    with working_on_run(url, run_id, kommo.access_token):
-        record = runs.start_run(
-            url,
-            run_id=run_id,
-            dagster_run_id=context.run_id,
-            job_name=context.job_name,
-            triggered_by=context.run.tags.get(REQUESTED_BY_TAG),
-            dry_run=context.job_name == DRY_RUN_JOB,
-            window=window,
-            max_drop_ratio=config.max_drop_ratio,
-            grace=timedelta(seconds=settings.abandoned_grace_seconds()),
-        )
+    run_id = import_run_id(context.run)
+    with working_on_run(postgres, run_id, kommo.secrets()):
+        with postgres.import_runs() as import_runs:
+            record = import_runs.start(
+                run_id=run_id,
+                dagster_run_id=context.run_id,
+                job_name=context.job_name,
+                triggered_by=context.run.tags.get(REQUESTED_BY_TAG),
+                dry_run=context.job_name == DRY_RUN_JOB,
+                window=window,
+                max_drop_ratio=config.max_drop_ratio,
+                grace=postgres.abandoned_grace,
+            )
         context.log.info(
             f"Kommo import run {run_id} started ({'dry run' if record['dry_run'] else 'full refresh'}), "
             f"leads created in [{window.created_from.isoformat()}, {window.created_to.isoformat()})"
@@ -86,12 +83,13 @@ def kommo_staging(
                 last_logged["at"] = now
                 context.log.info(f"{phase}: {result.lead_pages} lead pages, {result.contact_batches} contact batches")
 
-        with kommo.client() as client:
-            result = stage_snapshot(url, run_id, client, window.created_from, window.created_to,
+        with kommo.client() as client, postgres.connect() as conn:
+            result = stage_snapshot(conn, run_id, client, window.created_from, window.created_to,
                                     on_progress=progress)
             stats = {**result.as_metadata(), "client": asdict(client.stats)}
-        runs.mark_staged(url, run_id, stats)
-        preview = runs.preview(url, run_id)
+        with postgres.import_runs() as import_runs:
+            import_runs.mark_staged(run_id, stats)
+            preview = import_runs.preview(run_id)
     context.log.info(f"Change preview of run {run_id}: {preview_summary(preview)}")
 
     common = {
@@ -140,9 +138,9 @@ def kommo_staging(
 def leads_count_within_drop_guard(
     context: dg.AssetCheckExecutionContext, postgres: PostgresResource
 ) -> dg.AssetCheckResult:
-    run_id = import_run_id(context)
-    with working_on_run(postgres.database_url, run_id):
-        verdict = runs.drop_guard(postgres.database_url, run_id)
+    run_id = import_run_id(context.run)
+    with working_on_run(postgres, run_id), postgres.import_runs() as import_runs:
+        verdict = import_runs.drop_guard(run_id)
     metadata = {
         "leads": verdict["leads"],
         "contacts": verdict["contacts"],
@@ -184,7 +182,7 @@ LEFT JOIN kommo_status_map m ON m.status_id = s.status_id
     ],
 )
 def staging_warnings(context: dg.AssetCheckExecutionContext, postgres: PostgresResource):
-    run_id = import_run_id(context)
+    run_id = import_run_id(context.run)
     with postgres.connect() as conn:
         # The stored change preview carries these counts (kommo_change_preview, same rules as below);
         # resolving the snapshot again would cost a scan of the run's raw rows after the last answer.

@@ -7,13 +7,13 @@ and counts. Failures, which include needs_review runs (the blocking drop guard f
 Slack message each when ``KOMMO_ENABLE_SLACK_ALERTS`` is on.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
 
-from kommo_assets import settings
-from kommo_assets.assets.common import REQUEST_ID_TAG, REQUESTED_BY_TAG
+from kommo_assets.assets.common import REQUEST_ID_TAG, REQUESTED_BY_TAG, import_run_id
 from kommo_assets.automation import request_table
 from kommo_assets.automation.slack_alerts import RunAlert, failure_message
 from kommo_assets.db import runs
@@ -23,11 +23,6 @@ from kommo_assets.resources.slack import KommoSlackResource
 # None = every job of this code location: the two Kommo jobs and also the ad-hoc asset job that the UI's
 # Materialize button launches, whose runs open import records just the same.
 MONITORED_JOBS = None
-
-
-def import_run_id_of(run: dg.DagsterRun) -> str:
-    """The import run a Dagster run wrote to: its own id, or its root's for a re-execution."""
-    return run.root_run_id or run.run_id
 
 
 def request_id_of(run: dg.DagsterRun) -> int | None:
@@ -45,21 +40,23 @@ class RunEnd:
     closed_by_sensor: bool
 
 
-def record_run_end(database_url: str, run: dg.DagsterRun, dagster_status: str, error: str | None,
-                   secret: str | None = None) -> RunEnd:
+def record_run_end(postgres: PostgresResource, run: dg.DagsterRun, dagster_status: str, error: str | None,
+                   secrets: Iterable[str] = ()) -> RunEnd:
     """Closes a still-running import as failed, then copies the outcome onto the run's request."""
-    import_id = import_run_id_of(run)
+    import_id = import_run_id(run)
+    secrets = [*postgres.secrets(), *secrets]
     reason = f"Dagster run ended ({dagster_status}) before the import closed"
-    closed = runs.close_run(database_url, import_id, "failed", f"{reason}: {error}" if error else reason, secret)
-    record = runs.get_run(database_url, import_id)
+    closed = postgres.close_run(import_id, "failed", f"{reason}: {error}" if error else reason, secrets)
+    with postgres.import_runs() as import_runs:
+        record = import_runs.get(import_id)
     request = None
     request_id = request_id_of(run)
     if request_id is not None:
         # Used only when the import record has no error of its own (or there is no record at all).
         fallback = error or f"Dagster run ended ({dagster_status}) without a finished import"
         request = request_table.record_finished(
-            database_url, request_id, dagster_run_id=run.run_id, import_run_id=import_id,
-            error=runs.safe_error(fallback, secret),
+            postgres.database_url, request_id, dagster_run_id=run.run_id, import_run_id=import_id,
+            error=runs.safe_error(fallback, secrets),
         )
     return RunEnd(import_run=record, request=request, closed_by_sensor=closed)
 
@@ -75,8 +72,7 @@ def _log_run_end(context: dg.RunStatusSensorContext, end: RunEnd, dagster_status
 
 def _on_run_end(context: dg.RunStatusSensorContext, postgres: PostgresResource, dagster_status: str) -> None:
     # Returns None, so one tick handles every run that ended since the cursor.
-    end = record_run_end(postgres.database_url, context.dagster_run, dagster_status, None,
-                         settings.kommo_access_token())
+    end = record_run_end(postgres, context.dagster_run, dagster_status, None)
     _log_run_end(context, end, dagster_status)
 
 
@@ -117,7 +113,8 @@ def kommo_run_canceled_sensor(context: dg.RunStatusSensorContext, postgres: Post
 
 
 def dagster_error(context: dg.RunFailureSensorContext) -> str | None:
-    """What Dagster says went wrong: the first failed step's error, else the run failure message."""
+    """What Dagster says went wrong: the first failed step's error, else the run failure message and its
+    root cause."""
     for event in context.get_step_failure_events():
         error = getattr(event.event_specific_data, "error", None)
         if error is not None:
@@ -127,7 +124,16 @@ def dagster_error(context: dg.RunFailureSensorContext) -> str | None:
             if sep and error.cls_name and head.endswith(error.cls_name):
                 message = f"{error.cls_name}: {rest}"
             return f"step {event.step_key} failed: {message}"
-    return context.failure_event.message if context.failure_event else None
+    failure = context.failure_event
+    if failure is None:
+        return None
+    error = getattr(failure.event_specific_data, "error", None)
+    if error is None:
+        return failure.message
+    # A run that failed before any step (a resource refusing its configuration): the root cause says why.
+    while error.cause is not None:
+        error = error.cause
+    return f"{failure.message} {error.message.strip()}"
 
 
 @dg.run_failure_sensor(
@@ -140,17 +146,17 @@ def kommo_run_failure_sensor(
     context: dg.RunFailureSensorContext, postgres: PostgresResource, slack: KommoSlackResource
 ) -> None:
     run = context.dagster_run
-    secret = settings.kommo_access_token()
+    secrets = [*postgres.secrets(), *slack.secrets()]
     error = dagster_error(context)
     bookkeeping_error: Exception | None = None
     end = RunEnd(import_run=None, request=None, closed_by_sensor=False)
     try:
-        end = record_run_end(postgres.database_url, run, "FAILURE", error, secret)
+        end = record_run_end(postgres, run, "FAILURE", error, secrets)
         _log_run_end(context, end, "FAILURE")
     except Exception as exc:  # still alert, then fail the tick with the real error below
         bookkeeping_error = exc
 
-    if settings.slack_alerts_enabled():
+    if slack.enabled:
         alert = RunAlert(
             run_id=run.run_id,
             job_name=run.job_name,
@@ -160,7 +166,7 @@ def kommo_run_failure_sensor(
             request_id=run.tags.get(REQUEST_ID_TAG),
             bookkeeping_failed=bookkeeping_error is not None,
         )
-        slack.post_message(failure_message(alert, settings.dagster_webserver_url(), secret))
+        slack.post_message(failure_message(alert, slack.webserver_url, secrets))
         context.log.info(f"Posted a Slack alert for run {run.run_id}")
     if bookkeeping_error is not None:
         raise bookkeeping_error

@@ -1,9 +1,10 @@
 """The Slack text of a failed or needs_review Kommo run: what happened, the numbers, what to do, a link.
 
-Pure formatting; it never sees the Slack token, and every free text goes through ``redact`` with the
-Kommo token before it is escaped for Slack.
+Pure formatting: every free text goes through ``redact`` with the secrets it is given (the Kommo and Slack
+tokens, the database password) before it is escaped for Slack.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +38,8 @@ def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _safe(text: str, secret: str | None) -> str:
-    text = redact(text, secret)
+def _safe(text: str, secrets: Iterable[str]) -> str:
+    text = redact(text, secrets)
     if len(text) > ERROR_MAX_CHARS:
         text = text[:ERROR_MAX_CHARS] + " …"
     return _escape(text)
@@ -52,7 +53,7 @@ def _ratio(value: Any) -> str:
     return f"{float(value) * 100:.1f}%"
 
 
-def failure_message(alert: RunAlert, webserver_url: str, secret: str | None = None) -> str:
+def failure_message(alert: RunAlert, webserver_url: str, secrets: Iterable[str] = ()) -> str:
     """Slack mrkdwn for a run that ended failed (or needs_review, which Dagster reports as a failure)."""
     record = alert.import_run or {}
     status = record.get("status")
@@ -86,7 +87,7 @@ def failure_message(alert: RunAlert, webserver_url: str, secret: str | None = No
 
     error = record.get("error") or alert.error
     if error:
-        lines.append(f"*{'Reason' if status == 'needs_review' else 'Error'}:* {_safe(error, secret)}")
+        lines.append(f"*{'Reason' if status == 'needs_review' else 'Error'}:* {_safe(error, secrets)}")
     if status == "needs_review":
         lines.append(f"*Fix:* {NEEDS_REVIEW_FIX}")
     if alert.request_id:

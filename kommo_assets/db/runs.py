@@ -1,10 +1,12 @@
 """The import run record (``kommo_import_runs``): start, guard, swap and close, each one SQL call.
 
-The logic lives in ``sql/functions``; this module only calls it and keeps the error text safe.
+The logic lives in ``sql/functions``; :class:`ImportRuns` only calls it on a connection it is given, and keeps
+the error text safe. The module functions taking a database URL open a connection per call, for scripts and
+tests; the assets and sensors go through the Postgres resource.
 """
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -57,13 +59,78 @@ def window_for(year: int | None = DEFAULT_YEAR, created_from: str | None = None,
     return Window(start, end)
 
 
-def safe_error(exc: BaseException | str, secret: str | None = None) -> str:
-    """The text stored in ``kommo_import_runs.error``: type and message, token redacted, bounded."""
+def safe_error(exc: BaseException | str, secrets: str | Iterable[str | None] | None = None) -> str:
+    """The text stored in ``kommo_import_runs.error``: type and message, secrets redacted, bounded."""
     text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
-    return redact(text, secret)[:ERROR_MAX_CHARS]
+    return redact(text, secrets)[:ERROR_MAX_CHARS]
 
 
 OWNER_LOCK_CLASS = 90903  # pg_advisory_lock(90903, hashtext(run id)): held by the step working on a run
+
+
+class ImportRuns:
+    """The import run record on one connection: each call is part of the caller's transaction (in autocommit
+    mode, each commits as it returns; the swap is always a transaction of its own)."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+
+    def heartbeat(self, run_id: str) -> None:
+        """Tells the next start that the run's owner is alive (see ``start_kommo_import_run``)."""
+        self.conn.execute("UPDATE kommo_import_runs SET heartbeat_at = now() WHERE id = %s", (run_id,))
+
+    def start(self, *, run_id: str, dagster_run_id: str | None, job_name: str | None, triggered_by: str | None,
+              dry_run: bool, window: Window, max_drop_ratio: float,
+              grace: timedelta = timedelta(seconds=60)) -> dict[str, Any]:
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                "SELECT * FROM start_kommo_import_run(%s::uuid, %s::text, %s::text, %s::text, %s, %s, %s,"
+                " %s::numeric, %s)",
+                (run_id, dagster_run_id, job_name, triggered_by, dry_run, window.created_from, window.created_to,
+                 max_drop_ratio, grace),
+            )
+            return cur.fetchone()
+
+    def mark_staged(self, run_id: str, stats: dict[str, Any]) -> None:
+        with self.conn.transaction():
+            self.conn.execute("UPDATE kommo_import_runs SET staged_at = now(), stats = stats || %s WHERE id = %s",
+                              (Jsonb(stats), run_id))
+            self.heartbeat(run_id)
+
+    def drop_guard(self, run_id: str) -> dict[str, Any]:
+        return self.conn.execute("SELECT kommo_drop_guard(%s::uuid)", (run_id,)).fetchone()[0]
+
+    def preview(self, run_id: str, sample: int = 10) -> dict[str, Any]:
+        """Computes what the swap would change now (``kommo_change_preview``) and stores it on the run."""
+        with self.conn.transaction():
+            result = self.conn.execute("SELECT kommo_change_preview(%s::uuid, %s)", (run_id, sample)).fetchone()[0]
+            self.conn.execute("UPDATE kommo_import_runs SET change_preview = %s WHERE id = %s",
+                              (Jsonb(result), run_id))
+        return result
+
+    def swap(self, run_id: str) -> dict[str, Any]:
+        """Runs ``run_kommo_full_refresh`` in one transaction; it marks the run succeeded as it commits.
+
+        Explicitly so, also on an autocommit connection: a statement of its own would commit as it ends
+        even if this process had been killed while it waited on a lock."""
+        with self.conn.transaction():
+            return self.conn.execute("SELECT run_kommo_full_refresh(%s::uuid)", (run_id,)).fetchone()[0]
+
+    def prune_staging(self, succeeded_days: float, failed_days: float) -> dict[str, Any]:
+        return self.conn.execute(
+            "SELECT prune_kommo_staging(make_interval(secs => %s), make_interval(secs => %s))",
+            (succeeded_days * 86400, failed_days * 86400),
+        ).fetchone()[0]
+
+    def close(self, run_id: str, status: str, error: str | None) -> bool:
+        """Closes a running import with an already safe ``error``; False when it was already closed."""
+        return self.conn.execute("SELECT close_kommo_import_run(%s::uuid, %s::text, %s::text)",
+                                 (run_id, status, error)).fetchone()[0]
+
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute("SELECT * FROM kommo_import_runs WHERE id = %s", (run_id,))
+            return cur.fetchone()
 
 
 @contextmanager
@@ -75,76 +142,29 @@ def owning(database_url: str, run_id: str) -> Iterator[None]:
     the way in and out, so the grace between two steps counts from the end of the last one.
     """
     conn = connect(database_url, autocommit=True)
+    record = ImportRuns(conn)
     try:
         conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (OWNER_LOCK_CLASS, run_id))
-        conn.execute("UPDATE kommo_import_runs SET heartbeat_at = now() WHERE id = %s", (run_id,))
+        record.heartbeat(run_id)
         yield
     finally:
         try:
-            conn.execute("UPDATE kommo_import_runs SET heartbeat_at = now() WHERE id = %s", (run_id,))
+            record.heartbeat(run_id)
         except Exception:  # noqa: BLE001 - the connection may be what failed; closing releases the lock
             pass
         conn.close()
 
 
-def start_run(database_url: str, *, run_id: str, dagster_run_id: str | None, job_name: str | None,
-              triggered_by: str | None, dry_run: bool, window: Window, max_drop_ratio: float,
-              grace: timedelta = timedelta(seconds=60)) -> dict[str, Any]:
-    with connect(database_url) as conn, conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            "SELECT * FROM start_kommo_import_run(%s::uuid, %s::text, %s::text, %s::text, %s, %s, %s, %s::numeric, %s)",
-            (run_id, dagster_run_id, job_name, triggered_by, dry_run, window.created_from, window.created_to,
-             max_drop_ratio, grace),
-        )
-        return cur.fetchone()
-
-
-def mark_staged(database_url: str, run_id: str, stats: dict[str, Any]) -> None:
-    with connect(database_url) as conn:
-        conn.execute(
-            "UPDATE kommo_import_runs SET staged_at = now(), heartbeat_at = now(), stats = stats || %s"
-            " WHERE id = %s",
-            (Jsonb(stats), run_id),
-        )
-
-
-def drop_guard(database_url: str, run_id: str) -> dict[str, Any]:
-    with connect(database_url) as conn:
-        return conn.execute("SELECT kommo_drop_guard(%s::uuid)", (run_id,)).fetchone()[0]
-
-
-def preview(database_url: str, run_id: str, sample: int = 10) -> dict[str, Any]:
-    """Computes what the swap would change now (``kommo_change_preview``) and stores it on the run."""
-    with connect(database_url) as conn:
-        result = conn.execute("SELECT kommo_change_preview(%s::uuid, %s)", (run_id, sample)).fetchone()[0]
-        conn.execute("UPDATE kommo_import_runs SET change_preview = %s WHERE id = %s", (Jsonb(result), run_id))
-    return result
-
-
-def swap(database_url: str, run_id: str) -> dict[str, Any]:
-    """Runs ``run_kommo_full_refresh`` in one transaction; it marks the run succeeded as it commits."""
-    with connect(database_url) as conn:
-        return conn.execute("SELECT run_kommo_full_refresh(%s::uuid)", (run_id,)).fetchone()[0]
-
-
-def prune_staging(database_url: str, succeeded_days: float, failed_days: float) -> dict[str, Any]:
-    with connect(database_url) as conn:
-        return conn.execute(
-            "SELECT prune_kommo_staging(make_interval(secs => %s), make_interval(secs => %s))",
-            (succeeded_days * 86400, failed_days * 86400),
-        ).fetchone()[0]
-
-
 def close_run(database_url: str, run_id: str, status: str, error: BaseException | str | None,
-              secret: str | None = None, *, attempts: int = 1, pause: float = 1.0) -> bool:
+              secrets: str | Iterable[str | None] | None = None, *, attempts: int = 1,
+              pause: float = 1.0) -> bool:
     """Closes a running import; returns False when it was already closed. ``attempts`` > 1 rides out a
     database that is restarting (the error that is being recorded may be that very restart)."""
-    text = None if error is None else safe_error(error, secret)
+    text = None if error is None else safe_error(error, secrets)
     for attempt in range(attempts):
         try:
             with connect(database_url) as conn:
-                return conn.execute("SELECT close_kommo_import_run(%s::uuid, %s::text, %s::text)",
-                                    (run_id, status, text)).fetchone()[0]
+                return ImportRuns(conn).close(run_id, status, text)
         except psycopg.OperationalError:
             if attempt == attempts - 1:
                 raise
@@ -152,7 +172,38 @@ def close_run(database_url: str, run_id: str, status: str, error: BaseException 
     return False
 
 
+# One connection per call, for scripts and tests.
+
+def start_run(database_url: str, **kwargs: Any) -> dict[str, Any]:
+    with connect(database_url) as conn:
+        return ImportRuns(conn).start(**kwargs)
+
+
+def mark_staged(database_url: str, run_id: str, stats: dict[str, Any]) -> None:
+    with connect(database_url) as conn:
+        ImportRuns(conn).mark_staged(run_id, stats)
+
+
+def drop_guard(database_url: str, run_id: str) -> dict[str, Any]:
+    with connect(database_url) as conn:
+        return ImportRuns(conn).drop_guard(run_id)
+
+
+def preview(database_url: str, run_id: str, sample: int = 10) -> dict[str, Any]:
+    with connect(database_url) as conn:
+        return ImportRuns(conn).preview(run_id, sample)
+
+
+def swap(database_url: str, run_id: str) -> dict[str, Any]:
+    with connect(database_url) as conn:
+        return ImportRuns(conn).swap(run_id)
+
+
+def prune_staging(database_url: str, succeeded_days: float, failed_days: float) -> dict[str, Any]:
+    with connect(database_url) as conn:
+        return ImportRuns(conn).prune_staging(succeeded_days, failed_days)
+
+
 def get_run(database_url: str, run_id: str) -> dict[str, Any] | None:
-    with connect(database_url) as conn, conn.cursor(row_factory=dict_row) as cur:
-        cur.execute("SELECT * FROM kommo_import_runs WHERE id = %s", (run_id,))
-        return cur.fetchone()
+    with connect(database_url) as conn:
+        return ImportRuns(conn).get(run_id)

@@ -23,7 +23,7 @@ from datetime import datetime
 
 import psycopg
 
-from kommo_assets.db import connect
+from kommo_assets.db.runs import ImportRuns
 from kommo_assets.kommo import ContactBatch, FieldOptions, KommoClient, LeadPage
 from kommo_assets.kommo.errors import InvalidPayload
 from kommo_assets.kommo.fields import (
@@ -254,7 +254,7 @@ class StagingWriter:
         now = time.monotonic()
         if now - self._beat_at >= HEARTBEAT_EVERY_S:
             self._beat_at = now
-            cur.execute("UPDATE kommo_import_runs SET heartbeat_at = now() WHERE id = %s", (self.run_id,))
+            ImportRuns(self.conn).heartbeat(self.run_id)
 
     def finish(self) -> tuple[int, int, int]:
         """Counts what the run staged and gives the planner statistics of it; returns the counts of
@@ -274,7 +274,7 @@ class StagingWriter:
             # again); the links are a narrow table.
             cur.execute("SELECT count(*) FROM stg_kommo_booking_vehicles WHERE run_id = %s", (self.run_id,))
             (links,) = cur.fetchone()
-            cur.execute("UPDATE kommo_import_runs SET heartbeat_at = now() WHERE id = %s", (self.run_id,))
+            ImportRuns(self.conn).heartbeat(self.run_id)
         try:
             with self.conn.transaction():
                 # Autovacuum may be analyzing a table right now: then its statistics are fresh anyway.
@@ -286,7 +286,7 @@ class StagingWriter:
 
 
 def stage_snapshot(
-    database_url: str,
+    conn: psycopg.Connection,
     run_id: str,
     client: KommoClient,
     created_from: datetime,
@@ -294,7 +294,8 @@ def stage_snapshot(
     *,
     on_progress: Callable[[str, StagingResult], None] | None = None,
 ) -> StagingResult:
-    """Fetches the window's leads, their main contacts and the select-field options into staging.
+    """Fetches the window's leads, their main contacts and the select-field options into staging, on
+    ``conn`` (each page its own transaction).
 
     One stream (:meth:`KommoClient.stream_snapshot`) feeds it: as each lead page is staged, the contact
     ids it brought that the run has not seen go back to the stream, whose contact batches interleave
@@ -304,7 +305,7 @@ def stage_snapshot(
     started = time.monotonic()
     result = StagingResult()
     with _prompt_threads():
-        return _stage(database_url, run_id, client, created_from, created_to, on_progress, result, started)
+        return _stage(conn, run_id, client, created_from, created_to, on_progress, result, started)
 
 
 @contextmanager
@@ -333,35 +334,34 @@ def _prompt_threads() -> Iterator[None]:
         sys.setswitchinterval(switch_interval)
 
 
-def _stage(database_url: str, run_id: str, client: KommoClient, created_from: datetime, created_to: datetime,
+def _stage(conn: psycopg.Connection, run_id: str, client: KommoClient, created_from: datetime, created_to: datetime,
            on_progress: Callable[[str, StagingResult], None] | None, result: StagingResult,
            started: float) -> StagingResult:
-    with connect(database_url) as conn:
-        writer = StagingWriter(conn, run_id)
-        stream = client.stream_snapshot(created_from, created_to, field_ids=(VEHICLE_FIELD_ID, SOURCE_FIELD_ID))
-        with stream:
-            for item in stream:
-                if isinstance(item, LeadPage):
-                    result.lead_pages += 1
-                    result.leads_received += item.received
-                    result.skipped.update(item.skipped)
-                    written = writer.write_leads(item.leads, result.skipped)
-                    if written.repeated:
-                        result.skipped["duplicate"] += written.repeated
-                    stream.add_contact_ids(written.new_contact_ids)
-                    phase = "leads"
-                elif isinstance(item, ContactBatch):
-                    result.contact_batches += 1
-                    writer.write_contacts(item.contacts, result.skipped)
-                    phase = "contacts"
-                elif isinstance(item, FieldOptions):
-                    writer.write_field_options(item.field_id, item.options)
-                    continue
-                else:  # pragma: no cover - the stream yields nothing else
-                    raise TypeError(f"unexpected item from the Kommo stream: {type(item).__name__}")
-                if on_progress:
-                    on_progress(phase, result)
-            result.contacts_requested = stream.contacts_requested
-        result.leads, result.contacts, result.vehicle_links = writer.finish()
+    writer = StagingWriter(conn, run_id)
+    stream = client.stream_snapshot(created_from, created_to, field_ids=(VEHICLE_FIELD_ID, SOURCE_FIELD_ID))
+    with stream:
+        for item in stream:
+            if isinstance(item, LeadPage):
+                result.lead_pages += 1
+                result.leads_received += item.received
+                result.skipped.update(item.skipped)
+                written = writer.write_leads(item.leads, result.skipped)
+                if written.repeated:
+                    result.skipped["duplicate"] += written.repeated
+                stream.add_contact_ids(written.new_contact_ids)
+                phase = "leads"
+            elif isinstance(item, ContactBatch):
+                result.contact_batches += 1
+                writer.write_contacts(item.contacts, result.skipped)
+                phase = "contacts"
+            elif isinstance(item, FieldOptions):
+                writer.write_field_options(item.field_id, item.options)
+                continue
+            else:  # pragma: no cover - the stream yields nothing else
+                raise TypeError(f"unexpected item from the Kommo stream: {type(item).__name__}")
+            if on_progress:
+                on_progress(phase, result)
+        result.contacts_requested = stream.contacts_requested
+    result.leads, result.contacts, result.vehicle_links = writer.finish()
     result.seconds = time.monotonic() - started
     return result

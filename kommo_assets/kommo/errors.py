@@ -6,14 +6,37 @@ access token, a header or a long query string.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
+from urllib.parse import quote, quote_plus, unquote
+
 REDACTED = "<redacted>"
+# Shorter texts are no secret worth the damage of replacing them everywhere in a message.
+MIN_SECRET_CHARS = 4
 
 
-def redact(text: str, secret: str | None) -> str:
-    """Returns ``text`` with every occurrence of ``secret`` replaced by ``<redacted>``."""
-    if not secret:
+def secret_forms(secret: str) -> set[str]:
+    """The ways a secret shows up in a text: as is, escaped by ``repr``/JSON (an error quoting a header
+    with a CR in it), percent-encoded (a URL) or percent-decoded (a password taken out of a URL)."""
+    forms = {secret, repr(secret)[1:-1], json.dumps(secret)[1:-1], secret.encode("unicode_escape").decode(),
+             quote(secret, safe=""), quote_plus(secret), unquote(secret)}
+    return {form for form in forms if len(form) >= MIN_SECRET_CHARS}
+
+
+def redact(text: str, secrets: str | Iterable[str | None] | None) -> str:
+    """Returns ``text`` with every form (:func:`secret_forms`) of every secret replaced by ``<redacted>``.
+
+    The one redaction of the project: Kommo errors, run records, Dagster events and Slack alerts all use it.
+    """
+    if not secrets:
         return text
-    return text.replace(secret, REDACTED)
+    if isinstance(secrets, str):
+        secrets = (secrets,)
+    forms = set().union(*(secret_forms(s) for s in secrets if s))
+    # Longest first, so a form that contains another is replaced whole.
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, REDACTED)
+    return text
 
 
 class KommoError(Exception):

@@ -1,28 +1,60 @@
 """The Kommo API as a Dagster resource: settings in, a paced and retrying client out."""
 
-import dagster as dg
+import math
 
-from kommo_assets import settings
-from kommo_assets.kommo.client import KommoClient
+import dagster as dg
+from pydantic import Field, field_validator
+
+from kommo_assets.kommo.client import DEFAULT_MAX_RPS, KommoClient
+from kommo_assets.resources.fields import HIDE_INPUTS, no_control_characters, positive, unresolved
+from kommo_assets.settings import ConfigError
+
+# Below this, a refresh of 100,000 leads would take hours: surely a mistake.
+MIN_KOMMO_RPS = 0.1
 
 
 class KommoResource(dg.ConfigurableResource):
-    """Kommo API v4 for one account. The token comes from ``KOMMO_ACCESS_TOKEN`` and is never shown; the
-    pace, unless given here, from ``KOMMO_MAX_RPS`` when a run starts (default 6.9 requests/s)."""
+    """Kommo API v4 for one account (``KOMMO_BASE_URL``, ``KOMMO_ACCESS_TOKEN``, ``KOMMO_MAX_RPS``)."""
 
-    base_url: str
-    access_token: str
-    max_rps: float | None = None
-    max_in_flight: int = 6
-    timeout_seconds: float = 30.0
-    max_retries: int = 6
-    backoff_base_seconds: float = 1.0
+    model_config = HIDE_INPUTS
+
+    base_url: str = Field(description="KOMMO_BASE_URL: https://<subdomain>.kommo.com")
+    access_token: str = Field(repr=False, description="KOMMO_ACCESS_TOKEN: a long-lived Kommo token (secret).")
+    max_rps: float = Field(
+        default=DEFAULT_MAX_RPS,
+        description="KOMMO_MAX_RPS: the client's pace, requests per second for all its threads together, "
+        f"under Kommo's 7 (default {DEFAULT_MAX_RPS}). Lower it for a wider margin against the network.",
+    )
+    max_in_flight: int = Field(default=6, ge=1, description="Requests in flight at once (each waits its slot).")
+    timeout_seconds: float = Field(default=30.0, gt=0, description="Timeout of each Kommo request.")
+    max_retries: int = Field(default=6, ge=0, description="Retries of a 429, 5xx or dropped connection.")
+    backoff_base_seconds: float = Field(default=1.0, ge=0, description="First backoff between retries.")
+
+    @field_validator("access_token", mode="before")
+    @classmethod
+    def _token(cls, value):
+        if not unresolved(value) and not str(value).strip():
+            raise ConfigError("KOMMO_ACCESS_TOKEN is empty: set it to a long-lived Kommo token")
+        return no_control_characters("KOMMO_ACCESS_TOKEN", value)
+
+    @field_validator("max_rps", mode="before")
+    @classmethod
+    def _pace(cls, value):
+        value = positive("KOMMO_MAX_RPS", value)
+        if not math.isfinite(value) or value < MIN_KOMMO_RPS:
+            raise ConfigError(f"KOMMO_MAX_RPS must be a number of requests per second from {MIN_KOMMO_RPS}, "
+                              f"got {value!r}")
+        return value
+
+    def secrets(self) -> list[str]:
+        """What must never appear in a message: the token."""
+        return [self.access_token]
 
     def client(self) -> KommoClient:
         return KommoClient(
             self.base_url,
             self.access_token,
-            max_rps=self.max_rps if self.max_rps is not None else settings.kommo_max_rps(),
+            max_rps=self.max_rps,
             max_in_flight=self.max_in_flight,
             timeout=self.timeout_seconds,
             max_retries=self.max_retries,

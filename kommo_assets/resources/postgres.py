@@ -1,15 +1,119 @@
-"""The target database as a Dagster resource."""
+"""The target database as a Dagster resource: connections, the import-run record, staging retention."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from urllib.parse import unquote, urlsplit
 
 import dagster as dg
 import psycopg
+from pydantic import Field, field_validator
 
-from kommo_assets.db import connect
+from kommo_assets.db import connect, runs
+from kommo_assets.resources.fields import HIDE_INPUTS, positive, unresolved
+from kommo_assets.settings import ConfigError
+
+
+def database_password(url: str) -> str | None:
+    """The password of a database URL or conninfo string, as written and (if different) decoded."""
+    try:
+        password = psycopg.conninfo.conninfo_to_dict(url).get("password")
+    except psycopg.Error:
+        password = None  # not parseable (a bare % in the password): read it off the URL below
+    if password is None and "://" in url:
+        userinfo = urlsplit(url).netloc.rpartition("@")[0]
+        password = userinfo.partition(":")[2] or None
+    return str(password) if password else None
 
 
 class PostgresResource(dg.ConfigurableResource):
-    """The PostgreSQL database the refresh writes to (``KOMMO_DATABASE_URL``)."""
+    """The PostgreSQL database the refresh writes to (``KOMMO_DATABASE_URL``) and how long it keeps staging."""
 
-    database_url: str
+    model_config = HIDE_INPUTS
+
+    database_url: str = Field(
+        repr=False, description="KOMMO_DATABASE_URL: postgresql://user:password@host:port/dbname (secret)."
+    )
+    staging_retention_days: float = Field(
+        default=7, description="KOMMO_STAGING_RETENTION_DAYS: days the staging of succeeded runs is kept."
+    )
+    failed_staging_retention_days: float = Field(
+        default=30,
+        description="KOMMO_FAILED_STAGING_RETENTION_DAYS: days the staging of failed and needs_review runs is kept.",
+    )
+    abandoned_grace_seconds: float = Field(
+        default=60,
+        description="KOMMO_ABANDONED_GRACE_SECONDS: how long an import marked running may have no live owner "
+        "(between two steps) before the next start closes it as abandoned.",
+    )
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _url(cls, value):
+        if unresolved(value):
+            return value
+        value = str(value).strip()
+        if not value:
+            raise ConfigError(
+                "KOMMO_DATABASE_URL is not set: point it at the target PostgreSQL database "
+                "(postgresql://user@host:port/dbname), or use `make run`, which starts a local one."
+            )
+        readable = True
+        try:
+            psycopg.conninfo.conninfo_to_dict(value)
+        except psycopg.Error:
+            readable = False  # psycopg's message quotes the password: raised outside this handler, without it
+        if not readable:
+            raise ConfigError("KOMMO_DATABASE_URL is not a PostgreSQL URL psycopg can read: percent-encode "
+                              "special characters of the user and password (% as %25, @ as %40, : as %3A)")
+        return value
+
+    @field_validator("staging_retention_days", mode="before")
+    @classmethod
+    def _staging_days(cls, value):
+        return positive("KOMMO_STAGING_RETENTION_DAYS", value)
+
+    @field_validator("failed_staging_retention_days", mode="before")
+    @classmethod
+    def _failed_days(cls, value):
+        return positive("KOMMO_FAILED_STAGING_RETENTION_DAYS", value)
+
+    @field_validator("abandoned_grace_seconds", mode="before")
+    @classmethod
+    def _grace(cls, value):
+        return positive("KOMMO_ABANDONED_GRACE_SECONDS", value)
+
+    def secrets(self) -> list[str]:
+        """What must never appear in a message: the database password."""
+        password = database_password(self.database_url)
+        return [password, unquote(password)] if password else []
+
+    @property
+    def abandoned_grace(self) -> timedelta:
+        return timedelta(seconds=self.abandoned_grace_seconds)
 
     def connect(self, *, autocommit: bool = False) -> psycopg.Connection:
         return connect(self.database_url, autocommit=autocommit)
+
+    @contextmanager
+    def import_runs(self) -> Iterator[runs.ImportRuns]:
+        """The import-run record on a connection of its own: one transaction, committed when the block ends
+        (a process killed before then leaves nothing behind, the swap included)."""
+        with self.connect() as conn:
+            yield runs.ImportRuns(conn)
+
+    @contextmanager
+    def owning(self, run_id: str) -> Iterator[None]:
+        """The run's owner lock, held on a connection of its own while a step works on the run."""
+        with runs.owning(self.database_url, run_id):
+            yield
+
+    def close_run(self, run_id: str, status: str, error: BaseException | str | None,
+                  secrets: list[str] | None = None, *, attempts: int = 1, pause: float = 1.0) -> bool:
+        """Closes a running import (False when it was already closed). ``attempts`` > 1 rides out a database
+        that is restarting: the error being recorded may be that very restart."""
+        return runs.close_run(self.database_url, run_id, status, error, secrets, attempts=attempts, pause=pause)
+
+    def prune_staging(self) -> dict:
+        with self.import_runs() as import_runs:
+            return import_runs.prune_staging(self.staging_retention_days, self.failed_staging_retention_days)

@@ -22,7 +22,7 @@ def test_needs_review_names_the_drop_and_the_fix():
 
 def test_failure_error_is_redacted_escaped_and_bounded():
     record = {"status": "failed", "error": "KommoError: <html> & token SECRET-123 " + "x" * 5000}
-    text = failure_message(RunAlert("run-2", "kommo_full_refresh_job", record, None), URL, secret="SECRET-123")
+    text = failure_message(RunAlert("run-2", "kommo_full_refresh_job", record, None), URL, secrets=["SECRET-123"])
     assert "SECRET-123" not in text and "&lt;redacted&gt;" in text
     assert "&lt;html&gt; &amp;" in text and "<html>" not in text
     assert len(text) < 2500

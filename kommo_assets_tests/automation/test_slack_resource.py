@@ -3,7 +3,8 @@
 import dagster as dg
 import pytest
 
-from kommo_assets.resources.slack import DEFAULT_SLACK_API_BASE_URL, KommoSlackResource, slack_resource
+from kommo_assets.resources import build_resources
+from kommo_assets.resources.slack import DEFAULT_SLACK_API_BASE_URL, KommoSlackResource
 from kommo_assets.settings import ConfigError
 
 
@@ -11,7 +12,7 @@ def test_posts_through_the_configured_base_url(fake_slack, monkeypatch):
     monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-1")
     monkeypatch.setenv("KOMMO_SLACK_CHANNEL", "#ops")
     monkeypatch.setenv("SLACK_API_BASE_URL", fake_slack.base_url.rstrip("/"))  # a missing slash is fine
-    with dg.build_resources({"slack": slack_resource()}) as resources:
+    with dg.build_resources({"slack": build_resources()["slack"]}) as resources:
         resources.slack.post_message("hello *ops*")
     (posted,) = fake_slack.messages
     assert posted.body == {"channel": "#ops", "text": "hello *ops*", "unfurl_links": False, "unfurl_media": False}
@@ -21,7 +22,7 @@ def test_posts_through_the_configured_base_url(fake_slack, monkeypatch):
 def test_builds_without_any_slack_setting_and_fails_loudly_only_when_used(monkeypatch):
     for name in ("SLACK_BOT_TOKEN", "KOMMO_SLACK_CHANNEL", "SLACK_API_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
-    with dg.build_resources({"slack": slack_resource()}) as resources:
+    with dg.build_resources({"slack": build_resources()["slack"]}) as resources:
         slack = resources.slack
         assert slack.base_url == DEFAULT_SLACK_API_BASE_URL and slack.token is None
         with pytest.raises(ConfigError, match="KOMMO_SLACK_CHANNEL is not set"):
@@ -32,6 +33,6 @@ def test_builds_without_any_slack_setting_and_fails_loudly_only_when_used(monkey
 
 def test_settings_are_env_vars_not_values(monkeypatch):
     monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-secret")
-    resource = slack_resource()
+    resource = build_resources()["slack"]
     # the definitions hold the variable's name, never the token itself
     assert isinstance(resource.token, dg.EnvVar) and resource.token == "SLACK_BOT_TOKEN"

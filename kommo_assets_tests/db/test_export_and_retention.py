@@ -12,6 +12,7 @@ import pytest
 
 from kommo_assets.db import runs
 from kommo_assets.db.export import export_snapshot, prune_exports, snapshot_path
+from kommo_assets.resources.snapshot import SnapshotExportResource
 from kommo_assets_tests.helpers import fetch_all, fetch_one, run_job
 
 
@@ -19,9 +20,9 @@ def _staged(url, table, key, run_id):
     return [r[0] for r in fetch_all(url, f"SELECT payload FROM {table} WHERE run_id = %s ORDER BY {key}", (run_id,))]
 
 
-def test_export_files_round_trip_to_the_staged_payloads(kommo_env, database_url, tmp_path, monkeypatch):
-    monkeypatch.setenv("KOMMO_SNAPSHOT_DIR", str(tmp_path))
-    result = run_job("kommo_full_refresh_job")
+def test_export_files_round_trip_to_the_staged_payloads(kommo_env, database_url, tmp_path):
+    result = run_job("kommo_full_refresh_job",
+                     resources={"snapshot_export": SnapshotExportResource(directory=str(tmp_path))})
     assert result.success
     for kind, table, key in (("leads", "stg_kommo_leads", "lead_id"), ("contacts", "stg_kommo_contacts", "contact_id")):
         path = snapshot_path(tmp_path, result.run_id, kind)
@@ -35,9 +36,8 @@ def test_export_files_round_trip_to_the_staged_payloads(kommo_env, database_url,
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_export_is_skipped_cleanly_when_not_configured(kommo_env, database_url, monkeypatch):
-    monkeypatch.delenv("KOMMO_SNAPSHOT_DIR", raising=False)
-    result = run_job("kommo_full_refresh_job")
+def test_export_is_skipped_cleanly_when_not_configured(kommo_env, database_url):
+    result = run_job("kommo_full_refresh_job", resources={"snapshot_export": SnapshotExportResource()})
     assert result.success
     bookings = next(e.event_specific_data.materialization for e in result.get_asset_materialization_events()
                     if e.asset_key.path[-1] == "bookings")
