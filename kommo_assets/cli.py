@@ -26,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
     from kommo_assets.dev.dagster_dev import prepare_instance
     from kommo_assets.dev.environment import start_local_environment
 
-    home = Path(args.home)
+    home = Path(args.home).resolve()
     env = start_local_environment(home, leads=args.leads)
     for note in env.notes:
         print(f"* {note}")
@@ -34,10 +34,14 @@ def _run(args: argparse.Namespace) -> int:
     config = {"year": args.year, "max_drop_ratio": args.max_drop_ratio}
     print(f"* running {job_name} for {args.year} ...")
     try:
-        # The instance `kommo-assets dev` serves: the run, its materializations and checks are in the UI.
-        local = prepare_instance(home, env)
-        print(f"* {local.note}; the run is recorded there for `make dev`")
-        os.environ.update(local.environ)
+        # The Dagster instance of DAGSTER_HOME when set, else the one `kommo-assets dev` serves: either way
+        # the run, its materializations and checks are in a UI afterwards.
+        if os.environ.get("DAGSTER_HOME", "").strip():
+            print(f"* Dagster instance: DAGSTER_HOME ({os.environ['DAGSTER_HOME']})")
+        else:
+            local = prepare_instance(home, env)
+            print(f"* {local.note}; the run is recorded there for `make dev`")
+            os.environ.update(local.environ)
         with dg.DagsterInstance.get() as instance:
             result = defs.resolve_job_def(job_name).execute_in_process(
                 instance=instance,

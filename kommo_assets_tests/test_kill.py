@@ -41,11 +41,13 @@ def kill(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def refresh_env(kommo_env, database_url, monkeypatch):
+def refresh_env(kommo_env, database_url, monkeypatch, tmp_path):
     """A first succeeded refresh, then the environment for subprocess runs (short abandonment grace)."""
     assert run_job("kommo_full_refresh_job").success
     kommo_env.reset_stats()  # the kill points below count this run's requests only
     monkeypatch.setenv("KOMMO_ABANDONED_GRACE_SECONDS", "1")
+    # The subprocess runs record themselves in a throwaway Dagster instance (default storage in a folder).
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     return dict(os.environ)
 
 
@@ -143,10 +145,14 @@ def test_postgres_restart_mid_run(refresh_env, kommo_env, database_url, pg_serve
     assert run_job("kommo_full_refresh_job").success
 
 
-def test_two_refreshes_at_once_swap_exactly_once(refresh_env, kommo_env, database_url):
+def test_two_refreshes_at_once_swap_exactly_once(refresh_env, kommo_env, database_url, tmp_path):
     kommo_env.set_latency(50)
     before_runs = fetch_one(database_url, "SELECT count(*) FROM kommo_import_runs")[0]
-    procs = [start_refresh(refresh_env) for _ in range(2)]
+    # Two hosts: each its own Dagster instance (one folder's SQLite storage is not for concurrent writers).
+    homes = [tmp_path / "host-a", tmp_path / "host-b"]
+    for home in homes:
+        home.mkdir()
+    procs = [start_refresh({**refresh_env, "DAGSTER_HOME": str(home)}) for home in homes]
     outputs = [p.communicate(timeout=180)[0] for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 1], outputs
