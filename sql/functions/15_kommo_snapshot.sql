@@ -1,5 +1,6 @@
 -- What a run's staging resolves to, one row per lead: the single definition of the mapping rules,
--- shared by the swap (run_kommo_full_refresh) and the change preview (kommo_change_preview).
+-- shared by the swap (run_kommo_full_refresh) and the change preview (kommo_change_preview). Below it,
+-- the rows a refresh owns (kommo_owned) and what staged contacts make of the clients (kommo_snapshot_clients).
 --   status 143 is dropped (re-checked here although the client filters it);
 --   is_booking: every status but 79790631, 91703923 and 143;
 --   booking_status from kommo_status_map, 'pending' when unmapped;
