@@ -22,7 +22,10 @@ DECLARE
     v_warnings jsonb;
     v_stats_target text := current_setting('default_statistics_target');
 BEGIN
-    SELECT * INTO STRICT v_run FROM kommo_import_runs WHERE id = p_run_id;
+    SELECT * INTO v_run FROM kommo_import_runs WHERE id = p_run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown Kommo import run %', p_run_id;
+    END IF;
 
     DROP TABLE IF EXISTS pg_temp.kommo_preview_snapshot;
     CREATE TEMP TABLE kommo_preview_snapshot ON COMMIT DROP AS
