@@ -25,8 +25,8 @@ UPDATE bookings b
   FROM sales_leads sl
  WHERE sl.lead_code = b.source_payload_id AND b.source_payload_id LIKE 'kommo:%';
 
--- 3. The rows a refresh may archive or deactivate: the live own rows of a window. The old indexes keyed
---    on source / channel = 'Kommo' match no query any more.
+-- 3. The rows a refresh may archive or deactivate: the live own rows of a window. The indexes they
+--    replace were keyed on source / channel = 'Kommo', which the refresh no longer filters on.
 DROP INDEX sales_leads_kommo_live;
 DROP INDEX bookings_kommo_active;
 CREATE INDEX sales_leads_kommo_live ON sales_leads (kommo_created_at)
