@@ -39,6 +39,10 @@ def test_preview_counts_and_samples_match_known_changes_and_the_swap(kommo_env, 
     sim.dataset.update_lead(vehicle_changed, custom_fields={VEHICLE_FIELD: new_vehicle})
     sim.dataset.update_lead(owner_changed, responsible_user_id=5550002)
     added = [sim.dataset.add_lead(IN_WINDOW + i, status_id=79790637, pipeline_id=8841234) for i in range(2)]
+    # Rows the app wrote are neither archived nor deactivated, whatever their source or channel says.
+    fetch_one(database_url, "INSERT INTO sales_leads (lead_code, name) VALUES ('app:1', 'Phone call') RETURNING 1")
+    fetch_one(database_url, "INSERT INTO bookings (channel, source_payload_id, start_at)"
+                            " VALUES ('Kommo', 'zoho:1', now()) RETURNING 1")
 
     # The dry run ends with the preview and touches nothing.
     dry = run_job("kommo_dry_run_job")
@@ -78,6 +82,9 @@ def test_preview_counts_and_samples_match_known_changes_and_the_swap(kommo_env, 
     assert swapped["clients_added"] == preview["clients"]["add"]
     assert swapped["clients_updated"] == preview["clients"]["update"]
     assert swapped["vehicles_created"] == preview["vehicles"]["create"]
+
+    assert fetch_one(database_url, "SELECT archived_at FROM sales_leads WHERE lead_code = 'app:1'")[0] is None
+    assert fetch_one(database_url, "SELECT is_active FROM bookings WHERE source_payload_id = 'zoho:1'")[0] is True
 
     # After the swap there is nothing left to change.
     again = run_job("kommo_dry_run_job")

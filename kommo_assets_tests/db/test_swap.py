@@ -15,17 +15,22 @@ T0 = datetime(2025, 3, 1, 10, tzinfo=UTC)
 
 
 def stage_run(url, leads, contacts=((900, "Ana", "+1", "ana@x"),), *, dry_run=False, guard=True,
-              max_drop_ratio=1.0) -> str:
-    """Opens a run and stages ``leads`` = [(lead_id, contact_id, status_id, vehicle_enum_id)]."""
+              max_drop_ratio=1.0, window: runs.Window | None = None) -> str:
+    """Opens a run of ``window`` (default: the year 2025) and stages ``leads`` =
+    [(lead_id, contact_id, status_id, vehicle_enum_id[, created_at])]; created_at defaults to March 1st,
+    10:00 of the window's first year."""
     run_id = str(uuid.uuid4())
+    window = window or runs.window_for(2025)
     runs.start_run(url, run_id=run_id, dagster_run_id=None, job_name="test", triggered_by=None, dry_run=dry_run,
-                   window=runs.window_for(2025), max_drop_ratio=max_drop_ratio)
+                   window=window, max_drop_ratio=max_drop_ratio)
+    default_created = T0.replace(year=window.created_from.year)
     with psycopg.connect(url) as conn:
-        for lead_id, contact_id, status_id, vehicle in leads:
+        for lead_id, contact_id, status_id, vehicle, *created in leads:
+            created_at = created[0] if created else default_created
             conn.execute(
                 "INSERT INTO stg_kommo_leads (run_id, lead_id, payload, contact_id, status_id, vehicle_enum_id,"
                 " delivery_at, created_at, updated_at) VALUES (%s, %s, '{}', %s, %s, %s, %s, %s, %s)",
-                (run_id, lead_id, contact_id, status_id, vehicle, T0, T0, T0),
+                (run_id, lead_id, contact_id, status_id, vehicle, created_at, created_at, created_at),
             )
         for contact_id, name, phone, email in contacts:
             conn.execute(

@@ -94,8 +94,11 @@ END;
 $$;
 
 -- The drop guard: zero leads or contacts fails the run; a drop of more than max_drop_ratio against
--- the last succeeded refresh marks it needs_review. Either way the swap will refuse it. A dry run that
--- passes is closed as succeeded here.
+-- the last succeeded refresh of the same window marks it needs_review. Either way the swap will refuse
+-- it. A dry run that passes is closed as succeeded here.
+-- Same window: the same created_from and created_to. A refresh replaces only its own window (the swap's
+-- kommo_owned), so only a refresh of that window says how many leads it held: 2026 holding far fewer
+-- leads than 2025 is no drop. Dry runs only look, so they are no reference either.
 -- Why a ratio guard at all: a wrong filter, a revoked pipeline permission or a half-broken Kommo answer
 -- look like "most bookings were deleted", and the swap would faithfully deactivate them.
 CREATE OR REPLACE FUNCTION kommo_drop_guard(p_run_id uuid) RETURNS jsonb
@@ -118,6 +121,7 @@ BEGIN
     SELECT leads_count INTO v_previous
       FROM kommo_import_runs
      WHERE status = 'succeeded' AND NOT dry_run AND id <> p_run_id
+       AND created_from = v_run.created_from AND created_to = v_run.created_to
      ORDER BY finished_at DESC
      LIMIT 1;
     IF v_previous > 0 THEN

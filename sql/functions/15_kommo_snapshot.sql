@@ -1,5 +1,6 @@
 -- What a run's staging resolves to, one row per lead: the single definition of the mapping rules,
--- shared by the swap (run_kommo_full_refresh) and the change preview (kommo_change_preview).
+-- shared by the swap (run_kommo_full_refresh) and the change preview (kommo_change_preview). Below it,
+-- the rows a refresh owns (kommo_owned) and what staged contacts make of the clients (kommo_snapshot_clients).
 --   status 143 is dropped (re-checked here although the client filters it);
 --   is_booking: every status but 79790631, 91703923 and 143;
 --   booking_status from kommo_status_map, 'pending' when unmapped;
@@ -45,4 +46,40 @@ LANGUAGE sql STABLE AS $$
       LEFT JOIN kommo_status_map stmap ON stmap.status_id = l.status_id
      WHERE l.run_id = p_run_id
        AND coalesce(l.status_id, 0) <> 143
+$$;
+
+-- Whether a row is the import's own and belongs to window [p_from, p_to): its code is 'kommo:<lead id>'
+-- (sales_leads.lead_code, bookings.source_payload_id) and its lead's Kommo created_at (kommo_created_at
+-- of either table) is in the window. The single definition of what a refresh of a window may archive or
+-- deactivate: the swap and the change preview use it, and so can any later import ('-infinity' and
+-- 'infinity' for no window at all). sales_leads.source and bookings.channel play no part: the app may
+-- write 'Kommo' there itself, and a row the app writes never carries a 'kommo:' code.
+-- A plain SQL expression on purpose: the planner inlines it into the caller's WHERE clause, where it
+-- matches the partial indexes sales_leads_kommo_live / bookings_kommo_active and leaves the anti-joins
+-- against the snapshot as they were. (Not STRICT, which would stop the inlining.)
+CREATE OR REPLACE FUNCTION kommo_owned(p_code text, p_kommo_created_at timestamptz, p_from timestamptz,
+                                       p_to timestamptz) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT p_code LIKE 'kommo:%' AND p_kommo_created_at >= p_from AND p_kommo_created_at < p_to
+$$;
+
+-- What a run's staged contacts make of the clients, one row per contact: the client it updates (NULL:
+-- a client to add), the values the client holds afterwards, and whether they differ from today's.
+-- Clients are matched on kommo_contact_id only, so a client the app created (no Kommo id) is never read.
+-- A field Kommo has empty (no name, phone or email) keeps the client's current value: an empty Kommo
+-- field cannot tell "removed in Kommo" from "never entered there", and clearing it would erase what the
+-- app's staff typed in. A value Kommo has always wins.
+DROP FUNCTION IF EXISTS kommo_snapshot_clients(uuid);
+CREATE FUNCTION kommo_snapshot_clients(p_run_id uuid)
+RETURNS TABLE (contact_id bigint, client_id uuid, name text, phone text, email text, differs boolean)
+LANGUAGE sql STABLE AS $$
+    SELECT x.contact_id, x.client_id, x.name, x.phone, x.email,
+           x.client_id IS NOT NULL AND (x.old_name, x.old_phone, x.old_email) IS DISTINCT FROM (x.name, x.phone, x.email)
+      FROM (SELECT c.contact_id, t.id AS client_id, t.name AS old_name, t.phone AS old_phone, t.email AS old_email,
+                   coalesce(nullif(c.name, ''), t.name) AS name,
+                   coalesce(nullif(c.phone, ''), t.phone) AS phone,
+                   coalesce(nullif(c.email, ''), t.email) AS email
+              FROM stg_kommo_contacts c
+              LEFT JOIN clients t ON t.kommo_contact_id = c.contact_id
+             WHERE c.run_id = p_run_id) x
 $$;

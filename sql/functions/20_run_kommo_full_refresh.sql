@@ -3,6 +3,11 @@
 -- Decisions (see the README): history is kept, so rows present in the snapshot are upserted (and
 -- re-activated) and Kommo rows missing from it are deactivated (bookings.is_active = false) or
 -- archived (sales_leads.archived_at); ids stay stable and unchanged rows are not written at all.
+-- A run replaces its own window only: it archives and deactivates the import's own rows (codes
+-- 'kommo:<id>') whose Kommo created_at is in the run's [created_from, created_to), as kommo_owned
+-- (15_kommo_snapshot.sql) defines them. Rows of other windows, and rows the app wrote (whatever their
+-- source or channel), are never archived or deactivated. Upserts match on the codes the snapshot makes,
+-- so they too only ever touch the import's own rows; clients are matched on kommo_contact_id.
 -- The Zoho outbox triggers are suppressed for this transaction only. Any error rolls everything back.
 --
 -- How it stays fast (README, "Benchmark"): each table is written by one statement that joins the snapshot
@@ -95,13 +100,9 @@ BEGIN
     SELECT count(*) INTO v_vehicles_created FROM ins;
 
     -- Clients: matched on the Kommo contact id, updated where name, phone or email differ, added when
-    -- missing; never deleted.
+    -- missing; never deleted. A field Kommo has empty keeps the client's value (kommo_snapshot_clients).
     WITH src AS MATERIALIZED (
-        SELECT c.contact_id, c.name, c.phone, c.email, t.id AS client_id,
-               (t.name, t.phone, t.email) IS DISTINCT FROM (c.name, c.phone, c.email) AS differs
-          FROM stg_kommo_contacts c
-          LEFT JOIN clients t ON t.kommo_contact_id = c.contact_id
-         WHERE c.run_id = p_run_id
+        SELECT * FROM kommo_snapshot_clients(p_run_id)
     ), upd AS (
         UPDATE clients t
            SET name = src.name, phone = src.phone, email = src.email, updated_at = now()
@@ -115,15 +116,16 @@ BEGIN
     )
     SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM upd) INTO v_clients_added, v_clients_updated;
 
-    -- Sales leads: every staged lead, matched on lead_code (re-activated if archived).
+    -- Sales leads: every staged lead, matched on lead_code (re-activated if archived). created_at is the
+    -- lead's Kommo created_at (as kommo_created_at, which the window predicate reads), on insert and update.
     WITH src AS MATERIALIZED (
         SELECT s.code, cl.id AS client_id, s.name, s.status_id, s.pipeline_id, s.price::numeric(14, 2) AS price,
                s.owner_id, s.closed_at, s.created_at, s.updated_at, t.id AS lead_pk,
                (t.client_id, t.name, t.stage_id, t.pipeline_id, t.value_amount, t.owner_id, t.expected_close_at,
-                t.source, t.archived_at, t.kommo_created_at, t.kommo_updated_at)
+                t.source, t.archived_at, t.created_at, t.kommo_created_at, t.kommo_updated_at)
                IS DISTINCT FROM
                (cl.id, s.name, s.status_id, s.pipeline_id, s.price::numeric(14, 2), s.owner_id, s.closed_at,
-                'Kommo'::text, NULL::timestamptz, s.created_at, s.updated_at) AS differs
+                'Kommo'::text, NULL::timestamptz, s.created_at, s.created_at, s.updated_at) AS differs
           FROM kommo_snapshot s
           LEFT JOIN clients cl ON cl.kommo_contact_id = s.contact_id
           LEFT JOIN sales_leads t ON t.lead_code = s.code
@@ -132,36 +134,40 @@ BEGIN
            SET client_id = src.client_id, name = src.name, stage_id = src.status_id,
                pipeline_id = src.pipeline_id, value_amount = src.price, owner_id = src.owner_id,
                expected_close_at = src.closed_at, source = 'Kommo', archived_at = NULL,
-               kommo_created_at = src.created_at, kommo_updated_at = src.updated_at, updated_at = now()
+               created_at = src.created_at, kommo_created_at = src.created_at, kommo_updated_at = src.updated_at,
+               updated_at = now()
           FROM src
          WHERE t.id = src.lead_pk AND src.differs
         RETURNING 1
     ), ins AS (
         INSERT INTO sales_leads (lead_code, client_id, name, stage_id, pipeline_id, value_amount, owner_id,
-                                 expected_close_at, source, archived_at, kommo_created_at, kommo_updated_at)
+                                 expected_close_at, source, archived_at, created_at, kommo_created_at,
+                                 kommo_updated_at)
         SELECT src.code, src.client_id, src.name, src.status_id, src.pipeline_id, src.price, src.owner_id,
-               src.closed_at, 'Kommo', NULL, src.created_at, src.updated_at
+               src.closed_at, 'Kommo', NULL, src.created_at, src.created_at, src.updated_at
           FROM src
          WHERE src.lead_pk IS NULL
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM upd) INTO v_leads_added, v_leads_updated;
 
+    -- The import's own live leads of this window that left the snapshot.
     UPDATE sales_leads sl
        SET archived_at = now(), updated_at = now()
-     WHERE sl.source = 'Kommo' AND sl.archived_at IS NULL
+     WHERE kommo_owned(sl.lead_code, sl.kommo_created_at, v_run.created_from, v_run.created_to)
+       AND sl.archived_at IS NULL
        AND NOT EXISTS (SELECT 1 FROM kommo_snapshot s WHERE s.code = sl.lead_code);
     GET DIAGNOSTICS v_leads_archived = ROW_COUNT;
 
     -- Bookings: every staged lead outside the no-booking statuses, matched on source_payload_id.
     WITH src AS MATERIALIZED (
         SELECT s.code, cl.id AS client_id, sl.id AS sales_lead_id, s.source, s.booking_status, s.status_id,
-               s.owner_id, v.id AS vehicle_id, s.start_at, s.end_at, t.id AS booking_pk,
+               s.owner_id, v.id AS vehicle_id, s.start_at, s.end_at, s.created_at, t.id AS booking_pk,
                (t.client_id, t.sales_lead_id, t.channel, t.source, t.status, t.kommo_status_id, t.owner_id,
-                t.vehicle_id, t.start_at, t.end_at, t.is_active)
+                t.vehicle_id, t.start_at, t.end_at, t.is_active, t.kommo_created_at)
                IS DISTINCT FROM
                (cl.id, sl.id, 'Kommo'::text, s.source, s.booking_status, s.status_id, s.owner_id, v.id,
-                s.start_at, s.end_at, true) AS differs
+                s.start_at, s.end_at, true, s.created_at) AS differs
           FROM kommo_snapshot s
           JOIN sales_leads sl ON sl.lead_code = s.code
           LEFT JOIN clients cl ON cl.kommo_contact_id = s.contact_id
@@ -173,24 +179,26 @@ BEGIN
            SET client_id = src.client_id, sales_lead_id = src.sales_lead_id, channel = 'Kommo',
                source = src.source, status = src.booking_status, kommo_status_id = src.status_id,
                owner_id = src.owner_id, vehicle_id = src.vehicle_id, start_at = src.start_at,
-               end_at = src.end_at, is_active = true, updated_at = now()
+               end_at = src.end_at, is_active = true, kommo_created_at = src.created_at, updated_at = now()
           FROM src
          WHERE t.id = src.booking_pk AND src.differs
         RETURNING 1
     ), ins AS (
         INSERT INTO bookings (client_id, sales_lead_id, channel, source, source_payload_id, status,
-                              kommo_status_id, owner_id, vehicle_id, start_at, end_at, is_active)
+                              kommo_status_id, owner_id, vehicle_id, start_at, end_at, is_active, kommo_created_at)
         SELECT src.client_id, src.sales_lead_id, 'Kommo', src.source, src.code, src.booking_status,
-               src.status_id, src.owner_id, src.vehicle_id, src.start_at, src.end_at, true
+               src.status_id, src.owner_id, src.vehicle_id, src.start_at, src.end_at, true, src.created_at
           FROM src
          WHERE src.booking_pk IS NULL
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM upd) INTO v_bookings_added, v_bookings_updated;
 
+    -- The import's own active bookings of this window whose lead left the snapshot or its booking statuses.
     UPDATE bookings b
        SET is_active = false, updated_at = now()
-     WHERE b.channel = 'Kommo' AND b.is_active
+     WHERE kommo_owned(b.source_payload_id, b.kommo_created_at, v_run.created_from, v_run.created_to)
+       AND b.is_active
        AND NOT EXISTS (SELECT 1 FROM kommo_snapshot s WHERE s.is_booking AND s.code = b.source_payload_id);
     GET DIAGNOSTICS v_bookings_deactivated = ROW_COUNT;
 

@@ -1,6 +1,8 @@
 -- The change preview: what run_kommo_full_refresh(p_run_id) would do to production right now, from the
 -- same resolved snapshot (kommo_snapshot) and the same "is anything different" rules as the swap.
--- Counts match the swap's counters one for one; samples show up to p_sample rows of each kind.
+-- Counts match the swap's counters one for one; samples show up to p_sample rows of each kind. Like the
+-- swap it archives and deactivates only the import's own rows of the run's window (kommo_owned), and
+-- resolves clients with kommo_snapshot_clients.
 --
 -- It runs between the last Kommo answer and the swap, so it reads each table once where it can: the
 -- snapshot is resolved into a narrow temporary table, every booking of it is compared with production
@@ -9,6 +11,7 @@
 CREATE OR REPLACE FUNCTION kommo_change_preview(p_run_id uuid, p_sample integer DEFAULT 10) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
+    v_run kommo_import_runs;
     v_bookings jsonb;
     v_leads jsonb;
     v_clients jsonb;
@@ -19,6 +22,11 @@ DECLARE
     v_warnings jsonb;
     v_stats_target text := current_setting('default_statistics_target');
 BEGIN
+    SELECT * INTO v_run FROM kommo_import_runs WHERE id = p_run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown Kommo import run %', p_run_id;
+    END IF;
+
     DROP TABLE IF EXISTS pg_temp.kommo_preview_snapshot;
     CREATE TEMP TABLE kommo_preview_snapshot ON COMMIT DROP AS
     SELECT s.*,
@@ -47,7 +55,9 @@ BEGIN
                CASE WHEN ov.kommo_vehicle_id IS DISTINCT FROM s.vehicle_enum_id THEN 'vehicle' END,
                CASE WHEN oc.kommo_contact_id IS DISTINCT FROM s.linked_contact_id THEN 'client' END,
                CASE WHEN b.owner_id IS DISTINCT FROM s.owner_id THEN 'owner' END,
-               CASE WHEN b.source IS DISTINCT FROM s.source THEN 'source' END
+               CASE WHEN b.source IS DISTINCT FROM s.source THEN 'source' END,
+               CASE WHEN b.channel IS DISTINCT FROM 'Kommo' THEN 'channel' END,
+               CASE WHEN b.kommo_created_at IS DISTINCT FROM s.created_at THEN 'created_at' END
            ], NULL) AS changes
       FROM kommo_preview_snapshot s
       LEFT JOIN bookings b ON b.source_payload_id = s.code
@@ -61,7 +71,8 @@ BEGIN
     CREATE TEMP TABLE kommo_preview_deactivate ON COMMIT DROP AS
     SELECT b.source_payload_id AS code, b.status, b.start_at, b.end_at
       FROM bookings b
-     WHERE b.channel = 'Kommo' AND b.is_active
+     WHERE kommo_owned(b.source_payload_id, b.kommo_created_at, v_run.created_from, v_run.created_to)
+       AND b.is_active
        AND NOT EXISTS (SELECT 1 FROM kommo_preview_snapshot s WHERE s.is_booking AND s.code = b.source_payload_id);
 
     SELECT jsonb_build_object(
@@ -81,12 +92,14 @@ BEGIN
                'update', count(*) FILTER (
                    WHERE sl.id IS NOT NULL
                      AND (oc.kommo_contact_id, sl.name, sl.stage_id, sl.pipeline_id, sl.value_amount, sl.owner_id,
-                          sl.expected_close_at, sl.source, sl.archived_at, sl.kommo_created_at, sl.kommo_updated_at)
+                          sl.expected_close_at, sl.source, sl.archived_at, sl.created_at, sl.kommo_created_at,
+                          sl.kommo_updated_at)
                          IS DISTINCT FROM
                          (s.linked_contact_id, s.name, s.status_id, s.pipeline_id, s.price::numeric(14, 2), s.owner_id,
-                          s.closed_at, 'Kommo'::text, NULL::timestamptz, s.created_at, s.updated_at)),
+                          s.closed_at, 'Kommo'::text, NULL::timestamptz, s.created_at, s.created_at, s.updated_at)),
                'archive', (SELECT count(*) FROM sales_leads x
-                            WHERE x.source = 'Kommo' AND x.archived_at IS NULL
+                            WHERE kommo_owned(x.lead_code, x.kommo_created_at, v_run.created_from, v_run.created_to)
+                              AND x.archived_at IS NULL
                               AND NOT EXISTS (SELECT 1 FROM kommo_preview_snapshot s2 WHERE s2.code = x.lead_code)))
       INTO v_leads
       FROM kommo_preview_snapshot s
@@ -95,17 +108,12 @@ BEGIN
 
     -- Staged contacts beside their clients: counts, and the ids of the first few of each kind, in one
     -- pass over the run's contacts (the samples' details are then looked up for those ids only).
-    SELECT jsonb_build_object('add', count(*) FILTER (WHERE cl.id IS NULL),
-                              'update', count(*) FILTER (WHERE cl.id IS NOT NULL AND (cl.name, cl.phone, cl.email)
-                                                                 IS DISTINCT FROM (c.name, c.phone, c.email))),
-           (array_agg(c.contact_id ORDER BY c.contact_id) FILTER (WHERE cl.id IS NULL))[1:p_sample],
-           (array_agg(c.contact_id ORDER BY c.contact_id) FILTER (
-                WHERE cl.id IS NOT NULL
-                  AND (cl.name, cl.phone, cl.email) IS DISTINCT FROM (c.name, c.phone, c.email)))[1:p_sample]
+    SELECT jsonb_build_object('add', count(*) FILTER (WHERE c.client_id IS NULL),
+                              'update', count(*) FILTER (WHERE c.differs)),
+           (array_agg(c.contact_id ORDER BY c.contact_id) FILTER (WHERE c.client_id IS NULL))[1:p_sample],
+           (array_agg(c.contact_id ORDER BY c.contact_id) FILTER (WHERE c.differs))[1:p_sample]
       INTO v_clients, v_clients_add, v_clients_update
-      FROM stg_kommo_contacts c
-      LEFT JOIN clients cl ON cl.kommo_contact_id = c.contact_id
-     WHERE c.run_id = p_run_id;
+      FROM kommo_snapshot_clients(p_run_id) c;
 
     SELECT jsonb_build_object('create', count(DISTINCT s.vehicle_enum_id))
       INTO v_vehicles
@@ -161,8 +169,8 @@ BEGIN
             SELECT c.contact_id,
                    jsonb_build_object('name', cl.name, 'phone', cl.phone, 'email', cl.email) AS before,
                    jsonb_build_object('name', c.name, 'phone', c.phone, 'email', c.email) AS after
-              FROM stg_kommo_contacts c JOIN clients cl ON cl.kommo_contact_id = c.contact_id
-             WHERE c.run_id = p_run_id AND c.contact_id = ANY (v_clients_update)
+              FROM kommo_snapshot_clients(p_run_id) c JOIN clients cl ON cl.id = c.client_id
+             WHERE c.contact_id = ANY (v_clients_update)
              ORDER BY c.contact_id) x),
         'vehicles_create', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
             SELECT DISTINCT s.vehicle_enum_id AS kommo_vehicle_id, s.vehicle_name AS name
