@@ -7,7 +7,9 @@ LRU, and whole records are built on demand, one page at a time. A million leads 
 and cost a few megabytes.
 
 Mutations (deletes, updates, additions, revoked tokens) are kept in an immutable snapshot that is replaced
-on every change, so readers never lock and always see one consistent state.
+on every change, so readers never lock and always see one consistent state. Each change is stamped with
+the simulator clock (``Dataset.clock``) and recorded in the events feed (``Dataset.events``) the way Kommo
+records it, so a change-tracking client can be tested against it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+
+from .clock import Clock
+from .events import FIELD_TYPE_CODES, EventLog
 
 # --- account constants -------------------------------------------------------------------------------
 
@@ -54,6 +59,7 @@ CONTACT_PHONE_FIELD_ID = 514001
 CONTACT_EMAIL_FIELD_ID = 514003
 
 RESPONSIBLE_USER_IDS = (5550001, 5550002, 5550003, 5550004, 5550005, 5550006)
+API_USER_ID = 5550001  # the token's user (the account's current_user_id): author of simulated changes
 
 VEHICLE_ENUM_BASE = 1_000_001
 VEHICLE_OPTIONS = 30
@@ -174,10 +180,12 @@ class LeadQuery:
     pipelines: tuple[int, ...] | None = None
     order_field: str = "id"  # id | created_at | updated_at
     order_desc: bool = False
+    only_deleted: bool = False  # with=only_deleted: the trash instead of the current leads
 
     def is_plain_range(self) -> bool:
         return (
-            self.ids is None
+            not self.only_deleted
+            and self.ids is None
             and self.statuses is None
             and self.pipelines is None
             and self.updated_from is None
@@ -195,6 +203,10 @@ class _State:
     deleted_contacts: frozenset[int] = frozenset()
     next_id: int = 0
     raw_contacts: Mapping[int, object] = field(default_factory=dict)  # id -> payload served verbatim
+    deleted_at: Mapping[int, int] = field(default_factory=dict)  # the trash: restorable id -> deleted at
+    contacts: Mapping[int, dict] = field(default_factory=dict)  # id -> contact in API shape (edited or added)
+    contact_version: int = 0  # bumps on every contact mutation
+    next_contact_id: int = 0
 
 
 class _Block:
@@ -250,7 +262,9 @@ class Dataset:
         self._lock = threading.RLock()  # serializes mutations
         self._cache_lock = threading.Lock()  # serializes materializations (identical queries share one)
         self._cache: OrderedDict[tuple, array] = OrderedDict()
-        self._state = _State(next_id=LEAD_ID_BASE + self.size)
+        self._state = _State(next_id=LEAD_ID_BASE + self.size, next_contact_id=CONTACT_ID_BASE + self.size)
+        self.clock = Clock(floor=self.now)
+        self.events = EventLog(ACCOUNT_ID)
         self._fields = self._build_fields()
         # integer seeds are cheaper than strings; the offset keeps lead streams apart across seeds
         self._lead_seed = (self.seed + 1) * 10_000_019 * 7
@@ -694,32 +708,56 @@ class Dataset:
                 yield lead_id
 
     def contact_exists(self, contact_id: int) -> bool:
-        st = self._state
+        return self._contact_exists(contact_id, self._state)
+
+    def _contact_exists(self, contact_id: int, st: _State) -> bool:
         if contact_id in st.deleted_contacts:
             return False
-        if contact_id in st.raw_contacts:
+        if contact_id in st.raw_contacts or contact_id in st.contacts:
             return True
         return self._contact_index_exists(contact_id - CONTACT_ID_BASE)
 
-    def contact(self, contact_id: int) -> dict | None:
-        """A contact in API shape, or None if it never existed or was deleted."""
-        contact_id = int(contact_id)
-        if not self.contact_exists(contact_id):
-            return None
-        raw = self._state.raw_contacts.get(contact_id)
-        if raw is not None:
-            return copy.deepcopy(raw)
-        j = contact_id - CONTACT_ID_BASE
+    def _contact_start(self, j: int) -> tuple:
+        """The first draws of generated contact ``j``: (rng, first, first_ascii, last, last_ascii, created,
+        updated). The listing by date replays only these; ``contact`` goes on with the same rng."""
         rng = random.Random(f"kommo-sim/contact/{self.seed}/{j}")
         first, first_ascii = rng.choice(_FIRST_NAMES)
         last, last_ascii = rng.choice(_LAST_NAMES)
         shape = rng.random()
         if shape < 0.08:
             last = last_ascii = ""
-        name = f"{first} {last}".strip()
         created = max(0, self.created_at_of(j) - rng.randrange(60, 7200))
         updated = min(created + (0 if rng.random() < 0.4 else rng.randrange(60, 90 * _DAY)),
                       max(created, self.now - 1))
+        return rng, first, first_ascii, last, last_ascii, created, updated
+
+    def _contact_times(self, contact_id: int, st: _State) -> tuple[int, int]:
+        """(created_at, updated_at) of an existing contact, for filtering and sorting lists."""
+        stored = st.contacts.get(contact_id)
+        if stored is not None:
+            return stored["created_at"], stored["updated_at"]
+        if contact_id in st.raw_contacts:
+            raw = st.raw_contacts[contact_id]
+            times = [raw.get(k) if isinstance(raw, dict) else None for k in ("created_at", "updated_at")]
+            return tuple(t if isinstance(t, int) and not isinstance(t, bool) else 0 for t in times)
+        start = self._contact_start(contact_id - CONTACT_ID_BASE)
+        return start[5], start[6]
+
+    def contact(self, contact_id: int) -> dict | None:
+        """A contact in API shape, or None if it never existed or was deleted."""
+        contact_id = int(contact_id)
+        st = self._state
+        if not self._contact_exists(contact_id, st):
+            return None
+        raw = st.raw_contacts.get(contact_id)
+        if raw is not None:
+            return copy.deepcopy(raw)
+        stored = st.contacts.get(contact_id)
+        if stored is not None:
+            return copy.deepcopy(stored)
+        j = contact_id - CONTACT_ID_BASE
+        rng, first, first_ascii, last, last_ascii, created, updated = self._contact_start(j)
+        name = f"{first} {last}".strip()
         cfv = []
         r = rng.random()
         if r < 0.88:
