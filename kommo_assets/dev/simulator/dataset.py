@@ -269,7 +269,7 @@ class Dataset:
         self._blocks: OrderedDict[int, _Block] = OrderedDict()
         self._blocks_lock = threading.Lock()
         self._lock = threading.RLock()  # serializes mutations
-        self._cache_lock = threading.Lock()  # serializes materializations (identical queries share one)
+        self._cache_lock = threading.RLock()  # serializes materializations (identical queries share one)
         self._cache: OrderedDict[tuple, array] = OrderedDict()
         self._state = _State(next_id=LEAD_ID_BASE + self.size, next_contact_id=CONTACT_ID_BASE + self.size)
         self.clock = Clock(floor=self.now)
@@ -1269,6 +1269,12 @@ class Dataset:
     def deleted_lead_ids(self) -> list[int]:
         """The trash (what ``with=only_deleted`` lists), ascending (ground truth for tests)."""
         return sorted(self._state.deleted_at)
+
+    def deleted_leads(self, lead_ids: Iterable[int]) -> list[dict]:
+        """Trash entries as ``with=only_deleted`` lists them: only id, updated_at (when deleted) and
+        is_deleted."""
+        deleted_at = self._state.deleted_at
+        return [{"id": x, "updated_at": deleted_at[x], "is_deleted": True} for x in lead_ids if x in deleted_at]
 
     # contacts
 

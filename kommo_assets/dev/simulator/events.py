@@ -7,6 +7,7 @@ shaped like Kommo's (26 lowercase Crockford base32 characters, time first), uniq
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 from collections.abc import Iterable, Mapping
@@ -148,8 +149,8 @@ class EventLog:
             "entity_type": e.entity_type,
             "created_by": e.created_by,
             "created_at": e.created_at,
-            "value_after": [dict(v) for v in e.value_after],
-            "value_before": [dict(v) for v in e.value_before],
+            "value_after": copy.deepcopy(list(e.value_after)),
+            "value_before": copy.deepcopy(list(e.value_before)),
             "account_id": self.account_id,
             "_links": {"self": {"href": f"{base_url}/api/v4/events/{e.id}"}},
             "_embedded": {"entity": {"id": e.entity_id, "_links": {
