@@ -1221,6 +1221,8 @@ class Dataset:
             core = self._gen_core(rng, lead_id, created_at, updated, pipeline_id, status_id, contacts)
             core["updated_at"] = max(created_at, at) if given_updated is None else updated
             core["created_by"] = core["updated_by"] = API_USER_ID
+            if "main_contact" in fields and "contact_ids" not in fields:
+                core["_contacts"] = []  # a new lead's contacts are the one it is created with
             if fields:
                 fields.setdefault("updated_at", core["updated_at"])
                 self._apply_changes(core, fields)
