@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import heapq
 import math
 import random
 import threading
@@ -271,6 +272,7 @@ class Dataset:
         self._lock = threading.RLock()  # serializes mutations
         self._cache_lock = threading.RLock()  # serializes materializations (identical queries share one)
         self._cache: OrderedDict[tuple, array] = OrderedDict()
+        self._contact_base_keys: dict[int, array] = {}
         self._state = _State(next_id=LEAD_ID_BASE + self.size, next_contact_id=CONTACT_ID_BASE + self.size)
         self.clock = Clock(floor=self.now)
         self.events = EventLog(ACCOUNT_ID)
@@ -1004,10 +1006,11 @@ class Dataset:
         if ids is not None and plain:
             found = [c for c in sorted(set(ids)) if self._contact_exists(c, st)]
             return found[offset:offset + limit]
-        if ids is None:
-            every = self._cached(("contacts", st.contact_version), lambda: self._all_contact_ids(st))
-            if plain:
-                return list(every[offset:offset + limit])
+        def every() -> array:
+            return self._cached(("contacts", st.contact_version), lambda: self._all_contact_ids(st))
+
+        if ids is None and plain:
+            return list(every()[offset:offset + limit])
         if order_field not in ("created_at", "updated_at"):
             order_field = "id"
         query = (None if ids is None else frozenset(ids), created_from, created_to, updated_from, updated_to,
@@ -1017,12 +1020,14 @@ class Dataset:
             if ids is None and order_field != "id":
                 # sorted once per state; each updated_at cursor is then a range of it
                 by = 1 if order_field == "updated_at" else 0
-                keys = self._cached(("contact_keys", st.contact_version, by), lambda: array("q", sorted(
-                    (self._contact_times(c, st)[by] << 32) | c for c in every)))
+                keys = self._cached(("contact_keys", st.contact_version, by), lambda: self._contact_keys(st, by))
                 lo, hi = (updated_from, updated_to) if by else (created_from, created_to)
+                other = (created_from, created_to) if by else (updated_from, updated_to)
+                if other == (None, None):
+                    return _key_range(keys, lo, hi, order_desc)
                 candidates = _key_range(keys, lo, hi, False)
             elif ids is None:
-                candidates = every
+                candidates = every()
             else:
                 candidates = [c for c in sorted(set(ids)) if self._contact_exists(c, st)]
             out = []
@@ -1043,6 +1048,26 @@ class Dataset:
 
         hit = self._cached(("contacts", st.contact_version, query), compute)
         return list(hit[offset:offset + limit])
+
+    def _contact_keys(self, st: _State, by: int) -> array:
+        """Every existing contact as ascending ``(created_at or updated_at << 32) | id`` keys (``by`` 0 or 1).
+        The generated contacts' part is built once (seconds on a million leads) and kept; the contacts
+        changed since are merged into it."""
+        with self._cache_lock:
+            base = self._contact_base_keys.get(by)
+            if base is None:
+                base = array("q", sorted(
+                    (self._contact_start(j)[5 + by] << 32) | (CONTACT_ID_BASE + j)
+                    for j in range(self.size) if self._contact_index_exists(j)))
+                self._contact_base_keys[by] = base
+        changed = set(st.contacts) | set(st.raw_contacts) | st.deleted_contacts
+        if not changed:
+            return base
+        mask = 0xFFFFFFFF
+        kept = [k for k in base if k & mask not in changed]
+        extra = sorted((self._contact_times(c, st)[by] << 32) | c
+                       for c in (set(st.contacts) | set(st.raw_contacts)) - st.deleted_contacts)
+        return array("q", heapq.merge(kept, extra))
 
     def _all_contact_ids(self, st: _State) -> array:
         base = {CONTACT_ID_BASE + j for j in range(self.size) if self._contact_index_exists(j)}

@@ -588,3 +588,24 @@ def test_the_default_dataset_is_unchanged_and_untouched_accounts_have_no_changes
 
 
 GOLDEN_2000_SEED_1 = "518799e7caee9e0e1c07cbf182c0b7918e355e85028c0b27e72f2bcc649ea043"
+
+
+def test_contact_date_index_after_changes_matches_a_full_scan():
+    ds = Dataset(SimulatorConfig(leads=1500, seed=6))
+    ds.clock.set(T0)
+    assert ds.find_contact_ids(None, 0, 5, updated_from=0, order_field="updated_at")  # builds the index
+    every = ds.find_contact_ids(None, 0, 10_000)
+    ds.update_contact(every[10], name="A B")
+    ds.clock.advance(2)
+    ds.update_contact(every[3], email="a@b.c")
+    ds.delete_contacts([every[20], every[3]])
+    added = ds.add_contact(name="C D", created_at=ds.window_start)
+    ds.put_raw_contact(CONTACT_ID_BASE + 10**6, {"id": CONTACT_ID_BASE + 10**6, "updated_at": T0 - 5})
+    current = ds.find_contact_ids(None, 0, 10_000)
+    assert added in current and every[3] not in current and CONTACT_ID_BASE + 10**6 in current
+    for field, position in (("updated_at", 1), ("created_at", 0)):
+        want = sorted(current, key=lambda c: (ds._contact_times(c, ds._state)[position], c))
+        assert ds.find_contact_ids(None, 0, 10_000, order_field=field) == want
+        assert ds.find_contact_ids(None, 0, 10_000, order_field=field, order_desc=True) == want[::-1]
+    assert ds.find_contact_ids(None, 0, 10, updated_from=T0 - 5, order_field="updated_at") == [
+        CONTACT_ID_BASE + 10**6, every[10], added]
