@@ -12,8 +12,11 @@ import pytest
 import requests
 
 from kommo_assets.dev.simulator import (
+    API_USER_ID,
     COLLECT_FIELD_ID,
+    CONTACT_EMAIL_FIELD_ID,
     CONTACT_ID_BASE,
+    CONTACT_PHONE_FIELD_ID,
     DELIVERY_FIELD_ID,
     LEAD_ID_BASE,
     PIPELINE_CORPORATE,
@@ -29,7 +32,6 @@ from kommo_assets.dev.simulator import (
     LeadQuery,
     SimulatorConfig,
 )
-from kommo_assets.dev.simulator.dataset import API_USER_ID, CONTACT_EMAIL_FIELD_ID, CONTACT_PHONE_FIELD_ID
 
 TOKEN = "change-token"
 T0 = 1_800_000_000  # 2027-01-15 08:00:00 UTC, after every generated date
