@@ -273,6 +273,7 @@ class Dataset:
         self._cache_lock = threading.RLock()  # serializes materializations (identical queries share one)
         self._cache: OrderedDict[tuple, array] = OrderedDict()
         self._contact_base_keys: dict[int, array] = {}
+        self._lead_base_keys: array | None = None
         self._state = _State(next_id=LEAD_ID_BASE + self.size, next_contact_id=CONTACT_ID_BASE + self.size)
         self.clock = Clock(floor=self.now)
         self.events = EventLog(ACCOUNT_ID)
@@ -893,10 +894,36 @@ class Dataset:
             # a change-tracking client pages with a new updated_at cursor on every request: sort the
             # account by updated_at once per state and cut each cursor's range out of it
             base = replace(q, updated_from=None, updated_to=None, order_desc=False)
-            keys = self._cached(("keys", st.version, base), lambda: self._compute(base, st, keys=True))
+            if base == LeadQuery(order_field="updated_at"):
+                keys = self._cached(("keys", st.version, base), lambda: self._updated_keys(st))
+            else:
+                keys = self._cached(("keys", st.version, base), lambda: self._compute(base, st, keys=True))
             return self._cached((st.version, q), lambda: _key_range(keys, q.updated_from, q.updated_to,
                                                                      q.order_desc))
         return self._cached((st.version, q), lambda: self._compute(q, st))
+
+    def _updated_keys(self, st: _State) -> array:
+        """Every current lead as ascending ``(updated_at << 32) | id`` keys. The generated leads' part is
+        built once and kept; the leads changed since (stored, deleted) are merged into it."""
+        with self._cache_lock:
+            base = self._lead_base_keys
+            if base is None:
+                out = []
+                for b in range((self.size + _BLOCK - 1) // _BLOCK):
+                    upd = self._block(b).upd
+                    for k in range(len(upd)):
+                        i = b * _BLOCK + k
+                        created = self.created_at_of(i)
+                        out.append((self._base_updated(created, upd[k]) << 32) | (LEAD_ID_BASE + i))
+                out.sort()
+                base = self._lead_base_keys = array("q", out)
+        changed = st.stored.keys() | st.deleted
+        if not changed:
+            return base
+        kept = [k for k in base if k & 0xFFFFFFFF not in changed]
+        extra = sorted((core["updated_at"] << 32) | lead_id for lead_id, core in st.stored.items()
+                       if lead_id not in st.deleted)
+        return array("q", heapq.merge(kept, extra))
 
     def _compute(self, q: LeadQuery, st: _State, keys: bool = False) -> array:
         statuses = set(q.statuses) if q.statuses is not None else None

@@ -201,7 +201,11 @@ def test_updated_at_cursor_index_matches_a_full_scan():
     for k in range(0, 3000, 97):
         ds.update_lead(LEAD_ID_BASE + k, price=k)
         ds.clock.advance(k % 3)
-    ds.delete_leads([LEAD_ID_BASE + 97, LEAD_ID_BASE + 5])
+    assert ds.find_lead_ids(LeadQuery(updated_from=0, order_field="updated_at"), 0, 1)  # builds the index
+    ds.delete_leads([LEAD_ID_BASE + 97, LEAD_ID_BASE + 5, LEAD_ID_BASE + 6])
+    ds.restore_leads([LEAD_ID_BASE + 6])
+    ds.add_lead(ds.window_start)
+    ds.add_lead(updated_at=T0 + 3)
     every = sorted(ds.iter_leads(()), key=lambda x: (x["updated_at"], x["id"]))
     stamps = sorted({x["updated_at"] for x in every})
     for cursor in (stamps[0], stamps[len(stamps) // 2], T0, T0 + 40, stamps[-1], stamps[-1] + 1):
