@@ -7,22 +7,27 @@ LRU, and whole records are built on demand, one page at a time. A million leads 
 and cost a few megabytes.
 
 Mutations (deletes, updates, additions, revoked tokens) are kept in an immutable snapshot that is replaced
-on every change, so readers never lock and always see one consistent state.
+on every change, so readers never lock and always see one consistent state. Each change is stamped with
+the simulator clock (``Dataset.clock``) and recorded in the events feed (``Dataset.events``) the way Kommo
+records it, so a change-tracking client can be tested against it.
 """
 
 from __future__ import annotations
 
 import bisect
 import copy
+import heapq
 import math
 import random
 import threading
-import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+
+from .clock import Clock
+from .events import FIELD_TYPE_CODES, EventLog
 
 # --- account constants -------------------------------------------------------------------------------
 
@@ -54,6 +59,7 @@ CONTACT_PHONE_FIELD_ID = 514001
 CONTACT_EMAIL_FIELD_ID = 514003
 
 RESPONSIBLE_USER_IDS = (5550001, 5550002, 5550003, 5550004, 5550005, 5550006)
+API_USER_ID = 5550001  # the token's user (the account's current_user_id): author of simulated changes
 
 VEHICLE_ENUM_BASE = 1_000_001
 VEHICLE_OPTIONS = 30
@@ -174,10 +180,12 @@ class LeadQuery:
     pipelines: tuple[int, ...] | None = None
     order_field: str = "id"  # id | created_at | updated_at
     order_desc: bool = False
+    only_deleted: bool = False  # with=only_deleted: the trash instead of the current leads
 
     def is_plain_range(self) -> bool:
         return (
-            self.ids is None
+            not self.only_deleted
+            and self.ids is None
             and self.statuses is None
             and self.pipelines is None
             and self.updated_from is None
@@ -195,6 +203,10 @@ class _State:
     deleted_contacts: frozenset[int] = frozenset()
     next_id: int = 0
     raw_contacts: Mapping[int, object] = field(default_factory=dict)  # id -> payload served verbatim
+    deleted_at: Mapping[int, int] = field(default_factory=dict)  # the trash: restorable id -> deleted at
+    contacts: Mapping[int, dict] = field(default_factory=dict)  # id -> contact in API shape (edited or added)
+    contact_version: int = 0  # bumps on every contact mutation
+    next_contact_id: int = 0
 
 
 class _Block:
@@ -210,6 +222,16 @@ class _Block:
 
 def _ts(year: int, month: int, day: int) -> int:
     return int(datetime(year, month, day, tzinfo=UTC).timestamp())
+
+
+def _key_range(keys: array, lo: int | None, hi: int | None, desc: bool) -> array:
+    """The ids of the ascending ``(timestamp << 32) | id`` keys whose timestamp is in [lo, hi]."""
+    start = 0 if lo is None else bisect.bisect_left(keys, lo << 32)
+    end = len(keys) if hi is None else bisect.bisect_left(keys, (hi + 1) << 32)
+    out = array("q", (k & 0xFFFFFFFF for k in keys[start:end]))
+    if desc:
+        out.reverse()
+    return out
 
 
 class Dataset:
@@ -248,9 +270,13 @@ class Dataset:
         self._blocks: OrderedDict[int, _Block] = OrderedDict()
         self._blocks_lock = threading.Lock()
         self._lock = threading.RLock()  # serializes mutations
-        self._cache_lock = threading.Lock()  # serializes materializations (identical queries share one)
+        self._cache_lock = threading.RLock()  # serializes materializations (identical queries share one)
         self._cache: OrderedDict[tuple, array] = OrderedDict()
-        self._state = _State(next_id=LEAD_ID_BASE + self.size)
+        self._contact_base_keys: dict[int, array] = {}
+        self._lead_base_keys: array | None = None
+        self._state = _State(next_id=LEAD_ID_BASE + self.size, next_contact_id=CONTACT_ID_BASE + self.size)
+        self.clock = Clock(floor=self.now)
+        self.events = EventLog(ACCOUNT_ID)
         self._fields = self._build_fields()
         # integer seeds are cheaper than strings; the offset keeps lead streams apart across seeds
         self._lead_seed = (self.seed + 1) * 10_000_019 * 7
@@ -671,17 +697,23 @@ class Dataset:
                 out.append(self._render(core, with_))
         return out
 
-    def iter_leads(self, with_: Iterable[str] = ("contacts",)) -> Iterator[dict]:
-        """Every current lead in API shape, ascending by id. Lazy: safe for a million leads."""
+    def iter_leads(self, with_: Iterable[str] = ("contacts",), *,
+                   window: tuple[int, int] | None = None) -> Iterator[dict]:
+        """Every current lead in API shape, ascending by id, with every mutation applied: what a full
+        refresh sees. ``window=(start, end)`` keeps those created in [start, end). Lazy: safe for a
+        million leads."""
         with_ = tuple(with_)
         st = self._state
-        for i in range(self.size):
+        lo, hi = 0, self.size
+        if window is not None:
+            lo, hi = self._base_range(window[0], window[1] - 1)
+        for i in range(lo, hi):
             core = self._core(LEAD_ID_BASE + i, st)
             if core is not None:
                 yield self._render(core, with_)
         for lead_id in st.added:
             core = self._core(lead_id, st)
-            if core is not None:
+            if core is not None and (window is None or window[0] <= core["created_at"] < window[1]):
                 yield self._render(core, with_)
 
     def lead_ids(self) -> Iterator[int]:
@@ -694,32 +726,56 @@ class Dataset:
                 yield lead_id
 
     def contact_exists(self, contact_id: int) -> bool:
-        st = self._state
+        return self._contact_exists(contact_id, self._state)
+
+    def _contact_exists(self, contact_id: int, st: _State) -> bool:
         if contact_id in st.deleted_contacts:
             return False
-        if contact_id in st.raw_contacts:
+        if contact_id in st.raw_contacts or contact_id in st.contacts:
             return True
         return self._contact_index_exists(contact_id - CONTACT_ID_BASE)
 
-    def contact(self, contact_id: int) -> dict | None:
-        """A contact in API shape, or None if it never existed or was deleted."""
-        contact_id = int(contact_id)
-        if not self.contact_exists(contact_id):
-            return None
-        raw = self._state.raw_contacts.get(contact_id)
-        if raw is not None:
-            return copy.deepcopy(raw)
-        j = contact_id - CONTACT_ID_BASE
+    def _contact_start(self, j: int) -> tuple:
+        """The first draws of generated contact ``j``: (rng, first, first_ascii, last, last_ascii, created,
+        updated). The listing by date replays only these; ``contact`` goes on with the same rng."""
         rng = random.Random(f"kommo-sim/contact/{self.seed}/{j}")
         first, first_ascii = rng.choice(_FIRST_NAMES)
         last, last_ascii = rng.choice(_LAST_NAMES)
         shape = rng.random()
         if shape < 0.08:
             last = last_ascii = ""
-        name = f"{first} {last}".strip()
         created = max(0, self.created_at_of(j) - rng.randrange(60, 7200))
         updated = min(created + (0 if rng.random() < 0.4 else rng.randrange(60, 90 * _DAY)),
                       max(created, self.now - 1))
+        return rng, first, first_ascii, last, last_ascii, created, updated
+
+    def _contact_times(self, contact_id: int, st: _State) -> tuple[int, int]:
+        """(created_at, updated_at) of an existing contact, for filtering and sorting lists."""
+        stored = st.contacts.get(contact_id)
+        if stored is not None:
+            return stored["created_at"], stored["updated_at"]
+        if contact_id in st.raw_contacts:
+            raw = st.raw_contacts[contact_id]
+            times = [raw.get(k) if isinstance(raw, dict) else None for k in ("created_at", "updated_at")]
+            return tuple(t if isinstance(t, int) and not isinstance(t, bool) else 0 for t in times)
+        start = self._contact_start(contact_id - CONTACT_ID_BASE)
+        return start[5], start[6]
+
+    def contact(self, contact_id: int) -> dict | None:
+        """A contact in API shape, or None if it never existed or was deleted."""
+        contact_id = int(contact_id)
+        st = self._state
+        if not self._contact_exists(contact_id, st):
+            return None
+        raw = st.raw_contacts.get(contact_id)
+        if raw is not None:
+            return copy.deepcopy(raw)
+        stored = st.contacts.get(contact_id)
+        if stored is not None:
+            return copy.deepcopy(stored)
+        j = contact_id - CONTACT_ID_BASE
+        rng, first, first_ascii, last, last_ascii, created, updated = self._contact_start(j)
+        name = f"{first} {last}".strip()
         cfv = []
         r = rng.random()
         if r < 0.88:
@@ -797,8 +853,16 @@ class Dataset:
             return hi - lo
         return len(self._materialize(query, st))
 
-    def _attrs(self, lead_id: int, st: _State) -> tuple[int, int, int, int] | None:
-        """(created_at, updated_at, pipeline_id, status_id) of a current lead."""
+    def _attrs(self, lead_id: int, st: _State, trash: bool = False) -> tuple[int, int, int, int] | None:
+        """(created_at, updated_at, pipeline_id, status_id) of a current lead, or with ``trash`` of a
+        restorable deleted one (its updated_at being when it was deleted)."""
+        if trash:
+            deleted_at = st.deleted_at.get(lead_id)
+            if deleted_at is None:
+                return None
+            st = replace(st, deleted=frozenset())
+            a = self._attrs(lead_id, st)
+            return None if a is None else (a[0], deleted_at, a[2], a[3])
         if lead_id in st.deleted:
             return None
         stored = st.stored.get(lead_id)
@@ -813,20 +877,55 @@ class Dataset:
         created = self.created_at_of(i)
         return created, self._base_updated(created, blk.upd[k]), pipeline_id, status_id
 
-    def _materialize(self, q: LeadQuery, st: _State) -> array:
-        key = (st.version, q)
+    def _cached(self, key: tuple, compute) -> array:
         with self._cache_lock:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-            ids = self._compute(q, st)
-            self._cache[key] = ids
+            value = compute()
+            self._cache[key] = value
             while len(self._cache) > 8:
                 self._cache.popitem(last=False)
-            return ids
+            return value
 
-    def _compute(self, q: LeadQuery, st: _State) -> array:
+    def _materialize(self, q: LeadQuery, st: _State) -> array:
+        if q.order_field == "updated_at" and (q.updated_from is not None or q.updated_to is not None):
+            # a change-tracking client pages with a new updated_at cursor on every request: sort the
+            # account by updated_at once per state and cut each cursor's range out of it
+            base = replace(q, updated_from=None, updated_to=None, order_desc=False)
+            if base == LeadQuery(order_field="updated_at"):
+                keys = self._cached(("keys", st.version, base), lambda: self._updated_keys(st))
+            else:
+                keys = self._cached(("keys", st.version, base), lambda: self._compute(base, st, keys=True))
+            return self._cached((st.version, q), lambda: _key_range(keys, q.updated_from, q.updated_to,
+                                                                     q.order_desc))
+        return self._cached((st.version, q), lambda: self._compute(q, st))
+
+    def _updated_keys(self, st: _State) -> array:
+        """Every current lead as ascending ``(updated_at << 32) | id`` keys. The generated leads' part is
+        built once and kept; the leads changed since (stored, deleted) are merged into it."""
+        with self._cache_lock:
+            base = self._lead_base_keys
+            if base is None:
+                out = []
+                for b in range((self.size + _BLOCK - 1) // _BLOCK):
+                    upd = self._block(b).upd
+                    for k in range(len(upd)):
+                        i = b * _BLOCK + k
+                        created = self.created_at_of(i)
+                        out.append((self._base_updated(created, upd[k]) << 32) | (LEAD_ID_BASE + i))
+                out.sort()
+                base = self._lead_base_keys = array("q", out)
+        changed = st.stored.keys() | st.deleted
+        if not changed:
+            return base
+        kept = [k for k in base if k & 0xFFFFFFFF not in changed]
+        extra = sorted((core["updated_at"] << 32) | lead_id for lead_id, core in st.stored.items()
+                       if lead_id not in st.deleted)
+        return array("q", heapq.merge(kept, extra))
+
+    def _compute(self, q: LeadQuery, st: _State, keys: bool = False) -> array:
         statuses = set(q.statuses) if q.statuses is not None else None
         pipelines = set(q.pipelines) if q.pipelines is not None else None
         cf, ct = q.created_from, q.created_to
@@ -860,7 +959,13 @@ class Dataset:
             return lead_id
 
         out: list[int] = []
-        if q.ids is not None:
+        if q.only_deleted:
+            trash = sorted(st.deleted_at if q.ids is None else set(q.ids) & st.deleted_at.keys())
+            for lead_id in trash:
+                a = self._attrs(lead_id, st, trash=True)
+                if a is not None and keep(*a):
+                    out.append(entry(lead_id, a[0], a[1]))
+        elif q.ids is not None:
             for lead_id in sorted(set(q.ids)):
                 a = self._attrs(lead_id, st)
                 if a is not None and keep(*a):
@@ -908,50 +1013,165 @@ class Dataset:
                 a = self._attrs(lead_id, st)
                 if a is not None and keep(*a):
                     out.append(entry(lead_id, a[0], a[1]))
-        if by != "id" and (by == "updated_at" or st.added or q.ids is not None):
+        if by != "id" and (by == "updated_at" or st.added or q.ids is not None or q.only_deleted):
             out.sort()
-            out = [x & mask for x in out]
+            if not keys:
+                out = [x & mask for x in out]
         if q.order_desc:
             out.reverse()
         return array("q", out)
 
-    def find_contact_ids(self, ids: Iterable[int] | None, offset: int, limit: int) -> list[int]:
-        """One page of existing contacts, ascending by id: among ``ids``, or all contacts when None."""
+    def find_contact_ids(self, ids: Iterable[int] | None, offset: int, limit: int, *,
+                         created_from: int | None = None, created_to: int | None = None,
+                         updated_from: int | None = None, updated_to: int | None = None,
+                         order_field: str = "id", order_desc: bool = False) -> list[int]:
+        """One page of existing contacts: among ``ids``, or all contacts when None; date ranges are
+        inclusive; ordered by ``order_field`` (id | created_at | updated_at, ties by id)."""
         st = self._state
-        if ids is not None:
-            found = [c for c in sorted(set(ids)) if self.contact_exists(c)]
+        plain = (created_from is None and created_to is None and updated_from is None and updated_to is None
+                 and order_field == "id" and not order_desc)
+        if ids is not None and plain:
+            found = [c for c in sorted(set(ids)) if self._contact_exists(c, st)]
             return found[offset:offset + limit]
-        key = ("contacts", st.deleted_contacts, frozenset(st.raw_contacts))
-        with self._cache_lock:
-            hit = self._cache.get(key)
-            if hit is None:
-                base = {CONTACT_ID_BASE + j for j in range(self.size) if self._contact_index_exists(j)}
-                hit = array("q", sorted((base | set(st.raw_contacts)) - st.deleted_contacts))
-                self._cache[key] = hit
-                while len(self._cache) > 8:
-                    self._cache.popitem(last=False)
+        def every() -> array:
+            return self._cached(("contacts", st.contact_version), lambda: self._all_contact_ids(st))
+
+        if ids is None and plain:
+            return list(every()[offset:offset + limit])
+        if order_field not in ("created_at", "updated_at"):
+            order_field = "id"
+        query = (None if ids is None else frozenset(ids), created_from, created_to, updated_from, updated_to,
+                 order_field, order_desc)
+
+        def compute() -> array:
+            if ids is None and order_field != "id":
+                # sorted once per state; each updated_at cursor is then a range of it
+                by = 1 if order_field == "updated_at" else 0
+                keys = self._cached(("contact_keys", st.contact_version, by), lambda: self._contact_keys(st, by))
+                lo, hi = (updated_from, updated_to) if by else (created_from, created_to)
+                other = (created_from, created_to) if by else (updated_from, updated_to)
+                if other == (None, None):
+                    return _key_range(keys, lo, hi, order_desc)
+                candidates = _key_range(keys, lo, hi, False)
+            elif ids is None:
+                candidates = every()
+            else:
+                candidates = [c for c in sorted(set(ids)) if self._contact_exists(c, st)]
+            out = []
+            for c in candidates:
+                created, updated = self._contact_times(c, st)
+                if ((created_from is not None and created < created_from)
+                        or (created_to is not None and created > created_to)
+                        or (updated_from is not None and updated < updated_from)
+                        or (updated_to is not None and updated > updated_to)):
+                    continue
+                ts = updated if order_field == "updated_at" else created if order_field == "created_at" else 0
+                out.append((ts << 32) | c)
+            out.sort()
+            result = array("q", (x & 0xFFFFFFFF for x in out))
+            if order_desc:
+                result.reverse()
+            return result
+
+        hit = self._cached(("contacts", st.contact_version, query), compute)
         return list(hit[offset:offset + limit])
 
+    def _contact_keys(self, st: _State, by: int) -> array:
+        """Every existing contact as ascending ``(created_at or updated_at << 32) | id`` keys (``by`` 0 or 1).
+        The generated contacts' part is built once (seconds on a million leads) and kept; the contacts
+        changed since are merged into it."""
+        with self._cache_lock:
+            base = self._contact_base_keys.get(by)
+            if base is None:
+                base = array("q", sorted(
+                    (self._contact_start(j)[5 + by] << 32) | (CONTACT_ID_BASE + j)
+                    for j in range(self.size) if self._contact_index_exists(j)))
+                self._contact_base_keys[by] = base
+        changed = set(st.contacts) | set(st.raw_contacts) | st.deleted_contacts
+        if not changed:
+            return base
+        mask = 0xFFFFFFFF
+        kept = [k for k in base if k & mask not in changed]
+        extra = sorted((self._contact_times(c, st)[by] << 32) | c
+                       for c in (set(st.contacts) | set(st.raw_contacts)) - st.deleted_contacts)
+        return array("q", heapq.merge(kept, extra))
+
+    def _all_contact_ids(self, st: _State) -> array:
+        base = {CONTACT_ID_BASE + j for j in range(self.size) if self._contact_index_exists(j)}
+        return array("q", sorted((base | set(st.raw_contacts) | set(st.contacts)) - st.deleted_contacts))
+
     # --- mutations -----------------------------------------------------------------------------------
+    # Every change is stamped with the simulator clock (updated_at of what changed, created_at of its
+    # events) and authored by API_USER_ID, like a change made through the API with the account's token.
 
     def _lead_exists(self, lead_id: int, st: _State) -> bool:
         if lead_id in st.deleted:
             return False
         return lead_id in st.stored or 0 <= lead_id - LEAD_ID_BASE < self.size
 
+    def _record_lead_changes(self, old: dict, new: dict, at: int) -> None:
+        """The events Kommo records for the difference between two versions of a lead."""
+        lead_id, by = new["id"], new["updated_by"]
+        rec = self.events.record
+        if (old["pipeline_id"], old["status_id"]) != (new["pipeline_id"], new["status_id"]):
+            rec("lead_status_changed", "lead", lead_id, at, by,
+                [{"lead_status": {"id": new["status_id"], "pipeline_id": new["pipeline_id"]}}],
+                [{"lead_status": {"id": old["status_id"], "pipeline_id": old["pipeline_id"]}}])
+        if old["price"] != new["price"]:
+            rec("sale_field_changed", "lead", lead_id, at, by, [{"sale_field_value": {"sale": new["price"]}}],
+                [{"sale_field_value": {"sale": old["price"]}}])
+        if old["name"] != new["name"]:
+            rec("name_field_changed", "lead", lead_id, at, by, [{"name_field_value": {"name": new["name"]}}],
+                [{"name_field_value": {"name": old["name"]}}])
+        if old["responsible_user_id"] != new["responsible_user_id"]:
+            rec("entity_responsible_changed", "lead", lead_id, at, by,
+                [{"responsible_user": {"id": new["responsible_user_id"]}}],
+                [{"responsible_user": {"id": old["responsible_user_id"]}}])
+        self._record_field_changes("lead", lead_id, old["custom_fields_values"], new["custom_fields_values"],
+                                   at, by)
+        before = [c for c, _ in old["_contacts"]]
+        after = [c for c, _ in new["_contacts"]]
+        for cid in before:
+            if cid not in after:
+                rec("entity_unlinked", "lead", lead_id, at, by, [],
+                    [{"link": {"entity": {"id": cid, "type": "contact"}}}])
+        for cid in after:
+            if cid not in before:
+                rec("entity_linked", "lead", lead_id, at, by, [{"link": {"entity": {"id": cid, "type": "contact"}}}],
+                    [])
+
+    def _record_field_changes(self, entity_type: str, entity_id: int, old: list | None, new: list | None,
+                              at: int, by: int) -> None:
+        """One ``custom_field_{id}_value_changed`` event per custom field whose values differ."""
+        old_items = {it["field_id"]: it for it in old or ()}
+        new_items = {it["field_id"]: it for it in new or ()}
+        for fid in sorted(old_items.keys() | new_items.keys()):
+            a, b = new_items.get(fid), old_items.get(fid)
+            if (a or {}).get("values") != (b or {}).get("values"):
+                self.events.record(f"custom_field_{fid}_value_changed", entity_type, entity_id, at, by,
+                                   _field_event_values(a), _field_event_values(b))
+
     def delete_leads(self, ids: Iterable[int]) -> int:
-        """Deletes leads (they vanish from lists and lookups). Returns how many existed."""
+        """Deletes leads: they leave lists and lookups and go to the trash (``with=only_deleted``), with
+        updated_at = now; records ``lead_deleted``. Returns how many existed."""
         with self._lock:
             st = self._state
-            gone = {int(x) for x in ids if self._lead_exists(int(x), st)}
+            at = self.clock.now()
+            gone = sorted({int(x) for x in ids if self._lead_exists(int(x), st)})
             if gone:
-                self._state = replace(st, version=st.version + 1, deleted=st.deleted | gone)
+                deleted_at = dict(st.deleted_at)
+                deleted_at.update(dict.fromkeys(gone, at))
+                self._state = replace(st, version=st.version + 1, deleted=st.deleted | set(gone),
+                                      deleted_at=deleted_at)
+                for lead_id in gone:
+                    self.events.record("lead_deleted", "lead", lead_id, at, API_USER_ID)
             return len(gone)
 
     def _apply_changes(self, core: dict, changes: Mapping) -> None:
         changes = dict(changes)
         custom = changes.pop("custom_fields", None)
         contact_ids = changes.pop("contact_ids", None)
+        has_main, main = "main_contact" in changes, changes.pop("main_contact", None)
         unknown = set(changes) - _UPDATABLE
         if unknown:
             raise ValueError(f"cannot change {sorted(unknown)}; allowed: {sorted(_UPDATABLE)}")
@@ -976,32 +1196,66 @@ class Dataset:
             core["custom_fields_values"] = items or None
         if contact_ids is not None:
             core["_contacts"] = [(int(c), n == 0) for n, c in enumerate(contact_ids)]
+        if has_main:  # the other contacts stay linked, none of them main
+            others = [(c, False) for c, _ in core["_contacts"] if c != main]
+            core["_contacts"] = ([] if main is None else [(int(main), True)]) + others
         if "status_id" in changes and core["status_id"] != old_status and "closed_at" not in changes:
             core["closed_at"] = core["updated_at"] if core["status_id"] in (STATUS_WON, STATUS_LOST) else None
 
+    def _resolve_main_contact(self, changes: dict, at: int) -> None:
+        """``main_contact`` as a dict is a new contact: creates it and puts its id in ``changes``. Checks
+        the other changes first, so a refused change creates nothing."""
+        unknown = set(changes) - _UPDATABLE - {"custom_fields", "contact_ids", "main_contact"}
+        if unknown:
+            raise ValueError(f"cannot change {sorted(unknown)}; allowed: {sorted(_UPDATABLE)}")
+        for fid in changes.get("custom_fields") or {}:
+            if int(fid) not in self._fields:
+                raise ValueError(f"unknown custom field {fid}")
+        main = changes.get("main_contact")
+        if isinstance(main, Mapping):
+            changes["main_contact"] = self._add_contact(dict(main), at)
+        elif main is not None:
+            if not self._contact_exists(int(main), self._state):
+                raise ValueError(f"contact {main} does not exist")
+            changes["main_contact"] = int(main)
+
     def update_lead(self, lead_id: int, **changes) -> dict:
-        """Changes a lead. Top-level keys (status_id, price, name, ...), ``custom_fields={field_id: value
-        or None}`` (select values are enum ids) and ``contact_ids=[main, ...]``. Bumps updated_at unless
-        given. Returns the lead in API shape."""
+        """Changes a lead. Top-level keys (status_id, price, name, responsible_user_id, ...),
+        ``custom_fields={field_id: value or None}`` (select values are enum ids, dates unix seconds),
+        ``contact_ids=[main, ...]`` (replaces the links) and ``main_contact`` (an existing contact id, a
+        dict of new-contact fields as in add_contact, or None: relinks the main contact, other contacts
+        stay). updated_at becomes the clock's now (unless given), updated_by API_USER_ID (unless given);
+        records the events of what changed. Returns the lead in API shape."""
         lead_id = int(lead_id)
         with self._lock:
-            st = self._state
-            core = self._core(lead_id, st)
+            core = self._core(lead_id, self._state)
             if core is None:
                 raise KeyError(f"lead {lead_id} does not exist")
+            at = self.clock.now()
+            changes = dict(changes)
+            self._resolve_main_contact(changes, at)
+            st = self._state
+            old = copy.deepcopy(core)
             if "updated_at" not in changes:
-                core["updated_at"] = max(int(time.time()), core["updated_at"] + 1)
+                core["updated_at"] = at
+            changes.setdefault("updated_by", API_USER_ID)
             self._apply_changes(core, changes)
             stored = dict(st.stored)
             stored[lead_id] = core
             self._state = replace(st, version=st.version + 1, stored=stored)
+            self._record_lead_changes(old, core, at)
             return self._render(copy.deepcopy(core))
 
-    def add_lead(self, created_at: int, **fields) -> int:
-        """Adds a lead with an id above every id the account ever had. ``fields`` as in update_lead;
+    def add_lead(self, created_at: int | None = None, **fields) -> int:
+        """Adds a lead with an id above every id the account ever had; records ``lead_added``.
+        ``created_at`` defaults to the clock's now; updated_at is the clock's now (never before
+        created_at) unless given. ``fields`` as in update_lead (``main_contact`` included);
         unspecified attributes are generated (status, contacts referencing an existing contact, ...)."""
-        created_at = int(created_at)
         with self._lock:
+            at = self.clock.now()
+            created_at = at if created_at is None else int(created_at)
+            fields = dict(fields)
+            self._resolve_main_contact(fields, at)
             st = self._state
             lead_id = st.next_id
             rng = random.Random(f"kommo-sim/added/{self.seed}/{lead_id}")
@@ -1012,36 +1266,180 @@ class Dataset:
                 j = self._main_contact_index(rng.randrange(self.size))
                 if j is not None and self._contact_index_exists(j):
                     contacts = [(CONTACT_ID_BASE + j, True)]
-            fields = dict(fields)
-            updated = int(fields.pop("updated_at", created_at))
+            given_updated = fields.pop("updated_at", None)
+            # generated as a lead untouched since its creation, so its generated fields do not depend on
+            # when the test runs; then stamped
+            updated = created_at if given_updated is None else int(given_updated)
             core = self._gen_core(rng, lead_id, created_at, updated, pipeline_id, status_id, contacts)
+            core["updated_at"] = max(created_at, at) if given_updated is None else updated
+            core["created_by"] = core["updated_by"] = API_USER_ID
+            if "main_contact" in fields and "contact_ids" not in fields:
+                core["_contacts"] = []  # a new lead's contacts are the one it is created with
             if fields:
-                fields.setdefault("updated_at", updated)
+                fields.setdefault("updated_at", core["updated_at"])
                 self._apply_changes(core, fields)
             stored = dict(st.stored)
             stored[lead_id] = core
             self._state = replace(st, version=st.version + 1, stored=stored, added=st.added + (lead_id,),
                                   next_id=lead_id + 1)
+            self.events.record("lead_added", "lead", lead_id, at, core["created_by"])
             return lead_id
 
-    def delete_contacts(self, ids: Iterable[int]) -> int:
-        """Deletes contacts: the contacts endpoint stops returning them; leads keep referencing them."""
+    def restore_leads(self, ids: Iterable[int]) -> int:
+        """Restores leads from the trash (Kommo can): same id, back at their place in id order (a list
+        being paged shifts down by one from there), updated_at = now; records ``lead_restored``.
+        Returns how many were in the trash."""
         with self._lock:
             st = self._state
-            gone = {int(x) for x in ids if self.contact_exists(int(x))}
+            at = self.clock.now()
+            back = sorted({int(x) for x in ids} & st.deleted_at.keys())
+            if back:
+                alive = replace(st, deleted=frozenset())
+                stored = dict(st.stored)
+                for lead_id in back:
+                    core = self._core(lead_id, alive)
+                    core["updated_at"] = at
+                    if "_raw" not in core:
+                        core["updated_by"] = API_USER_ID
+                    stored[lead_id] = core
+                deleted_at = {k: v for k, v in st.deleted_at.items() if k not in set(back)}
+                self._state = replace(st, version=st.version + 1, deleted=st.deleted - set(back),
+                                      deleted_at=deleted_at, stored=stored)
+                for lead_id in back:
+                    self.events.record("lead_restored", "lead", lead_id, at, API_USER_ID)
+            return len(back)
+
+    def purge_leads(self, ids: Iterable[int]) -> int:
+        """Empties leads out of the trash for good (Kommo does after a while): they no longer show under
+        ``with=only_deleted`` and cannot be restored. Returns how many were in the trash."""
+        with self._lock:
+            st = self._state
+            gone = {int(x) for x in ids} & st.deleted_at.keys()
             if gone:
-                self._state = replace(st, deleted_contacts=st.deleted_contacts | gone)
+                deleted_at = {k: v for k, v in st.deleted_at.items() if k not in gone}
+                self._state = replace(st, version=st.version + 1, deleted_at=deleted_at)
             return len(gone)
 
-    def restore_leads(self, ids: Iterable[int]) -> int:
-        """Restores deleted leads (Kommo can): they reappear at their place in id order, so a list being
-        paged shifts down by one from there. Returns how many were deleted."""
+    def deleted_lead_ids(self) -> list[int]:
+        """The trash (what ``with=only_deleted`` lists), ascending (ground truth for tests)."""
+        return sorted(self._state.deleted_at)
+
+    def deleted_leads(self, lead_ids: Iterable[int]) -> list[dict]:
+        """Trash entries as ``with=only_deleted`` lists them: only id, updated_at (when deleted) and
+        is_deleted."""
+        deleted_at = self._state.deleted_at
+        return [{"id": x, "updated_at": deleted_at[x], "is_deleted": True} for x in lead_ids if x in deleted_at]
+
+    # contacts
+
+    def _contact_fields(self, contact: dict, changes: Mapping) -> None:
+        """Applies name / first_name / last_name / phone / email / responsible_user_id to a contact."""
+        changes = dict(changes)
+        unknown = set(changes) - {"name", "first_name", "last_name", "phone", "email", "responsible_user_id"}
+        if unknown:
+            raise ValueError(f"cannot change contact {sorted(unknown)}")
+        if "name" in changes:
+            name = str(changes["name"] or "").strip()
+            first, _, last = name.partition(" ")
+            contact.update(name=name, first_name=first, last_name=last.strip())
+        for part in ("first_name", "last_name"):
+            if part in changes:
+                contact[part] = str(changes[part] or "")
+                contact["name"] = f"{contact['first_name']} {contact['last_name']}".strip()
+        if "responsible_user_id" in changes:
+            contact["responsible_user_id"] = int(changes["responsible_user_id"])
+        for key, fid, code, label, enums in (("phone", CONTACT_PHONE_FIELD_ID, "PHONE", "Phone", PHONE_ENUMS),
+                                             ("email", CONTACT_EMAIL_FIELD_ID, "EMAIL", "Email", EMAIL_ENUMS)):
+            if key not in changes:
+                continue
+            items = [it for it in contact["custom_fields_values"] or () if it["field_id"] != fid]
+            given = changes[key]
+            numbers = [] if given is None else [given] if isinstance(given, str) else list(given)
+            if numbers:
+                old = next((it for it in contact["custom_fields_values"] or () if it["field_id"] == fid), None)
+                kind = old["values"][0]["enum_code"] if old and old["values"] else "WORK"
+                kind = kind if kind in enums else "WORK"
+                items.append({"field_id": fid, "field_name": label, "field_code": code, "field_type": "multitext",
+                              "values": [{"value": str(v), "enum_id": enums[kind], "enum_code": kind}
+                                         for v in numbers]})
+                items.sort(key=lambda it: it["field_id"])
+            contact["custom_fields_values"] = items or None
+
+    def _add_contact(self, fields: dict, at: int) -> int:
+        st = self._state
+        contact_id = st.next_contact_id
+        while contact_id in st.raw_contacts or contact_id in st.deleted_contacts:
+            contact_id += 1
+        created = int(fields.pop("created_at", at))
+        contact = {
+            "id": contact_id, "name": "", "first_name": "", "last_name": "",
+            "responsible_user_id": API_USER_ID, "group_id": 0, "created_by": API_USER_ID,
+            "updated_by": API_USER_ID, "created_at": created, "updated_at": max(created, at),
+            "closest_task_at": None, "is_deleted": False, "is_unsorted": False, "custom_fields_values": None,
+            "account_id": ACCOUNT_ID,
+            "_links": {"self": {"href": f"{self.base_url}/api/v4/contacts/{contact_id}"}},
+            "_embedded": {"tags": [], "companies": []},
+        }
+        self._contact_fields(contact, fields)
+        contacts = dict(st.contacts)
+        contacts[contact_id] = contact
+        self._state = replace(st, contacts=contacts, contact_version=st.contact_version + 1,
+                              next_contact_id=contact_id + 1)
+        self.events.record("contact_added", "contact", contact_id, at, API_USER_ID)
+        return contact_id
+
+    def add_contact(self, **fields) -> int:
+        """Adds a contact: ``name``, ``first_name``, ``last_name``, ``phone`` / ``email`` (a string or a
+        list), ``responsible_user_id``, ``created_at`` (default now). Records ``contact_added``; returns
+        its id (above every generated contact id)."""
+        with self._lock:
+            return self._add_contact(dict(fields), self.clock.now())
+
+    def update_contact(self, contact_id: int, **changes) -> dict:
+        """Edits a contact: ``name`` (split into first/last at the first space), ``first_name``,
+        ``last_name``, ``phone`` / ``email`` (a string, a list, or None to clear), ``responsible_user_id``.
+        Its updated_at becomes now (the leads linked to it do not change); records name_field_changed,
+        custom_field_{id}_value_changed and entity_responsible_changed as applicable. Returns the contact."""
+        contact_id = int(contact_id)
         with self._lock:
             st = self._state
-            back = {int(x) for x in ids} & st.deleted
-            if back:
-                self._state = replace(st, version=st.version + 1, deleted=st.deleted - back)
-            return len(back)
+            if contact_id in st.raw_contacts:
+                raise ValueError(f"contact {contact_id} is a raw payload; put_raw_contact replaces it")
+            old = self.contact(contact_id)
+            if old is None:
+                raise KeyError(f"contact {contact_id} does not exist")
+            at = self.clock.now()
+            new = copy.deepcopy(old)
+            self._contact_fields(new, changes)
+            new["updated_at"], new["updated_by"] = at, API_USER_ID
+            contacts = dict(st.contacts)
+            contacts[contact_id] = new
+            self._state = replace(st, contacts=contacts, contact_version=st.contact_version + 1)
+            if old["name"] != new["name"]:
+                self.events.record("name_field_changed", "contact", contact_id, at, API_USER_ID,
+                                   [{"name_field_value": {"name": new["name"]}}],
+                                   [{"name_field_value": {"name": old["name"]}}])
+            if old["responsible_user_id"] != new["responsible_user_id"]:
+                self.events.record("entity_responsible_changed", "contact", contact_id, at, API_USER_ID,
+                                   [{"responsible_user": {"id": new["responsible_user_id"]}}],
+                                   [{"responsible_user": {"id": old["responsible_user_id"]}}])
+            self._record_field_changes("contact", contact_id, old["custom_fields_values"],
+                                       new["custom_fields_values"], at, API_USER_ID)
+            return copy.deepcopy(new)
+
+    def delete_contacts(self, ids: Iterable[int]) -> int:
+        """Deletes contacts: the contacts endpoint stops returning them; leads keep referencing them.
+        Records ``contact_deleted``."""
+        with self._lock:
+            st = self._state
+            at = self.clock.now()
+            gone = sorted({int(x) for x in ids if self._contact_exists(int(x), st)})
+            if gone:
+                self._state = replace(st, deleted_contacts=st.deleted_contacts | set(gone),
+                                      contact_version=st.contact_version + 1)
+                for contact_id in gone:
+                    self.events.record("contact_deleted", "contact", contact_id, at, API_USER_ID)
+            return len(gone)
 
     def put_raw_lead(self, payload: object, *, created_at: int, updated_at: int | None = None,
                      status_id: int = 0, pipeline_id: int = 0) -> int:
@@ -1069,7 +1467,8 @@ class Dataset:
             st = self._state
             raw = dict(st.raw_contacts)
             raw[int(contact_id)] = copy.deepcopy(payload)
-            self._state = replace(st, raw_contacts=raw, deleted_contacts=st.deleted_contacts - {int(contact_id)})
+            self._state = replace(st, raw_contacts=raw, deleted_contacts=st.deleted_contacts - {int(contact_id)},
+                                  contact_version=st.contact_version + 1)
 
     def revoke_token(self) -> None:
         """Every API request gets 401 from now on (until set_token)."""
@@ -1092,12 +1491,29 @@ class Dataset:
             changes.update(spec)
             return {"lead": self.update_lead(int(lead_id), **changes)}
         if op == "add_lead":
-            created_at = spec.pop("created_at")
-            return {"id": self.add_lead(int(created_at), **spec)}
-        if op == "delete_contacts":
-            return {"deleted": self.delete_contacts(spec["ids"])}
+            created_at = spec.pop("created_at", None)
+            return {"id": self.add_lead(None if created_at is None else int(created_at), **spec)}
         if op == "restore_leads":
             return {"restored": self.restore_leads(spec["ids"])}
+        if op == "purge_leads":
+            return {"purged": self.purge_leads(spec["ids"])}
+        if op == "add_contact":
+            return {"id": self.add_contact(**spec)}
+        if op == "update_contact":
+            contact_id = spec.pop("contact_id", None)
+            if contact_id is None:
+                contact_id = spec.pop("id")
+            changes = spec.pop("changes", None) or {}
+            changes.update(spec)
+            return {"contact": self.update_contact(int(contact_id), **changes)}
+        if op == "delete_contacts":
+            return {"deleted": self.delete_contacts(spec["ids"])}
+        if op == "set_clock":
+            return {"now": self.clock.set(spec["ts"], tick=bool(spec.get("tick", False)))}
+        if op == "advance_clock":
+            return {"now": self.clock.advance(spec["seconds"])}
+        if op == "resume_clock":
+            return {"now": self.clock.resume()}
         if op == "put_raw_lead":
             payload = spec.pop("payload")
             return {"id": self.put_raw_lead(payload, **spec)}
@@ -1111,3 +1527,18 @@ class Dataset:
             self.set_token(spec["token"])
             return {}
         raise ValueError(f"unknown mutation op {op!r}")
+
+
+def _field_event_values(item: dict | None) -> list[dict]:
+    """``value_after`` / ``value_before`` of a custom-field event: one entry per value ([] when empty)."""
+    if not item:
+        return []
+    out = []
+    for v in item["values"]:
+        value = v.get("value")
+        entry = {"field_id": item["field_id"], "field_type": FIELD_TYPE_CODES.get(item["field_type"], 0),
+                 "text": ("1" if value else "0") if isinstance(value, bool) else str(value)}
+        if v.get("enum_id") is not None:
+            entry["enum_id"] = v["enum_id"]
+        out.append({"custom_field_value": entry})
+    return out

@@ -12,7 +12,10 @@ Request pipeline for ``/api/...`` (documented order, relied upon by tests):
    request never consumes a fault and a faulted request did count toward the rate window (like a
    backend error behind Kommo's front proxy). Faulted requests are counted in stats;
 6. latency: the configured latency is slept (concurrently: one thread per connection);
-7. routing: leads, contacts, custom fields, pipelines, account; anything else is 404 problem+json.
+7. routing: leads, contacts, events, custom fields, pipelines, account; anything else is 404
+   problem+json.
+
+Responses carry the simulator clock in their ``Date`` header, as Kommo's carry its servers' time.
 
 Control endpoints live under ``/_simulator/`` (no auth, loopback clients only).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import socket
 import struct
 import threading
@@ -33,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from .dataset import Dataset, LeadQuery, SimulatorConfig
+from .events import MAX_EVENTS_LIMIT, EventQuery
 
 MAX_LIMIT = 250
 DEFAULT_LIMIT = 50
@@ -42,6 +47,8 @@ PROBLEM_JSON = "application/problem+json"
 HTML = "text/html; charset=UTF-8"
 
 FAULT_KINDS = ("status", "reset", "truncate", "slow", "empty", "mutate")
+# a single entity's path segment: a number, or an event id (26 lowercase base32 characters)
+_ENTITY_ID = re.compile(r"\d+|[0-9a-z]{26}")
 _RULE_KEYS = {"kind", "path", "path_exact", "query", "after", "times", "status", "body", "content_type",
               "headers", "delay_s", "mode", "mutation", "op", "id"}
 
@@ -130,7 +137,7 @@ class FaultRule:
             # the resource itself and single entities of it ("/api/v4/leads" and "/api/v4/leads/123"),
             # never sibling sub-resources such as /api/v4/leads/custom_fields or /api/v4/leads/pipelines
             rest = path[len(p):] if path.startswith(p) else None
-            ok = rest is not None and (rest in ("", "/") or (rest[:1] == "/" and rest[1:].isdigit()))
+            ok = rest is not None and (rest in ("", "/") or (rest[:1] == "/" and _ENTITY_ID.fullmatch(rest[1:])))
         if not ok:
             return False
         if self.query:
@@ -277,14 +284,14 @@ def _int(value: str | None) -> int | None:
         return None
 
 
-def _page_limit(params: list[tuple[str, str]]) -> tuple[int, int]:
+def _page_limit(params: list[tuple[str, str]], max_limit: int = MAX_LIMIT) -> tuple[int, int]:
     given = dict(params)
     page = _int(given.get("page"))
     limit = _int(given.get("limit"))
     page = page if page is not None and page >= 1 else 1
     if limit is None or limit < 1:
         limit = DEFAULT_LIMIT
-    return page, min(limit, MAX_LIMIT)
+    return page, min(limit, max_limit)
 
 
 def _with(params: list[tuple[str, str]]) -> tuple[str, ...]:
@@ -308,6 +315,61 @@ def _ids(params: list[tuple[str, str]]) -> tuple[int, ...] | None:
     if not seen_key or not ids:
         return None  # absent or malformed: ignored
     return tuple(ids)
+
+
+def _multi(params: list[tuple[str, str]], name: str) -> list[str] | None:
+    """Values of a multi-valued filter in any of the forms Kommo takes: ``filter[x]=a,b``,
+    ``filter[x][]=a&filter[x][]=b``, ``filter[x][0]=a``. None when absent or empty."""
+    key = re.compile(rf"filter\[{re.escape(name)}\](\[\d*\])?")
+    out = [part.strip() for k, v in params if key.fullmatch(k) for part in v.split(",") if part.strip()]
+    return out or None
+
+
+def _int_set(values: list[str] | None) -> frozenset[int] | None:
+    if values is None:
+        return None
+    ints = {n for n in (_int(v) for v in values) if n is not None}
+    return frozenset(ints) or None
+
+
+def _status_pairs(params: list[tuple[str, str]], prefix: str) -> frozenset | None:
+    """``<prefix>[leads_statuses][i][pipeline_id|status_id]`` pairs; a missing half matches anything."""
+    found: dict[str, dict[str, int]] = {}
+    head = f"{prefix}[leads_statuses]["
+    for k, v in params:
+        if k.startswith(head) and k.endswith("]"):
+            idx, sep, attr = k[len(head):-1].partition("][")
+            n = _int(v)
+            if sep and attr in ("pipeline_id", "status_id") and n is not None:
+                found.setdefault(idx, {})[attr] = n
+    return frozenset((s.get("pipeline_id"), s.get("status_id")) for s in found.values()) or None
+
+
+def parse_event_query(params: list[tuple[str, str]]) -> EventQuery:
+    """Turns events-list query parameters into an EventQuery; unknown or malformed filters are ignored.
+    ``filter[created_at]`` takes one timestamp (from then on), ``a,b``, or ``[from]``/``[to]``."""
+    given: dict[str, str] = {}
+    for k, v in params:
+        given.setdefault(k, v)
+    created_from = _int(given.get("filter[created_at][from]"))
+    created_to = _int(given.get("filter[created_at][to]"))
+    if "filter[created_at]" in given:
+        parts = [_int(x) for x in given["filter[created_at]"].split(",")]
+        if len(parts) in (1, 2) and None not in parts:
+            created_from = parts[0]
+            created_to = parts[1] if len(parts) == 2 else created_to
+    ids, types, entities = _multi(params, "id"), _multi(params, "type"), _multi(params, "entity")
+    return EventQuery(
+        ids=frozenset(ids) if ids else None,
+        types=frozenset(types) if types else None,
+        entities=frozenset(entities) if entities else None,
+        entity_ids=_int_set(_multi(params, "entity_id")),
+        created_from=created_from,
+        created_to=created_to,
+        created_by=_int_set(_multi(params, "created_by")),
+        status_after=_status_pairs(params, "filter[value_after]"),
+        status_before=_status_pairs(params, "filter[value_before]"),
+    )
 
 
 def parse_lead_query(params: list[tuple[str, str]]) -> LeadQuery:
@@ -351,6 +413,7 @@ def parse_lead_query(params: list[tuple[str, str]]) -> LeadQuery:
         pipelines=tuple(pipelines) or None,
         order_field=order_field,
         order_desc=order_desc,
+        only_deleted="only_deleted" in _with(params),
     )
 
 
@@ -384,6 +447,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def version_string(self) -> str:
         return "nginx"
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        # Kommo's Date header is its servers' clock: a change-tracking client may take its cursor from it
+        return super().date_time_string(self.server.sim.dataset.clock.time() if timestamp is None else timestamp)
 
     def setup(self) -> None:
         super().setup()
@@ -664,7 +731,7 @@ class KommoSimulator:
             raise _Reply(404, _problem(404, f"Unknown path {path}", "Not Found"))
         rest = parts[2:]
         if method != "GET":
-            known = rest[:1] in (["leads"], ["contacts"], ["account"])
+            known = rest[:1] in (["leads"], ["contacts"], ["events"], ["account"])
             if known:
                 raise _Reply(405, _problem(405, f"{method} is not supported by the simulator"))
             raise _Reply(404, _problem(404, f"Unknown path {path}", "Not Found"))
@@ -690,6 +757,11 @@ class KommoSimulator:
             return self._contacts(path, params)
         if len(rest) == 2 and rest[0] == "contacts" and rest[1].isdigit():
             return self._one(self.dataset.contact(int(rest[1])))
+        if rest == ["events"]:
+            return self._events(path, params)
+        if len(rest) == 2 and rest[0] == "events":
+            e = self.dataset.events.get(rest[1])
+            return self._one(None if e is None else self.dataset.events.render(e, self.base_url))
         if rest == ["account"]:
             return 200, self._json({
                 "id": 31415926, "name": "Simulated rental account", "subdomain": "simulator",
@@ -724,14 +796,27 @@ class KommoSimulator:
         page, limit = _page_limit(params)
         query = parse_lead_query(params)
         ids = self.dataset.find_lead_ids(query, (page - 1) * limit, limit)
-        leads = self.dataset.leads(ids, _with(params))
+        if query.only_deleted:
+            leads = self.dataset.deleted_leads(ids)
+        else:
+            leads = self.dataset.leads(ids, _with(params))
         return self._list(path, params, page, limit, "leads", leads)
 
     def _contacts(self, path: str, params: list[tuple[str, str]]) -> tuple[int, bytes, str]:
         page, limit = _page_limit(params)
-        ids = self.dataset.find_contact_ids(_ids(params), (page - 1) * limit, limit)
+        q = parse_lead_query(params)  # the same id / date / order parameters as leads
+        ids = self.dataset.find_contact_ids(
+            q.ids, (page - 1) * limit, limit, created_from=q.created_from, created_to=q.created_to,
+            updated_from=q.updated_from, updated_to=q.updated_to, order_field=q.order_field,
+            order_desc=q.order_desc)
         contacts = [c for c in (self.dataset.contact(x) for x in ids) if c is not None]
         return self._list(path, params, page, limit, "contacts", contacts)
+
+    def _events(self, path: str, params: list[tuple[str, str]]) -> tuple[int, bytes, str]:
+        page, limit = _page_limit(params, MAX_EVENTS_LIMIT)
+        log = self.dataset.events
+        found = log.find(parse_event_query(params), (page - 1) * limit, limit)
+        return self._list(path, params, page, limit, "events", [log.render(e, self.base_url) for e in found])
 
     def _custom_fields(self, path: str, params: list[tuple[str, str]]) -> tuple[int, bytes, str]:
         page, limit = _page_limit(params)
@@ -793,9 +878,29 @@ class KommoSimulator:
                 self.clear_faults()
                 return {"ok": True}
         if name == "mutations" and method == "POST":
+            if isinstance(payload, list):  # applied in order; the clock decides whether they share a second
+                if not all(isinstance(m, dict) for m in payload):
+                    raise ValueError("a mutation is a JSON object")
+                return {"ok": True, "results": [self.dataset.apply_mutation(m) for m in payload]}
             if not isinstance(payload, dict):
-                raise ValueError("a mutation is a JSON object")
+                raise ValueError("a mutation is a JSON object (or a list of them)")
             return {"ok": True, **self.dataset.apply_mutation(payload)}
+        if name == "clock":
+            clock = self.dataset.clock
+            if method == "POST":
+                if not isinstance(payload, dict):
+                    raise ValueError("a clock change is a JSON object")
+                if "set" in payload:
+                    clock.set(payload["set"], tick=bool(payload.get("tick", False)))
+                elif "advance" in payload:
+                    clock.advance(payload["advance"])
+                elif payload.get("resume"):
+                    clock.resume()
+                else:
+                    raise ValueError('expected {"set": ts[, "tick": bool]}, {"advance": s} or {"resume": true}')
+            elif method != "GET":
+                raise _Reply(405, b"GET or POST")
+            return clock.state()
         if name == "latency" and method == "POST":
             self.set_latency(float(payload["ms"]))
             return {"ok": True, "ms": self._latency_s * 1000.0}
