@@ -4,23 +4,18 @@ import subprocess
 import sys
 
 
-def test_importing_the_definitions_does_not_import_the_dev_tooling():
-    probe = (
-        "import sys\n"
-        "import kommo_assets.definitions\n"
-        "loaded = sorted(m for m in sys.modules if m == 'kommo_assets.dev' or m.startswith('kommo_assets.dev.'))\n"
-        "print(','.join(loaded))\n"
-    )
+def dev_modules_loaded_by(*imports: str) -> list[str]:
+    """The ``kommo_assets.dev`` modules a fresh interpreter has loaded after these imports."""
+    probe = "\n".join(["import sys", *(f"import {name}" for name in imports),
+                       "print(','.join(sorted(m for m in sys.modules if m.split('.')[:2] == ['kommo_assets', 'dev'])))"])
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"the code location imported dev tooling: {out.stdout.strip()}"
+    return [name for name in out.stdout.strip().split(",") if name]
+
+
+def test_importing_the_definitions_does_not_import_the_dev_tooling():
+    assert dev_modules_loaded_by("kommo_assets.definitions") == []
 
 
 def test_the_probe_sees_a_dev_import_when_there_is_one():
-    probe = (
-        "import sys\n"
-        "import kommo_assets.definitions\n"
-        "import kommo_assets.dev.simulator\n"
-        "print(','.join(sorted(m for m in sys.modules if m.startswith('kommo_assets.dev'))))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert "kommo_assets.dev.simulator" in out.stdout
+    assert "kommo_assets.dev.simulator" in dev_modules_loaded_by("kommo_assets.definitions",
+                                                                   "kommo_assets.dev.simulator")

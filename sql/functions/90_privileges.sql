@@ -4,7 +4,8 @@
 -- file that drops and re-creates a function loses its grants, and because a deployment may grant
 -- EXECUTE on new functions by default (Supabase grants it in public to anon and authenticated): every
 -- other grant on a project function, PUBLIC's included, is revoked here.
--- The project's functions are those with kommo in their name; kommo_assets_tests/db/test_privileges.py
+-- The project's functions are those with kommo in their name, and 0001's trigger function
+-- zoho_outbox_enqueue; kommo_assets_tests/db/test_privileges.py
 -- fails on a function in the schema that breaks the rule or that PUBLIC may execute.
 DO $$
 DECLARE
@@ -18,7 +19,7 @@ BEGIN
          CROSS JOIN LATERAL aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
           LEFT JOIN pg_roles r ON r.oid = a.grantee
          WHERE p.pronamespace = current_schema()::regnamespace
-           AND p.proname LIKE '%kommo%'
+           AND (p.proname LIKE '%kommo%' OR p.proname = 'zoho_outbox_enqueue')
            AND a.grantee <> p.proowner
            AND NOT EXISTS (SELECT 1 FROM pg_depend d
                             WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')

@@ -36,30 +36,8 @@ $$;
 -- anon and authenticated) are removed from the project's functions by 90_privileges.sql.
 ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
 
--- Functions created before this migration keep the EXECUTE they were created with: revoke it from
--- PUBLIC and from any role a deployment grants new functions to (90_privileges.sql does the same for the
--- kommo functions on every migrate; zoho_outbox_enqueue, 0001's trigger function, is not re-created).
-DO $$
-DECLARE
-    v_function regprocedure;
-    v_grantee text;
-BEGIN
-    FOR v_function, v_grantee IN
-        SELECT DISTINCT p.oid::regprocedure,
-               CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END
-          FROM pg_proc p
-         CROSS JOIN LATERAL aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
-          LEFT JOIN pg_roles r ON r.oid = a.grantee
-         WHERE p.pronamespace = current_schema()::regnamespace
-           AND (p.proname LIKE '%kommo%' OR p.proname = 'zoho_outbox_enqueue')
-           AND a.grantee <> p.proowner
-           AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                            WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
-    LOOP
-        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM %s', v_function, v_grantee);
-    END LOOP;
-END;
-$$;
+-- Functions created before this migration keep the EXECUTE they were created with: sql/functions/
+-- 90_privileges.sql, which runs after the migrations on every migrate, revokes it.
 
 -- Which years requests may ask for and how long after a refresh the next may be requested: like the live
 -- flag (kommo_runtime_flags), SQL cannot read the code location's environment, so the request sensor
