@@ -198,6 +198,14 @@ class Scan:
                 self.add(f"exception {type(seen).__name__}", f"{seen!s} {seen!r} {seen.args!r}")
                 seen = seen.__cause__ or seen.__context__
 
+    def add_process_output(self, caplog, capfd) -> None:
+        """Every Python log record (pytest's caplog) and everything written to stdout and stderr."""
+        for record in caplog.records:
+            self.add(f"python log {record.name}", f"{record.getMessage()} {record.args!r} {record.exc_text or ''}")
+        captured = capfd.readouterr()
+        self.add("stdout", captured.out)
+        self.add("stderr", captured.err)
+
     def leaks(self, secret: str) -> list[str]:
         return sorted({where for where, text in self.pieces if secret in text})
 

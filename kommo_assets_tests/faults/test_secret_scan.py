@@ -103,11 +103,7 @@ def test_no_secret_reaches_any_output(fault_env, slack, monkeypatch, caplog, cap
     scan.add_database(env.url)
     scan.add_exceptions(tick_errors)
     _scan_slack(scan, slack)
-    for record in caplog.records:
-        scan.add(f"python log {record.name}", f"{record.getMessage()} {record.args!r} {record.exc_text or ''}")
-    captured = capfd.readouterr()
-    scan.add("stdout", captured.out)
-    scan.add("stderr", captured.err)
+    scan.add_process_output(caplog, capfd)
 
     text = "\n".join(piece for _, piece in scan.pieces)
     for seen in ("db password <redacted>", "KOMMO_ACCESS_TOKEN contains a control character",

@@ -121,11 +121,7 @@ def test_the_token_appears_nowhere_after_failing_runs(fault_env, caplog, capfd):
         for result in runs.values():
             scan.add_dagster_run(instance, result.run_id)
     scan.add_database(env.url)
-    for record in caplog.records:
-        scan.add(f"python log {record.name}", f"{record.getMessage()} {record.args!r} {record.exc_text or ''}")
-    captured = capfd.readouterr()
-    scan.add("stdout", captured.out)
-    scan.add("stderr", captured.err)
+    scan.add_process_output(caplog, capfd)
     # the scan really covered the failures: their messages, the client's DEBUG lines, staged payloads
     text = "\n".join(piece for _, piece in scan.pieces)
     for seen in ("Kommo kept failing (HTTP 503)", "rejected the access token (HTTP 401)", "leads dropped by",
