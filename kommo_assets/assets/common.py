@@ -47,12 +47,6 @@ class KommoRefreshConfig(dg.Config):
     )
 
 
-def import_run_id(run: dg.DagsterRun) -> str:
-    """The import run id is the Dagster run id of the run that staged it. A re-execution of a failed run
-    reuses its root's staging, so it points at the root run (whose record then says it is closed)."""
-    return run.root_run_id or run.run_id
-
-
 def ensure_live() -> None:
     try:
         require_live()
@@ -62,9 +56,9 @@ def ensure_live() -> None:
 
 @contextmanager
 def working_on_run(postgres: PostgresResource, run_id: str, secrets: Iterable[str] = ()) -> Iterator[None]:
-    """A step's hold on the import run: its owner lock while the step works, and on any exception the
-    run closed as failed (its error without ``secrets`` or the database password) before the exception
-    propagates."""
+    """A step's hold on the import run: its owner lock (the run's own, held since the run began), and on any
+    exception the run closed as failed (its error without ``secrets`` or the database password) before the
+    exception propagates."""
     secrets = [*postgres.secrets(), *secrets]
     try:
         with postgres.owning(run_id):

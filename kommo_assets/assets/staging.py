@@ -15,14 +15,13 @@ from kommo_assets.assets.common import (
     STG_LEADS,
     KommoRefreshConfig,
     ensure_live,
-    import_run_id,
     working_on_run,
 )
 from kommo_assets.db.runs import window_for
 from kommo_assets.db.staging import stage_snapshot
 from kommo_assets.reporting import preview_markdown, preview_summary
 from kommo_assets.resources.kommo import KommoResource
-from kommo_assets.resources.postgres import PostgresResource
+from kommo_assets.resources.postgres import PostgresResource, import_run_id
 
 PROGRESS_EVERY_S = 15.0
 
@@ -67,7 +66,6 @@ def kommo_staging(
                 dry_run=context.job_name == DRY_RUN_JOB,
                 window=window,
                 max_drop_ratio=config.max_drop_ratio,
-                grace=postgres.abandoned_grace,
             )
         context.log.info(
             f"Kommo import run {run_id} started ({'dry run' if record['dry_run'] else 'full refresh'}), "

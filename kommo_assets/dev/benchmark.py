@@ -38,7 +38,7 @@ def _worker_job(args: argparse.Namespace) -> dict:
 
     kommo = KommoResource(base_url=args.base_url, access_token=TOKEN, max_rps=args.max_rps,
                           max_in_flight=args.max_in_flight)
-    bench_defs = dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs,
+    bench_defs = dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs, executor=defs.executor,
                                 resources={**defs.resources, "kommo": kommo})
     job = bench_defs.resolve_job_def(FULL_REFRESH_JOB)
     with dg.DagsterInstance.ephemeral() as instance:
