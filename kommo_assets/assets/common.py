@@ -18,6 +18,8 @@ DRY_RUN_JOB = "kommo_dry_run_job"
 REQUESTED_BY_TAG = "kommo/requested_by"
 REQUEST_ID_TAG = "kommo/request_id"
 REFRESH_TAG = "kommo/refresh"
+# The concurrency pool of the assets that read Kommo: dagster.yaml limits it to one run at a time.
+KOMMO_POOL = "kommo"
 
 KOMMO_API = dg.AssetKey("kommo_api")
 STG_LEADS = dg.AssetKey("stg_kommo_leads")

@@ -9,6 +9,7 @@ from kommo_assets.assets.common import (
     DRY_RUN_JOB,
     KOMMO_API,
     KOMMO_GROUP,
+    KOMMO_POOL,
     REQUESTED_BY_TAG,
     STG_BOOKING_VEHICLES,
     STG_CONTACTS,
@@ -35,6 +36,7 @@ kommo_api = dg.AssetSpec(
 
 @dg.multi_asset(
     name="kommo_staging",
+    pool=KOMMO_POOL,
     specs=[
         dg.AssetSpec(STG_LEADS, deps=[KOMMO_API], group_name=KOMMO_GROUP, kinds={"postgres"},
                      description="Leads of the window (status 143 excluded), raw payload plus typed columns."),
