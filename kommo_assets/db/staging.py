@@ -49,6 +49,16 @@ _lead_values = attrgetter(*_LEAD_FIELDS)
 _contact_values = attrgetter(*_CONTACT_FIELDS)
 
 
+def lead_row(run_id: str, payload: str, lead: StagedLead) -> tuple:
+    """The values of ``LEAD_COLUMNS`` for one lead (its payload as JSON text)."""
+    return (run_id, payload, *_lead_values(lead))
+
+
+def contact_row(run_id: str, payload: str, contact: StagedContact) -> tuple:
+    """The values of ``CONTACT_COLUMNS`` for one contact (its payload as JSON text)."""
+    return (run_id, payload, *_contact_values(contact))
+
+
 def _set_from_excluded(columns: Iterable[str], key: str) -> str:
     """``column = EXCLUDED.column, ...`` for the merge's ON CONFLICT, its conflict key and run_id left out."""
     return ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c not in (key, "run_id"))
@@ -209,7 +219,7 @@ class StagingWriter:
             except InvalidPayload:
                 skipped["invalid_lead"] += 1
                 continue
-            rows.append((self.run_id, payload, *_lead_values(s)))
+            rows.append(lead_row(self.run_id, payload, s))
         if not rows:
             return LeadsWritten(0, 0, [])
         with self.conn.transaction(), self.conn.cursor() as cur:
@@ -231,7 +241,7 @@ class StagingWriter:
             except InvalidPayload:
                 skipped["invalid_contact"] += 1
                 continue
-            rows.append((self.run_id, payload, *_contact_values(s)))
+            rows.append(contact_row(self.run_id, payload, s))
         if not rows:
             return 0
         with self.conn.transaction(), self.conn.cursor() as cur:
