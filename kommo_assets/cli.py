@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from kommo_assets.settings import ConfigError, database_url
+from kommo_assets.settings import ConfigError, database_url, refresh_years
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -26,13 +26,14 @@ def _run(args: argparse.Namespace) -> int:
     from kommo_assets.dev.dagster_dev import prepare_instance
     from kommo_assets.dev.environment import start_local_environment
 
+    year = refresh_years()[0] if args.year is None else args.year
     home = Path(args.home).resolve()
     env = start_local_environment(home, leads=args.leads)
     for note in env.notes:
         print(f"* {note}")
     job_name = DRY_RUN_JOB if args.dry_run else FULL_REFRESH_JOB
-    config = {"year": args.year, "max_drop_ratio": args.max_drop_ratio}
-    print(f"* running {job_name} for {args.year} ...")
+    config = {"year": year, "max_drop_ratio": args.max_drop_ratio}
+    print(f"* running {job_name} for {year} ...")
     try:
         # The Dagster instance of DAGSTER_HOME when set, else the one `kommo-assets dev` serves: either way
         # the run, its materializations and checks are in a UI afterwards.
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         "run",
         help="run the full refresh once; starts a local Postgres and the simulator for whatever is not configured",
     )
-    run.add_argument("--year", type=int, default=2025)
+    run.add_argument("--year", type=int, default=None,
+                     help="the window's calendar year (default: the first of KOMMO_REFRESH_YEARS, else 2025)")
     run.add_argument("--max-drop-ratio", type=float, default=0.30)
     run.add_argument("--dry-run", action="store_true", help="stage and check only; production untouched")
     run.add_argument("--leads", type=int, default=3000, help="size of the simulator's dataset")

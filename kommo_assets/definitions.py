@@ -36,4 +36,8 @@ defs = dg.Definitions(
         kommo_run_failure_sensor,
     ],
     resources=build_resources(),
+    # A run is one process (the SPEC): its steps run one after another, bound by Kommo's rate limit, so a
+    # process per step would only add seconds; and the Postgres resource, set up once per run, holds the
+    # import's owner lock from the first step to the last. Ad-hoc Materialize runs get this executor too.
+    executor=dg.in_process_executor,
 )

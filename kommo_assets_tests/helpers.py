@@ -62,5 +62,5 @@ def fast_retry_definitions(defs: dg.Definitions) -> dg.Definitions:
 def with_resources(defs: dg.Definitions, **resources) -> dg.Definitions:
     """The same Definitions with some resources replaced."""
     return dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs,
-                          sensors=defs.sensors, schedules=defs.schedules,
+                          sensors=defs.sensors, schedules=defs.schedules, executor=defs.executor,
                           resources={**defs.resources, **resources})

@@ -4,10 +4,11 @@ and samples, and the swap that follows does exactly what the preview said."""
 import uuid
 from datetime import UTC, datetime
 
+from kommo_assets.assets.staging import _WARNINGS_SQL
 from kommo_assets.db.runs import get_run
 from kommo_assets.reporting import preview_markdown, preview_summary
 from kommo_assets_tests.helpers import fetch_one, run_job
-from kommo_assets_tests.test_full_refresh import expected_snapshot
+from kommo_assets_tests.test_full_refresh import STATUS_MAP, expected_snapshot
 
 VEHICLE_FIELD, DELIVERY_FIELD, COLLECT_FIELD = 1234163, 1218176, 1218178
 IN_WINDOW = int(datetime(2025, 6, 15, tzinfo=UTC).timestamp())
@@ -102,3 +103,25 @@ def test_preview_is_shown_on_the_staging_materialization(kommo_env, database_url
     assert "Bookings to add" in staged.metadata["change_preview"].value
     counts = staged.metadata["change_counts"].value
     assert counts["bookings"]["add"] == get_run(database_url, result.run_id)["change_preview"]["bookings"]["add"] > 0
+
+
+def test_warning_checks_count_by_the_snapshot_rules_in_one_sql_function(kommo_env, database_url):
+    """The change preview stores the warning counts (kommo_staging_warnings) and the checks report them; a
+    run whose preview holds none gets the same counts from the same function."""
+    expected = expected_snapshot(kommo_env)
+    result = run_job("kommo_dry_run_job")
+    assert result.success
+    checks = {e.check_name: e.metadata["count"].value for e in result.get_asset_check_evaluations()
+              if "count" in e.metadata}
+    preview = get_run(database_url, result.run_id)["change_preview"]
+    stored = preview["warnings"]
+    unmapped = sum(1 for e in expected.values() if e["is_booking"] and e["status_id"] not in STATUS_MAP)
+    undated = sum(1 for e in expected.values() if e["is_booking"] and e["start_at"] is None)
+    assert checks["all_statuses_mapped"] == stored["unmapped_status"] == unmapped
+    assert checks["all_bookings_dated"] == stored["booking_without_dates"] == undated
+    assert checks["all_leads_have_contact"] == stored["lead_without_contact"]
+    assert checks["no_vehicles_to_create"] == stored["vehicles_to_create"] == preview["vehicles"]["create"] > 0
+
+    fetch_one(database_url, "UPDATE kommo_import_runs SET change_preview = change_preview - 'warnings'"
+                            " WHERE id = %s RETURNING 1", (result.run_id,))
+    assert fetch_one(database_url, _WARNINGS_SQL, (result.run_id,))[0] == stored

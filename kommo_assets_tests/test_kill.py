@@ -2,7 +2,7 @@
 
 Each refresh here is a real ``kommo-assets run`` process against the test database and the simulator;
 after each fault, production must be byte-for-byte what it was (a checksum of every production table),
-the import record closed or closable, and the next run must succeed.
+the import record closed or closable, and the next run, started right away, must succeed.
 """
 
 import os
@@ -15,7 +15,6 @@ import psycopg
 import pytest
 
 from kommo_assets.db.runs import get_run
-from kommo_assets.resources.postgres import PostgresResource
 from kommo_assets_tests.helpers import fetch_all, fetch_one, production_checksum, run_job
 from kommo_assets_tests.test_full_refresh import WINDOW
 
@@ -42,10 +41,9 @@ def kill(proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def refresh_env(kommo_env, database_url, monkeypatch, tmp_path):
-    """A first succeeded refresh, then the environment for subprocess runs (short abandonment grace)."""
+    """A first succeeded refresh, then the environment for subprocess runs."""
     assert run_job("kommo_full_refresh_job").success
     kommo_env.reset_stats()  # the kill points below count this run's requests only
-    monkeypatch.setenv("KOMMO_ABANDONED_GRACE_SECONDS", "1")
     # The subprocess runs record themselves in a throwaway Dagster instance (default storage in a folder).
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     return dict(os.environ)
@@ -56,16 +54,16 @@ def _requests_to(sim, path: str) -> int:
 
 
 def _assert_recovers(database_url, before: str) -> None:
-    """Production unchanged, the killed import left running (closable), and the next run succeeds."""
+    """Production unchanged, the killed import left running (closable), and the next run, started at once,
+    succeeds: the killed process took its owner lock with it, so the start closes its import right away."""
     assert production_checksum(database_url) == before
-    running = fetch_all(database_url, "SELECT id FROM kommo_import_runs WHERE status = 'running'")
+    running = fetch_all(database_url, "SELECT id, heartbeat_at > now() - interval '30 seconds'"
+                                      " FROM kommo_import_runs WHERE status = 'running'")
     assert len(running) == 1
-    time.sleep(1.2)  # past the abandonment grace
-    # this process loaded the definitions before the short grace was set: its resource carries it instead
-    short_grace = PostgresResource(database_url=database_url, abandoned_grace_seconds=1)
-    result = run_job("kommo_full_refresh_job", resources={"postgres": short_grace})
+    assert running[0][1], "the killed import's heartbeat is recent: only its missing owner says it is dead"
+    result = run_job("kommo_full_refresh_job")
     assert result.success
-    for (run_id,) in running:
+    for run_id, _ in running:
         closed = get_run(database_url, str(run_id))
         assert closed["status"] == "failed" and "abandoned" in closed["error"]
     assert fetch_one(database_url, "SELECT count(*) FROM kommo_import_runs WHERE status = 'running'")[0] == 0

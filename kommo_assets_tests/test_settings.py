@@ -74,7 +74,6 @@ def test_a_bad_kommo_pace_is_an_error_naming_the_variable(raw, message):
 @pytest.mark.parametrize("resource, field, variable", [
     (PostgresResource, "staging_retention_days", "KOMMO_STAGING_RETENTION_DAYS"),
     (PostgresResource, "failed_staging_retention_days", "KOMMO_FAILED_STAGING_RETENTION_DAYS"),
-    (PostgresResource, "abandoned_grace_seconds", "KOMMO_ABANDONED_GRACE_SECONDS"),
     (SnapshotExportResource, "retention_days", "KOMMO_SNAPSHOT_RETENTION_DAYS"),
 ])
 @pytest.mark.parametrize("raw", ["0", "-3", "nan", "inf", "-inf", "soon", math.nan, math.inf, 0])
@@ -85,11 +84,8 @@ def test_days_and_seconds_must_be_finite_and_above_zero_naming_the_variable(reso
 
 
 def test_days_and_seconds_take_the_variables_text_or_a_number():
-    postgres = PostgresResource(database_url=URL, staging_retention_days="1.5", failed_staging_retention_days=3,
-                                abandoned_grace_seconds=" 1 ")
+    postgres = PostgresResource(database_url=URL, staging_retention_days="1.5", failed_staging_retention_days=" 3 ")
     assert (postgres.staging_retention_days, postgres.failed_staging_retention_days) == (1.5, 3)
-    assert postgres.abandoned_grace.total_seconds() == 1
-    assert PostgresResource(database_url=URL).abandoned_grace_seconds == 60  # the default grace
     assert SnapshotExportResource(retention_days="7").retention_days == 7
     assert SnapshotExportResource(directory="  ").directory is None
 
@@ -129,7 +125,7 @@ def test_reprs_hide_the_secrets():
 
 def test_build_resources_reads_each_setting_from_its_variable(monkeypatch):
     for name, value in {"KOMMO_MAX_RPS": "5.5", "KOMMO_STAGING_RETENTION_DAYS": "2",
-                        "KOMMO_FAILED_STAGING_RETENTION_DAYS": "4", "KOMMO_ABANDONED_GRACE_SECONDS": "90",
+                        "KOMMO_FAILED_STAGING_RETENTION_DAYS": "4",
                         "KOMMO_SNAPSHOT_RETENTION_DAYS": "10", "KOMMO_SNAPSHOT_DIR": "/srv/exports",
                         "KOMMO_ENABLE_SLACK_ALERTS": "yes", "KOMMO_SLACK_CHANNEL": "#ops",
                         "DAGSTER_WEBSERVER_URL": "https://dagster.example.com/"}.items():
@@ -138,8 +134,7 @@ def test_build_resources_reads_each_setting_from_its_variable(monkeypatch):
     postgres, kommo, export, slack = (resources[k] for k in ("postgres", "kommo", "snapshot_export", "slack"))
     assert kommo.max_rps == 5.5 and kommo.access_token == "KOMMO_ACCESS_TOKEN"  # an EnvVar: its name only
     assert isinstance(kommo.access_token, dg.EnvVar) and isinstance(postgres.database_url, dg.EnvVar)
-    assert (postgres.staging_retention_days, postgres.failed_staging_retention_days,
-            postgres.abandoned_grace_seconds) == (2, 4, 90)
+    assert (postgres.staging_retention_days, postgres.failed_staging_retention_days) == (2, 4)
     assert export.retention_days == 10 and export.directory == "KOMMO_SNAPSHOT_DIR"
     assert slack.enabled and slack.channel == "KOMMO_SLACK_CHANNEL"
     with dg.build_resources({"slack": slack, "snapshot_export": export}) as resolved:
@@ -147,8 +142,7 @@ def test_build_resources_reads_each_setting_from_its_variable(monkeypatch):
         assert resolved.slack.channel == "#ops" and resolved.snapshot_export.directory == "/srv/exports"
 
 
-@pytest.mark.parametrize("name", ["KOMMO_MAX_RPS", "KOMMO_STAGING_RETENTION_DAYS", "KOMMO_ABANDONED_GRACE_SECONDS",
-                                  "KOMMO_SNAPSHOT_RETENTION_DAYS"])
+@pytest.mark.parametrize("name", ["KOMMO_MAX_RPS", "KOMMO_STAGING_RETENTION_DAYS", "KOMMO_SNAPSHOT_RETENTION_DAYS"])
 def test_build_resources_fails_on_a_bad_number_naming_the_variable(monkeypatch, name):
     monkeypatch.setenv(name, "nan")
     with pytest.raises(ValueError, match=f"{name} must be a finite number above 0"):

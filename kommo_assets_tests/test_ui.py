@@ -36,6 +36,8 @@ pytestmark = [pytest.mark.ui, pytest.mark.timeout(360)]
 SCREENSHOTS = (REPO_ROOT / "docs" / "screenshots" if os.environ.get("KOMMO_UPDATE_SCREENSHOTS") == "1"
                else Path(tempfile.gettempdir()) / "kommo-ui-screenshots")
 LEADS = 800
+ALL_KOMMO_ASSETS = ["stg_kommo_leads", "stg_kommo_contacts", "stg_kommo_booking_vehicles", "vehicles", "clients",
+                    "sales_leads", "bookings", "booking_vehicles", "calendar_events_expanded"]
 
 
 @dataclass
@@ -243,10 +245,9 @@ def test_change_preview_is_shown_on_the_staging_asset(dev_server, graphql, kommo
     page.screenshot(path=str(SCREENSHOTS / "change-preview.png"))
 
 
-def test_second_refresh_waits_in_the_queue(dev_server, graphql, kommo_db):
-    """dagster.yaml limits the kommo/refresh tag to one run: of two refreshes submitted together, the
-    second stays QUEUED until the first has finished, then runs."""
-    run_ids = [graphql.launch_run(FULL_REFRESH_JOB, {}) for _ in range(2)]
+def _assert_one_at_a_time(graphql: DagsterGraphQL, run_ids: list[str]) -> None:
+    """Of runs submitted together, at most one is in progress at any moment; the second stays QUEUED until
+    the first has finished, then runs; all succeed."""
     history: list[dict[str, str]] = []
     deadline = time.monotonic() + 240
     while True:
@@ -268,11 +269,30 @@ def test_second_refresh_waits_in_the_queue(dev_server, graphql, kommo_db):
     # The second was seen waiting while the first ran.
     assert any(h[first.run_id] in IN_PROGRESS and h[second.run_id] == "QUEUED" for h in history), history
 
+
+def test_second_refresh_waits_in_the_queue(dev_server, graphql, kommo_db):
+    """dagster.yaml limits the kommo pool (and the kommo/refresh tag) to one run: of two refreshes
+    submitted together, the second waits in the queue."""
+    run_ids = [graphql.launch_run(FULL_REFRESH_JOB, {}) for _ in range(2)]
+    _assert_one_at_a_time(graphql, run_ids)
     succeeded = _fetch_one(
         kommo_db, "SELECT count(*) FROM kommo_import_runs WHERE status = 'succeeded' AND dagster_run_id = ANY(%s)",
         (run_ids,),
     )[0]
     assert succeeded == 2
+
+
+def test_an_ad_hoc_materialization_waits_behind_a_refresh(dev_server, graphql, kommo_db):
+    """Materialize from the asset graph launches a run of the implicit asset job, which carries no job tag:
+    the staging asset's pool is what queues it behind a running refresh (else the database would refuse
+    it at once with "another Kommo import is running")."""
+    refresh = graphql.launch_run(FULL_REFRESH_JOB, {})
+    ad_hoc = graphql.launch_run("__ASSET_JOB", {}, asset_keys=ALL_KOMMO_ASSETS)
+    assert REFRESH_TAG not in graphql.run_tags(ad_hoc)
+    _assert_one_at_a_time(graphql, [refresh, ad_hoc])
+    rows = _fetch_all(kommo_db, "SELECT status FROM kommo_import_runs WHERE dagster_run_id = ANY(%s)",
+                      ([refresh, ad_hoc],))
+    assert rows == [("succeeded",), ("succeeded",)]
 
 
 def test_dev_server_stops_cleanly(dev_server: DevServer):

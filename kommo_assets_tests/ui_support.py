@@ -74,7 +74,13 @@ class DagsterGraphQL:
         """Stops the "Join the Dagster community" modal from covering the page."""
         self.query("mutation { setNuxSeen }")
 
-    def launch_run(self, job_name: str, run_config: dict | None = None) -> str:
+    def launch_run(self, job_name: str, run_config: dict | None = None,
+                   asset_keys: list[str] | None = None) -> str:
+        """Launches ``job_name``; with ``asset_keys``, an ad-hoc run of those assets (and their checks), as
+        the asset graph's Materialize launches it (``job_name`` then being the implicit ``__ASSET_JOB``)."""
+        selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "jobName": job_name}
+        if asset_keys is not None:
+            selector["assetSelection"] = [{"path": key.split("/")} for key in asset_keys]
         data = self.query(
             """
             mutation Launch($params: ExecutionParams!) {
@@ -86,9 +92,7 @@ class DagsterGraphQL:
                 ... on Error { message }
               }
             }""",
-            {"params": {"selector": {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY,
-                                     "jobName": job_name},
-                        "runConfigData": run_config or {}}},
+            {"params": {"selector": selector, "runConfigData": run_config or {}}},
         )
         result = data["launchRun"]
         if result["__typename"] != "LaunchRunSuccess":

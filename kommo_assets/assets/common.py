@@ -18,6 +18,8 @@ DRY_RUN_JOB = "kommo_dry_run_job"
 REQUESTED_BY_TAG = "kommo/requested_by"
 REQUEST_ID_TAG = "kommo/request_id"
 REFRESH_TAG = "kommo/refresh"
+# The concurrency pool of the assets that read Kommo: dagster.yaml limits it to one run at a time.
+KOMMO_POOL = "kommo"
 
 KOMMO_API = dg.AssetKey("kommo_api")
 STG_LEADS = dg.AssetKey("stg_kommo_leads")
@@ -47,12 +49,6 @@ class KommoRefreshConfig(dg.Config):
     )
 
 
-def import_run_id(run: dg.DagsterRun) -> str:
-    """The import run id is the Dagster run id of the run that staged it. A re-execution of a failed run
-    reuses its root's staging, so it points at the root run (whose record then says it is closed)."""
-    return run.root_run_id or run.run_id
-
-
 def ensure_live() -> None:
     try:
         require_live()
@@ -62,9 +58,9 @@ def ensure_live() -> None:
 
 @contextmanager
 def working_on_run(postgres: PostgresResource, run_id: str, secrets: Iterable[str] = ()) -> Iterator[None]:
-    """A step's hold on the import run: its owner lock while the step works, and on any exception the
-    run closed as failed (its error without ``secrets`` or the database password) before the exception
-    propagates."""
+    """A step's hold on the import run: its owner lock (the run's own, held since the run began), and on any
+    exception the run closed as failed (its error without ``secrets`` or the database password) before the
+    exception propagates."""
     secrets = [*postgres.secrets(), *secrets]
     try:
         with postgres.owning(run_id):

@@ -8,10 +8,9 @@ from kommo_assets.assets.common import (
     PRODUCTION_KEYS,
     STAGING_KEYS,
     ensure_live,
-    import_run_id,
     working_on_run,
 )
-from kommo_assets.resources.postgres import PostgresResource
+from kommo_assets.resources.postgres import PostgresResource, import_run_id
 from kommo_assets.resources.snapshot import SnapshotExportResource
 
 _DESCRIPTIONS = {

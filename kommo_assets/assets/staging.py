@@ -9,20 +9,20 @@ from kommo_assets.assets.common import (
     DRY_RUN_JOB,
     KOMMO_API,
     KOMMO_GROUP,
+    KOMMO_POOL,
     REQUESTED_BY_TAG,
     STG_BOOKING_VEHICLES,
     STG_CONTACTS,
     STG_LEADS,
     KommoRefreshConfig,
     ensure_live,
-    import_run_id,
     working_on_run,
 )
 from kommo_assets.db.runs import window_for
 from kommo_assets.db.staging import stage_snapshot
 from kommo_assets.reporting import preview_markdown, preview_summary
 from kommo_assets.resources.kommo import KommoResource
-from kommo_assets.resources.postgres import PostgresResource
+from kommo_assets.resources.postgres import PostgresResource, import_run_id
 
 PROGRESS_EVERY_S = 15.0
 
@@ -36,6 +36,7 @@ kommo_api = dg.AssetSpec(
 
 @dg.multi_asset(
     name="kommo_staging",
+    pool=KOMMO_POOL,
     specs=[
         dg.AssetSpec(STG_LEADS, deps=[KOMMO_API], group_name=KOMMO_GROUP, kinds={"postgres"},
                      description="Leads of the window (status 143 excluded), raw payload plus typed columns."),
@@ -67,7 +68,6 @@ def kommo_staging(
                 dry_run=context.job_name == DRY_RUN_JOB,
                 window=window,
                 max_drop_ratio=config.max_drop_ratio,
-                grace=postgres.abandoned_grace,
             )
         context.log.info(
             f"Kommo import run {run_id} started ({'dry run' if record['dry_run'] else 'full refresh'}), "
@@ -155,17 +155,12 @@ def leads_count_within_drop_guard(
     return dg.AssetCheckResult(passed=bool(verdict["passed"]), metadata=metadata)
 
 
-# The same rules as the swap: kommo_snapshot resolves the leads, the stored change preview counts the
-# vehicles the swap will create.
+# The warnings the change preview stored on the run as it staged (kommo_staging_warnings); computed by the
+# same function if the preview stored none.
 _WARNINGS_SQL = """
-SELECT
-  count(*) FILTER (WHERE s.is_booking AND m.status_id IS NULL) AS unmapped_status,
-  count(*) FILTER (WHERE s.is_booking AND s.start_at IS NULL) AS booking_without_dates,
-  count(*) FILTER (WHERE s.contact_id IS NULL) AS lead_without_contact,
-  (SELECT coalesce((change_preview -> 'vehicles' ->> 'create')::int, 0)
-     FROM kommo_import_runs WHERE id = %(r)s) AS vehicles_to_create
-FROM kommo_snapshot(%(r)s) s
-LEFT JOIN kommo_status_map m ON m.status_id = s.status_id
+SELECT coalesce(change_preview -> 'warnings',
+                kommo_staging_warnings(id, coalesce((change_preview -> 'vehicles' ->> 'create')::int, 0)))
+  FROM kommo_import_runs WHERE id = %s
 """
 
 
@@ -184,18 +179,12 @@ LEFT JOIN kommo_status_map m ON m.status_id = s.status_id
 def staging_warnings(context: dg.AssetCheckExecutionContext, postgres: PostgresResource):
     run_id = import_run_id(context.run)
     with postgres.connect() as conn:
-        # The stored change preview carries these counts (kommo_change_preview, same rules as below);
-        # resolving the snapshot again would cost a scan of the run's raw rows after the last answer.
-        stored = conn.execute(
-            "SELECT change_preview -> 'warnings' FROM kommo_import_runs WHERE id = %s", (run_id,)
-        ).fetchone()
-        counts = stored[0] if stored else None
-        if counts:
-            row = (counts["unmapped_status"], counts["booking_without_dates"], counts["lead_without_contact"],
-                   counts["vehicles_to_create"])
-        else:
-            row = conn.execute(_WARNINGS_SQL, {"r": run_id}).fetchone()
-    unmapped, undated, no_contact, to_create = row
+        found = conn.execute(_WARNINGS_SQL, (run_id,)).fetchone()
+    if found is None:
+        raise dg.Failure(description=f"unknown Kommo import run {run_id}: the staging step did not start it")
+    counts = found[0]
+    unmapped, undated, no_contact, to_create = (counts[key] for key in (
+        "unmapped_status", "booking_without_dates", "lead_without_contact", "vehicles_to_create"))
     for name, asset, count in (
         ("all_statuses_mapped", STG_LEADS, unmapped),
         ("all_bookings_dated", STG_LEADS, undated),

@@ -1,10 +1,10 @@
 """When a Kommo run starts or ends: close its import record, answer its refresh request, alert Slack.
 
 A run that ends (success, failure, cancel) with its ``kommo_import_runs`` row still ``running`` was cut
-short (killed step, cancel, crash between steps): the row is closed as failed so it never waits for the
-stale-heartbeat check. The request row named by the ``kommo/request_id`` tag gets the run id, final status
-and counts. Failures, which include needs_review runs (the blocking drop guard fails the run), post one
-Slack message each when ``KOMMO_ENABLE_SLACK_ALERTS`` is on.
+short (killed step, cancel, crash): the row is closed as failed, so it says so even if no other import
+starts (the next start would close it too). The request row named by the ``kommo/request_id`` tag gets
+the run id, final status and counts. Failures, which include needs_review runs (the blocking drop guard
+fails the run), post one Slack message each when ``KOMMO_ENABLE_SLACK_ALERTS`` is on.
 """
 
 from collections.abc import Iterable
@@ -13,11 +13,11 @@ from typing import Any
 
 import dagster as dg
 
-from kommo_assets.assets.common import REQUEST_ID_TAG, REQUESTED_BY_TAG, import_run_id
+from kommo_assets.assets.common import REQUEST_ID_TAG, REQUESTED_BY_TAG
 from kommo_assets.automation import request_table
 from kommo_assets.automation.slack_alerts import RunAlert, failure_message
 from kommo_assets.db import runs
-from kommo_assets.resources.postgres import PostgresResource
+from kommo_assets.resources.postgres import PostgresResource, import_run_id
 from kommo_assets.resources.slack import KommoSlackResource
 
 # None = every job of this code location: the two Kommo jobs and also the ad-hoc asset job that the UI's

@@ -9,14 +9,14 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from kommo_assets.db import connect
+from kommo_assets.db import APPLICATION_NAME, connect
 from kommo_assets.kommo.errors import redact
 
 DEFAULT_YEAR = 2025
@@ -65,7 +65,17 @@ def safe_error(exc: BaseException | str, secrets: str | Iterable[str | None] | N
     return redact(text, secrets)[:ERROR_MAX_CHARS]
 
 
-OWNER_LOCK_CLASS = 90903  # pg_advisory_lock(90903, hashtext(run id)): held by the step working on a run
+OWNER_LOCK_CLASS = 90903  # pg_advisory_lock(90903, hashtext(run id)): held by the process running the import
+
+# Settings of the owner's session, each applied where the server knows it. The session sits idle for the whole
+# run: a server-wide idle_session_timeout must not end it (and so the lock) mid-run; and a host lost without
+# closing its connection is noticed by the server's TCP keepalives within about a minute, not the OS's hours.
+_OWNER_SESSION_SQL = """
+SELECT set_config(name, v.value, false)
+  FROM (VALUES ('idle_session_timeout', '0'), ('tcp_keepalives_idle', '30'), ('tcp_keepalives_interval', '10'),
+               ('tcp_keepalives_count', '3')) AS v(name, value)
+  JOIN pg_settings USING (name)
+"""
 
 
 class ImportRuns:
@@ -80,14 +90,15 @@ class ImportRuns:
         self.conn.execute("UPDATE kommo_import_runs SET heartbeat_at = now() WHERE id = %s", (run_id,))
 
     def start(self, *, run_id: str, dagster_run_id: str | None, job_name: str | None, triggered_by: str | None,
-              dry_run: bool, window: Window, max_drop_ratio: float,
-              grace: timedelta = timedelta(seconds=60)) -> dict[str, Any]:
+              dry_run: bool, window: Window, max_drop_ratio: float) -> dict[str, Any]:
+        """Opens the import run; the caller holds its owner lock (:class:`OwnerLock`) from before this call
+        until the run ends, or the next start may close it as abandoned."""
         with self.conn.cursor(row_factory=dict_row) as cur:
             cur.execute(
                 "SELECT * FROM start_kommo_import_run(%s::uuid, %s::text, %s::text, %s::text, %s, %s, %s,"
-                " %s::numeric, %s)",
+                " %s::numeric)",
                 (run_id, dagster_run_id, job_name, triggered_by, dry_run, window.created_from, window.created_to,
-                 max_drop_ratio, grace),
+                 max_drop_ratio),
             )
             return cur.fetchone()
 
@@ -133,26 +144,58 @@ class ImportRuns:
             return cur.fetchone()
 
 
+class OwnerLock:
+    """The run's owner lock: a session advisory lock on a connection of its own, held while the run lives.
+
+    A process that dies (SIGKILL, lost host) drops the connection and so the lock: that is how the next start
+    knows an import marked ``running`` is dead and closes it at once (see ``start_kommo_import_run``).
+    """
+
+    def __init__(self, database_url: str, run_id: str) -> None:
+        self.database_url = database_url
+        self.run_id = run_id
+        self._conn: psycopg.Connection | None = None
+
+    def acquire(self) -> None:
+        """Waits for the lock if another session holds it: only a process working on the same run can."""
+        conn = connect(self.database_url, autocommit=True, application_name=f"{APPLICATION_NAME} owner")
+        try:
+            conn.execute(_OWNER_SESSION_SQL)
+            conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (OWNER_LOCK_CLASS, self.run_id))
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def ensure(self) -> None:
+        """Takes the lock again on a new connection if the database dropped the old one (a restart between
+        two steps). If another start closed the run meanwhile, the run's next statement refuses it."""
+        if self._conn is not None and not self._conn.closed:
+            try:
+                self._conn.execute("SELECT 1")
+                return
+            except psycopg.OperationalError:
+                pass
+        self.release()
+        self.acquire()
+
+    def release(self) -> None:
+        """Closing the connection releases the lock."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 @contextmanager
 def owning(database_url: str, run_id: str) -> Iterator[None]:
-    """Holds the run's owner lock on a connection of its own while a step works on the run.
-
-    A process that dies drops the connection and so the lock: that is how the next start knows an
-    import marked ``running`` is dead (see ``start_kommo_import_run``). The heartbeat is refreshed on
-    the way in and out, so the grace between two steps counts from the end of the last one.
-    """
-    conn = connect(database_url, autocommit=True)
-    record = ImportRuns(conn)
+    """Holds the run's owner lock for the block (scripts and tests; a Dagster run holds it for the whole run
+    through the Postgres resource)."""
+    lock = OwnerLock(database_url, run_id)
+    lock.acquire()
     try:
-        conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (OWNER_LOCK_CLASS, run_id))
-        record.heartbeat(run_id)
         yield
     finally:
-        try:
-            record.heartbeat(run_id)
-        except Exception:  # noqa: BLE001 - the connection may be what failed; closing releases the lock
-            pass
-        conn.close()
+        lock.release()
 
 
 def close_run(database_url: str, run_id: str, status: str, error: BaseException | str | None,

@@ -9,17 +9,15 @@ database says which of its contact ids are new to the run), so contacts do not w
 page. What is left after the last answer is a count and an ANALYZE.
 """
 
-import gc
 import json
 import logging
 import re
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
 from datetime import datetime
+from operator import attrgetter
 
 import psycopg
 
@@ -30,6 +28,8 @@ from kommo_assets.kommo.fields import (
     MAX_NESTING,
     SOURCE_FIELD_ID,
     VEHICLE_FIELD_ID,
+    StagedContact,
+    StagedLead,
     clean_text,
     nesting_exceeds,
     sanitize_payload,
@@ -39,13 +39,32 @@ from kommo_assets.kommo.fields import (
 
 log = logging.getLogger(__name__)
 
-LEAD_COLUMNS = (
-    "lead_id", "payload", "contact_id", "status_id", "pipeline_id", "responsible_user_id", "price", "name",
-    "vehicle_enum_id", "source_enum_id", "delivery_at", "collect_at", "created_at", "updated_at", "closed_at",
-)
-CONTACT_COLUMNS = ("contact_id", "payload", "name", "phone", "email")
+# The typed columns of the staging tables are the fields of StagedLead and StagedContact, by name: the one
+# list of them. Each staged row is (run_id, payload, *those fields).
+_LEAD_FIELDS = tuple(f.name for f in fields(StagedLead))
+_CONTACT_FIELDS = tuple(f.name for f in fields(StagedContact))
+LEAD_COLUMNS = ("run_id", "payload", *_LEAD_FIELDS)
+CONTACT_COLUMNS = ("run_id", "payload", *_CONTACT_FIELDS)
+_lead_values = attrgetter(*_LEAD_FIELDS)
+_contact_values = attrgetter(*_CONTACT_FIELDS)
+
+
+def lead_row(run_id: str, payload: str, lead: StagedLead) -> tuple:
+    """The values of ``LEAD_COLUMNS`` for one lead (its payload as JSON text)."""
+    return (run_id, payload, *_lead_values(lead))
+
+
+def contact_row(run_id: str, payload: str, contact: StagedContact) -> tuple:
+    """The values of ``CONTACT_COLUMNS`` for one contact (its payload as JSON text)."""
+    return (run_id, payload, *_contact_values(contact))
+
+
+def _set_from_excluded(columns: Iterable[str], key: str) -> str:
+    """``column = EXCLUDED.column, ...`` for the merge's ON CONFLICT, its conflict key and run_id left out."""
+    return ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c not in (key, "run_id"))
+
+
 HEARTBEAT_EVERY_S = 5.0
-STREAMING_SWITCH_INTERVAL_S = 0.0005
 
 # Staging tables fed through COPY into a temporary table, then merged with ON CONFLICT: COPY cannot skip
 # the duplicates that data moving while paging produces (a newer version listed again), and a lead seen
@@ -61,17 +80,11 @@ TRUNCATE tmp_stg_contact_ids;
 # One statement per lead page: merge the page, keep the run's vehicle links in step with the leads as
 # merged (a lead seen again may have lost or changed its vehicle), and return the counts and the
 # page's contact ids that the run has not seen yet.
-_MERGE_LEADS = """
+_MERGE_LEADS = f"""
 WITH merged AS (
     INSERT INTO stg_kommo_leads AS s
     SELECT DISTINCT ON (lead_id) * FROM tmp_stg_leads ORDER BY lead_id, updated_at DESC NULLS LAST
-    ON CONFLICT (run_id, lead_id) DO UPDATE SET
-        payload = EXCLUDED.payload, contact_id = EXCLUDED.contact_id, status_id = EXCLUDED.status_id,
-        pipeline_id = EXCLUDED.pipeline_id, responsible_user_id = EXCLUDED.responsible_user_id,
-        price = EXCLUDED.price, name = EXCLUDED.name, vehicle_enum_id = EXCLUDED.vehicle_enum_id,
-        source_enum_id = EXCLUDED.source_enum_id, delivery_at = EXCLUDED.delivery_at,
-        collect_at = EXCLUDED.collect_at, created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at,
-        closed_at = EXCLUDED.closed_at, staged_at = now()
+    ON CONFLICT (run_id, lead_id) DO UPDATE SET {_set_from_excluded(LEAD_COLUMNS, "lead_id")}, staged_at = now()
     WHERE s.updated_at IS NULL OR EXCLUDED.updated_at >= s.updated_at
     RETURNING s.lead_id, s.contact_id, s.vehicle_enum_id, (s.xmax = 0) AS inserted
 ), unlinked AS (
@@ -90,14 +103,13 @@ WITH merged AS (
 )
 SELECT (SELECT count(*) FROM merged WHERE inserted),
        (SELECT count(*) FROM merged WHERE NOT inserted),
-       (SELECT coalesce(array_agg(contact_id ORDER BY contact_id), '{}') FROM new_contacts)
+       (SELECT coalesce(array_agg(contact_id ORDER BY contact_id), '{{}}') FROM new_contacts)
 """
-_MERGE_CONTACTS = """
+_MERGE_CONTACTS = f"""
 WITH merged AS (
     INSERT INTO stg_kommo_contacts AS s
     SELECT DISTINCT ON (contact_id) * FROM tmp_stg_contacts ORDER BY contact_id
-    ON CONFLICT (run_id, contact_id) DO UPDATE SET
-        payload = EXCLUDED.payload, name = EXCLUDED.name, phone = EXCLUDED.phone, email = EXCLUDED.email
+    ON CONFLICT (run_id, contact_id) DO UPDATE SET {_set_from_excluded(CONTACT_COLUMNS, "contact_id")}
     RETURNING (s.xmax = 0) AS inserted
 )
 SELECT count(*) FILTER (WHERE inserted) FROM merged
@@ -207,15 +219,11 @@ class StagingWriter:
             except InvalidPayload:
                 skipped["invalid_lead"] += 1
                 continue
-            rows.append((
-                self.run_id, s.lead_id, payload, s.contact_id, s.status_id, s.pipeline_id,
-                s.responsible_user_id, s.price, s.name, s.vehicle_enum_id, s.source_enum_id, s.delivery_at,
-                s.collect_at, s.created_at, s.updated_at, s.closed_at,
-            ))
+            rows.append(lead_row(self.run_id, payload, s))
         if not rows:
             return LeadsWritten(0, 0, [])
         with self.conn.transaction(), self.conn.cursor() as cur:
-            self._copy(cur, "tmp_stg_leads", ("run_id", *LEAD_COLUMNS), rows)
+            self._copy(cur, "tmp_stg_leads", LEAD_COLUMNS, rows)
             cur.execute(_MERGE_LEADS, {"r": self.run_id})
             added, updated, new_ids = cur.fetchone()
             self._heartbeat(cur)
@@ -233,11 +241,11 @@ class StagingWriter:
             except InvalidPayload:
                 skipped["invalid_contact"] += 1
                 continue
-            rows.append((self.run_id, s.contact_id, payload, s.name, s.phone, s.email))
+            rows.append(contact_row(self.run_id, payload, s))
         if not rows:
             return 0
         with self.conn.transaction(), self.conn.cursor() as cur:
-            self._copy(cur, "tmp_stg_contacts", ("run_id", *CONTACT_COLUMNS), rows)
+            self._copy(cur, "tmp_stg_contacts", CONTACT_COLUMNS, rows)
             cur.execute(_MERGE_CONTACTS)
             (added,) = cur.fetchone()
             self._heartbeat(cur)
@@ -304,34 +312,7 @@ def stage_snapshot(
     """
     started = time.monotonic()
     result = StagingResult()
-    with _prompt_threads():
-        return _stage(conn, run_id, client, created_from, created_to, on_progress, result, started)
-
-
-@contextmanager
-def _prompt_threads() -> Iterator[None]:
-    """While streaming, the pacer's threads must get the interpreter within a fraction of a millisecond when
-    their slot is due and when their request has been written, also while this thread parses and copies a
-    page: any lag costs pace, because the window rule counts from the write. Two things made them lag:
-
-    * the switch interval: with the default 5 ms a thread waits up to that long for the interpreter;
-    * full garbage collections, which stop every thread while they walk every object alive, the hundreds of
-      thousands that importing Dagster creates included: about 90 ms each, 25 times in a run of 500 requests.
-      Those objects live as long as the process, so they are frozen (``gc.freeze``, made for this) for the
-      stream: collections then walk only what the stream itself allocates. (Unless something else froze
-      them already: then it is left to unfreeze them.)
-    """
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(switch_interval, STREAMING_SWITCH_INTERVAL_S))
-    freeze = gc.get_freeze_count() == 0
-    if freeze:
-        gc.freeze()
-    try:
-        yield
-    finally:
-        if freeze:
-            gc.unfreeze()
-        sys.setswitchinterval(switch_interval)
+    return _stage(conn, run_id, client, created_from, created_to, on_progress, result, started)
 
 
 def _stage(conn: psycopg.Connection, run_id: str, client: KommoClient, created_from: datetime, created_to: datetime,

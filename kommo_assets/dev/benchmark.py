@@ -21,8 +21,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kommo_assets.kommo import DEFAULT_MAX_RPS, MAX_PAGE_SIZE
+from kommo_assets.settings import refresh_years
 
 TOKEN = "benchmark-token"
+
+
+def _year() -> int:
+    """The window every measured run covers: the first of KOMMO_REFRESH_YEARS, as for the schedules (the
+    worker processes inherit the driver's environment, so all agree)."""
+    return refresh_years()[0]
 
 
 # --- the worker: one measured run, in its own process ----------------------------------------------
@@ -38,14 +45,15 @@ def _worker_job(args: argparse.Namespace) -> dict:
 
     kommo = KommoResource(base_url=args.base_url, access_token=TOKEN, max_rps=args.max_rps,
                           max_in_flight=args.max_in_flight)
-    bench_defs = dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs,
+    bench_defs = dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs, executor=defs.executor,
                                 resources={**defs.resources, "kommo": kommo})
     job = bench_defs.resolve_job_def(FULL_REFRESH_JOB)
     with dg.DagsterInstance.ephemeral() as instance:
         started_at = time.time()
         started = time.perf_counter()
         result = job.execute_in_process(instance=instance, raise_on_error=False,
-                                        run_config={"ops": {"kommo_staging": {"config": {"max_drop_ratio": 1.0}}}})
+                                        run_config={"ops": {"kommo_staging": {"config": {
+                                            "year": _year(), "max_drop_ratio": 1.0}}}})
         wall = time.perf_counter() - started
         steps = _step_timeline(instance, result.run_id, started_at)
     record = get_run(args.database_url, result.run_id) or {}
@@ -100,12 +108,18 @@ def _worker_naive(args: argparse.Namespace) -> dict:
     import uuid
 
     from kommo_assets.db import connect, runs
-    from kommo_assets.kommo import KommoClient
+    from kommo_assets.db.staging import CONTACT_COLUMNS, LEAD_COLUMNS, contact_row, lead_row
+    from kommo_assets.kommo import SOURCE_FIELD_ID, VEHICLE_FIELD_ID, KommoClient
     from kommo_assets.kommo.errors import InvalidPayload
     from kommo_assets.kommo.fields import sanitize_payload, staged_contact, staged_lead
 
+    def insert(table: str, columns: tuple[str, ...]) -> str:
+        return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})"
+                " ON CONFLICT DO NOTHING")
+
+    insert_lead, insert_contact = insert("stg_kommo_leads", LEAD_COLUMNS), insert("stg_kommo_contacts", CONTACT_COLUMNS)
     run_id = str(uuid.uuid4())
-    window = runs.window_for(2025)
+    window = runs.window_for(_year())
     started = time.perf_counter()
     runs.start_run(args.database_url, run_id=run_id, dagster_run_id=None, job_name="baseline", triggered_by=None,
                    dry_run=False, window=window, max_drop_ratio=1.0)
@@ -113,8 +127,8 @@ def _worker_naive(args: argparse.Namespace) -> dict:
     contact_ids: set[int] = set()
     leads_received = 0
     with connect(args.database_url, autocommit=True) as conn:
-        for field_id, options in ((1234163, client.field_enums(1234163)), (823206, client.field_enums(823206))):
-            for enum_id, value in options.items():
+        for field_id in (VEHICLE_FIELD_ID, SOURCE_FIELD_ID):
+            for enum_id, value in client.field_enums(field_id).items():
                 conn.execute("INSERT INTO stg_kommo_field_options VALUES (%s, %s, %s, %s)",
                              (run_id, field_id, enum_id, value))
         for page in client.iter_lead_pages(window.created_from, window.created_to):
@@ -124,25 +138,13 @@ def _worker_naive(args: argparse.Namespace) -> dict:
                     s = staged_lead(lead)
                 except InvalidPayload:
                     continue
-                conn.execute(
-                    "INSERT INTO stg_kommo_leads (run_id, lead_id, payload, contact_id, status_id, pipeline_id,"
-                    " responsible_user_id, price, name, vehicle_enum_id, source_enum_id, delivery_at, collect_at,"
-                    " created_at, updated_at, closed_at) VALUES (%s, %s, %s::jsonb, %s, %s, %s, %s, %s, %s, %s,"
-                    " %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    (run_id, s.lead_id, json.dumps(sanitize_payload(lead)), s.contact_id, s.status_id,
-                     s.pipeline_id, s.responsible_user_id, s.price, s.name, s.vehicle_enum_id, s.source_enum_id,
-                     s.delivery_at, s.collect_at, s.created_at, s.updated_at, s.closed_at),
-                )
+                conn.execute(insert_lead, lead_row(run_id, json.dumps(sanitize_payload(lead)), s))
                 if s.contact_id:
                     contact_ids.add(s.contact_id)
         for batch in client.iter_contact_batches(sorted(contact_ids)):
             for contact in batch:
-                c = staged_contact(contact)
-                conn.execute(
-                    "INSERT INTO stg_kommo_contacts (run_id, contact_id, payload, name, phone, email)"
-                    " VALUES (%s, %s, %s::jsonb, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    (run_id, c.contact_id, json.dumps(sanitize_payload(contact)), c.name, c.phone, c.email),
-                )
+                conn.execute(insert_contact,
+                             contact_row(run_id, json.dumps(sanitize_payload(contact)), staged_contact(contact)))
         conn.execute("INSERT INTO stg_kommo_booking_vehicles SELECT run_id, lead_id, vehicle_enum_id"
                      " FROM stg_kommo_leads WHERE run_id = %s AND vehicle_enum_id IS NOT NULL", (run_id,))
     staging_seconds = time.perf_counter() - started
@@ -309,7 +311,7 @@ def _measure(args: argparse.Namespace) -> dict:
     root = Path(tempfile.mkdtemp(prefix="kommo-benchmark-"))
     server = LocalPostgres(root / "pg")
     server.start()
-    report: dict = {"config": vars(args).copy(), "machine": _machine()}
+    report: dict = {"config": {**vars(args), "year": _year()}, "machine": _machine()}
     try:
         with _simulator(args.generated, args.rps, args.latency_ms) as (base_url, control, scheduling):
             url = _fresh_database(server, "bench_job")
@@ -346,7 +348,7 @@ def _print(report: dict) -> None:
     floor = needed / cfg["rps"]
     rows = job["leads"] + job["contacts"]
     print(f"\nFull refresh of {job['leads']:,} leads in the snapshot ({cfg['generated']:,} generated, "
-          f"{job['leads_received']:,} in the 2025 window, status 143 left out), {job['contacts']:,} contacts; "
+          f"{job['leads_received']:,} in the {cfg['year']} window, status 143 left out), {job['contacts']:,} contacts; "
           f"simulator: {cfg['rps']:g} requests/s, {cfg['latency_ms']:.0f} ms latency "
           f"({report.get('simulator', '?')}); client pace {cfg['client_rps']:g} requests/s, up to "
           f"{cfg['max_in_flight']} in flight; {report.get('machine', '')}")

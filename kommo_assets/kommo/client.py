@@ -29,7 +29,6 @@ logger = logging.getLogger("kommo_assets.kommo")
 
 MAX_PAGE_SIZE = 250  # Kommo's hard cap on `limit`
 LOST_STATUS_ID = 143  # "Closed - lost", present in every pipeline
-PIPELINES_PATH = "/api/v4/leads/pipelines"
 LEAD_EMBEDS = ("with", "contacts,catalog_elements")
 
 
@@ -224,7 +223,7 @@ class KommoClient:
                     fetch_contacts=self._fetch_contacts)
         return SnapshotStream(fan_out(plan, self.max_in_flight, "kommo-snapshot"), contacts)
 
-    # --- custom fields and pipelines --------------------------------------------------------------
+    # --- custom fields ----------------------------------------------------------------------------
 
     def get_custom_field(self, field_id: int, *, cancel: threading.Event | None = None) -> dict | None:
         """The definition of lead custom field ``field_id`` (``GET /api/v4/leads/custom_fields/{id}``),
@@ -261,18 +260,6 @@ class KommoClient:
     def field_options(self, field_id: int, cancel: threading.Event | None = None) -> FieldOptions:
         """:meth:`field_enums` as a :class:`FieldOptions`, as a snapshot stream yields it."""
         return FieldOptions(field_id, self.field_enums(field_id, cancel=cancel))
-
-    def get_pipelines(self) -> list[dict]:
-        """Every lead pipeline with its ``_embedded.statuses`` (``GET /api/v4/leads/pipelines``, one
-        page: Kommo caps accounts at 50 pipelines)."""
-        body = self._transport.get_confirmed(PIPELINES_PATH, [])  # every account has a pipeline
-        if body is None:
-            return []
-        return [
-            item
-            for item in read_list(body, "pipelines", PIPELINES_PATH, None, None).items
-            if isinstance(item, dict)
-        ]
 
 
 def _contact_lists(batches: Iterator[ContactBatch]) -> Iterator[list[dict]]:

@@ -10,6 +10,8 @@ moments the requests were really written.
 from __future__ import annotations
 
 import contextlib
+import gc
+import sys
 import threading
 import time
 import urllib.parse
@@ -313,3 +315,36 @@ class PacedAdapter(HTTPAdapter):
         if getattr(manager, "pool_classes_by_scheme", None) == urllib3.poolmanager.pool_classes_by_scheme:
             manager.pool_classes_by_scheme = dict(_SIGNALLING_POOLS)
         return manager
+
+
+# The interpreter's switch interval while the pacer's threads work (see prompt_threads).
+PROMPT_SWITCH_INTERVAL_S = 0.0005
+
+
+@contextlib.contextmanager
+def prompt_threads() -> Iterator[None]:
+    """The interpreter settings under which the pacer's threads keep the pace: process-wide, so the Kommo
+    resource applies them where a run's process is set up, for as long as the run lasts.
+
+    The threads must get the interpreter within a fraction of a millisecond when their slot is due and when
+    their request has been written, also while the main thread parses and copies a page: any lag costs pace,
+    because the window rule counts from the write. Two things made them lag:
+
+    * the switch interval: with the default 5 ms a thread waits up to that long for the interpreter;
+    * full garbage collections, which stop every thread while they walk every object alive, the hundreds of
+      thousands that importing Dagster creates included: about 90 ms each, 25 times in a run of 500 requests.
+      Those objects live as long as the process, so they are frozen (``gc.freeze``, made for this) for the
+      run: collections then walk only what the run itself allocates. (Unless something else froze them
+      already: then it is left to unfreeze them.)
+    """
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch_interval, PROMPT_SWITCH_INTERVAL_S))
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if freeze:
+            gc.unfreeze()
+        sys.setswitchinterval(switch_interval)

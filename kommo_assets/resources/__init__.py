@@ -34,8 +34,7 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
         "postgres": PostgresResource(
             database_url=dg.EnvVar("KOMMO_DATABASE_URL"),
             **_texts(staging_retention_days="KOMMO_STAGING_RETENTION_DAYS",
-                     failed_staging_retention_days="KOMMO_FAILED_STAGING_RETENTION_DAYS",
-                     abandoned_grace_seconds="KOMMO_ABANDONED_GRACE_SECONDS"),
+                     failed_staging_retention_days="KOMMO_FAILED_STAGING_RETENTION_DAYS"),
         ),
         "kommo": KommoResource(
             base_url=dg.EnvVar("KOMMO_BASE_URL"),

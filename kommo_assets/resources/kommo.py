@@ -1,11 +1,13 @@
 """The Kommo API as a Dagster resource: settings in, a paced and retrying client out."""
 
 import math
+from contextlib import ExitStack
 
 import dagster as dg
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 
 from kommo_assets.kommo.client import DEFAULT_MAX_RPS, KommoClient
+from kommo_assets.kommo.pacing import prompt_threads
 from kommo_assets.resources.fields import HIDE_INPUTS, no_control_characters, positive, unresolved
 from kommo_assets.settings import ConfigError
 
@@ -30,6 +32,9 @@ class KommoResource(dg.ConfigurableResource):
     max_retries: int = Field(default=6, ge=0, description="Retries of a 429, 5xx or dropped connection.")
     backoff_base_seconds: float = Field(default=1.0, ge=0, description="First backoff between retries.")
 
+    # The run's interpreter settings for the pacer's threads, undone when the run ends.
+    _runtime: ExitStack | None = PrivateAttr(default=None)
+
     @field_validator("access_token", mode="before")
     @classmethod
     def _token(cls, value):
@@ -45,6 +50,19 @@ class KommoResource(dg.ConfigurableResource):
             raise ConfigError(f"KOMMO_MAX_RPS must be a number of requests per second from {MIN_KOMMO_RPS}, "
                               f"got {value!r}")
         return value
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """In a run (once per run with the in-process executor), the process settings the pacer needs
+        (:func:`~kommo_assets.kommo.pacing.prompt_threads`); sensors and schedules leave the process as it is."""
+        if context.dagster_run is not None:
+            runtime = ExitStack()
+            runtime.enter_context(prompt_threads())
+            self._runtime = runtime
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._runtime is not None:
+            self._runtime.close()
+            self._runtime = None
 
     def secrets(self) -> list[str]:
         """What must never appear in a message: the token."""

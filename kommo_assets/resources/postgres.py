@@ -1,13 +1,13 @@
-"""The target database as a Dagster resource: connections, the import-run record, staging retention."""
+"""The target database as a Dagster resource: connections, the import-run record and its owner lock, staging
+retention."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from urllib.parse import unquote, urlsplit
 
 import dagster as dg
 import psycopg
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 
 from kommo_assets.db import connect, runs
 from kommo_assets.resources.fields import HIDE_INPUTS, positive, unresolved
@@ -26,6 +26,12 @@ def database_password(url: str) -> str | None:
     return str(password) if password else None
 
 
+def import_run_id(run: dg.DagsterRun) -> str:
+    """The import run id is the Dagster run id of the run that staged it. A re-execution of a failed run
+    reuses its root's staging, so it points at the root run (whose record then says it is closed)."""
+    return run.root_run_id or run.run_id
+
+
 class PostgresResource(dg.ConfigurableResource):
     """The PostgreSQL database the refresh writes to (``KOMMO_DATABASE_URL``) and how long it keeps staging."""
 
@@ -41,11 +47,8 @@ class PostgresResource(dg.ConfigurableResource):
         default=30,
         description="KOMMO_FAILED_STAGING_RETENTION_DAYS: days the staging of failed and needs_review runs is kept.",
     )
-    abandoned_grace_seconds: float = Field(
-        default=60,
-        description="KOMMO_ABANDONED_GRACE_SECONDS: how long an import marked running may have no live owner "
-        "(between two steps) before the next start closes it as abandoned.",
-    )
+    # The owner lock of the run this resource was set up for (None outside a run: sensors, schedules).
+    _owner: runs.OwnerLock | None = PrivateAttr(default=None)
 
     @field_validator("database_url", mode="before")
     @classmethod
@@ -78,19 +81,32 @@ class PostgresResource(dg.ConfigurableResource):
     def _failed_days(cls, value):
         return positive("KOMMO_FAILED_STAGING_RETENTION_DAYS", value)
 
-    @field_validator("abandoned_grace_seconds", mode="before")
-    @classmethod
-    def _grace(cls, value):
-        return positive("KOMMO_ABANDONED_GRACE_SECONDS", value)
-
     def secrets(self) -> list[str]:
         """What must never appear in a message: the database password."""
         password = database_password(self.database_url)
         return [password, unquote(password)] if password else []
 
-    @property
-    def abandoned_grace(self) -> timedelta:
-        return timedelta(seconds=self.abandoned_grace_seconds)
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """In a run, takes the import run's owner lock once, held until the run ends.
+
+        With the in-process executor (the code location's default) that is the whole run, every step and the
+        moments between them, so an import marked running whose owner lock is free is dead, and the next start
+        closes it at once. (A step-per-process executor would hold it per step only.)"""
+        if context.dagster_run is None:
+            return
+        owner = runs.OwnerLock(self.database_url, import_run_id(context.dagster_run))
+        try:
+            owner.acquire()
+        except psycopg.Error as exc:
+            # Dagster stores a failed resource's error in the event log: without the password.
+            raise ConnectionError(f"could not take the import run's owner lock: "
+                                  f"{runs.safe_error(exc, self.secrets())}") from None
+        self._owner = owner
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._owner is not None:
+            self._owner.release()
+            self._owner = None
 
     def connect(self, *, autocommit: bool = False) -> psycopg.Connection:
         return connect(self.database_url, autocommit=autocommit)
@@ -104,7 +120,12 @@ class PostgresResource(dg.ConfigurableResource):
 
     @contextmanager
     def owning(self, run_id: str) -> Iterator[None]:
-        """The run's owner lock, held on a connection of its own while a step works on the run."""
+        """The run's owner lock for the block: the one held for the whole run when this resource was set up for
+        it (taken again if the database dropped it), else one for the block alone."""
+        if self._owner is not None and self._owner.run_id == run_id:
+            self._owner.ensure()
+            yield
+            return
         with runs.owning(self.database_url, run_id):
             yield
 

@@ -6,8 +6,11 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import yaml
 
+from kommo_assets.assets.common import KOMMO_POOL, STAGING_KEYS, STG_LEADS
 from kommo_assets.definitions import defs
+from kommo_assets.dev.dagster_dev import REPO_ROOT
 
 JOBS = ("kommo_full_refresh_job", "kommo_dry_run_job")
 SCHEDULES = {"kommo_nightly_dry_run_schedule": dg.DefaultScheduleStatus.RUNNING,
@@ -51,3 +54,28 @@ def test_definitions_validate_without_slack_or_kommo_settings(tmp_path: Path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "All code locations passed validation" in done.stdout + done.stderr
+
+
+def test_the_kommo_reading_assets_are_in_the_pool_that_dagster_yaml_limits_to_one_run():
+    """Job runs and ad-hoc Materialize runs alike wait in the queue while a run that reads Kommo is in
+    progress: the pool is on the staging asset itself, not on a job's tags."""
+    staging = defs.resolve_assets_def(STG_LEADS)
+    assert staging.op.pool == KOMMO_POOL
+    assert all(defs.resolve_assets_def(key).op.pool == KOMMO_POOL for key in STAGING_KEYS)
+    for job in (*[defs.resolve_job_def(name) for name in JOBS], defs.resolve_implicit_global_asset_job_def()):
+        assert KOMMO_POOL in {node.definition.pool for node in job.graph.nodes}, job.name
+
+    config = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
+    assert config["concurrency"]["pools"] == {"default_limit": 1, "granularity": "run"}
+    # the instance accepts the file's queue and concurrency settings together
+    with dg.instance_for_test(overrides={key: config[key] for key in ("run_coordinator", "concurrency")}) as instance:
+        pools = instance.get_concurrency_config().pool_config
+        assert (pools.default_pool_limit, pools.pool_granularity.value) == (1, "run")
+
+
+def test_every_run_executes_in_one_process():
+    """The jobs and the ad-hoc asset job (the UI's Materialize) run in process: the import's owner lock,
+    held by the Postgres resource set up once per run, then spans every step."""
+    assert defs.executor is dg.in_process_executor
+    for job in (*[defs.resolve_job_def(name) for name in JOBS], defs.resolve_implicit_global_asset_job_def()):
+        assert job.executor_def is dg.in_process_executor, job.name

@@ -190,11 +190,12 @@ def test_run_that_ended_with_its_import_open_closes_it(automation_env, database_
                    triggered_by=None, dry_run=True, window=window, max_drop_ratio=0.3)
     run = instance.get_run_by_id(canceled.run_id)
     event = instance.all_logs(canceled.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)[0].dagster_event
-    context = dg.build_run_status_sensor_context(
+    # a context manager, as the daemon opens it: the Postgres resource has a setup (a no-op outside a run)
+    with dg.build_run_status_sensor_context(
         sensor_name="kommo_run_canceled_sensor", dagster_event=event, dagster_instance=instance, dagster_run=run,
         resources={"postgres": PostgresResource(database_url=database_url)},
-    )
-    kommo_run_canceled_sensor(context)
+    ) as context:
+        kommo_run_canceled_sensor(context)
     record = runs.get_run(database_url, canceled.run_id)
     assert record["status"] == "failed"
     assert record["error"] == "Dagster run ended (CANCELED) before the import closed"

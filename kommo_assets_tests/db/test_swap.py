@@ -123,18 +123,6 @@ def test_rows_of_other_channels_are_never_touched(database_url):
     assert fetch_one(database_url, "SELECT archived_at FROM sales_leads WHERE source = 'Website'")[0] is None
 
 
-def test_a_second_running_import_is_refused_and_a_stale_one_is_closed(database_url):
-    first = stage_run(database_url, [(1, 900, 79790637, 11)])
-    with pytest.raises(psycopg.errors.LockNotAvailable, match="another Kommo import is running"):
-        stage_run(database_url, [(1, 900, 79790637, 11)])
-    with psycopg.connect(database_url) as conn:
-        conn.execute("UPDATE kommo_import_runs SET heartbeat_at = now() - interval '1 hour' WHERE id = %s", (first,))
-    second = stage_run(database_url, [(1, 900, 79790637, 11)])
-    closed = runs.get_run(database_url, first)
-    assert closed["status"] == "failed" and "abandoned" in closed["error"]
-    assert runs.get_run(database_url, second)["status"] == "running"
-
-
 def test_a_running_import_whose_owner_is_alive_is_never_closed(database_url):
     first = str(uuid.uuid4())
     with runs.owning(database_url, first):
@@ -146,13 +134,33 @@ def test_a_running_import_whose_owner_is_alive_is_never_closed(database_url):
         with pytest.raises(psycopg.errors.LockNotAvailable, match="another Kommo import is running"):
             stage_run(database_url, [(1, 900, 79790637, 11)])
         assert runs.get_run(database_url, first)["status"] == "running"
-    # the owner let go (its process ended without closing the run): once the grace is over, the next
-    # start closes it
-    with psycopg.connect(database_url) as conn:
-        conn.execute("UPDATE kommo_import_runs SET heartbeat_at = now() - interval '61 seconds' WHERE id = %s",
-                     (first,))
-    stage_run(database_url, [(1, 900, 79790637, 11)])
-    assert "abandoned" in runs.get_run(database_url, first)["error"]
+
+
+def test_the_next_start_closes_an_import_as_soon_as_its_owner_is_gone(database_url):
+    """No grace: the owner holds its lock from before the start until the run ends, so a free lock means
+    the process died (its heartbeat, seconds old, does not matter)."""
+    first = str(uuid.uuid4())
+    with runs.owning(database_url, first):
+        runs.start_run(database_url, run_id=first, dagster_run_id=None, job_name="t", triggered_by=None,
+                       dry_run=False, window=runs.window_for(2025), max_drop_ratio=0.3)
+    # the owner let go (its process ended without closing the run): the very next start closes it
+    second = stage_run(database_url, [(1, 900, 79790637, 11)])
+    closed = runs.get_run(database_url, first)
+    assert closed["status"] == "failed" and "abandoned" in closed["error"]
+    assert runs.get_run(database_url, second)["status"] == "running"
+
+
+def test_the_start_still_accepts_a_grace_and_ignores_it(database_url):
+    """Callers of the old signature keep working: p_grace is accepted, and no grace is given."""
+    first = str(uuid.uuid4())
+    with runs.owning(database_url, first):
+        runs.start_run(database_url, run_id=first, dagster_run_id=None, job_name="t", triggered_by=None,
+                       dry_run=False, window=runs.window_for(2025), max_drop_ratio=0.3)
+    second = str(uuid.uuid4())
+    row = fetch_one(database_url, "SELECT status FROM start_kommo_import_run(%s, NULL, 't', NULL, false,"
+                                  " '2025-01-01', '2026-01-01', 0.3, interval '1 hour')", (second,))
+    assert row == ("running",)
+    assert runs.get_run(database_url, first)["status"] == "failed"
 
 
 # --- foreign keys during a bulk load (sql/functions/17_kommo_bulk_load.sql) ------------------------------

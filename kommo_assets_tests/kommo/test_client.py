@@ -1,5 +1,5 @@
 """Tests of the Kommo client facade against the Kommo simulator over real HTTP (nothing is mocked): leads,
-contacts, custom fields, pipelines and the snapshot stream.
+contacts, custom fields and the snapshot stream.
 
 Tests about data and failures run the simulator without its rate limiter and the client at a high
 pace, to stay fast; the pacing tests (test_pacing.py) run both at Kommo's real limits.
@@ -266,7 +266,7 @@ def test_a_number_too_long_for_python_in_a_page_spoils_only_its_lead(sim: KommoS
         staged_lead({**items[1], "id": huge})
 
 
-# --- contacts, fields, pipelines -----------------------------------------------------------------
+# --- contacts, fields ----------------------------------------------------------------------------
 
 
 def test_contact_batches_return_exactly_the_existing_contacts(sim: KommoSimulator) -> None:
@@ -396,7 +396,7 @@ def test_contacts_from_a_server_that_ignores_the_id_filter_are_refused(sim: Komm
         assert list(client.iter_contact_batches([everyone[3]["id"], None, 0])) == [[everyone[3]]]
 
 
-def test_field_enums_custom_fields_and_pipelines(sim: KommoSimulator) -> None:
+def test_field_enums_and_custom_fields(sim: KommoSimulator) -> None:
     with fast_client(sim) as client:
         enums = client.field_enums(VEHICLE_FIELD_ID)
         assert enums == {item["id"]: item["value"] for item in sim.dataset.field(VEHICLE_FIELD_ID)["enums"]}
@@ -404,9 +404,6 @@ def test_field_enums_custom_fields_and_pipelines(sim: KommoSimulator) -> None:
         assert client.get_custom_field(VEHICLE_FIELD_ID)["type"] == "select"
         assert client.get_custom_field(4242) is None
         assert client.field_enums(4242) == {}
-        pipelines = client.get_pipelines()
-        assert pipelines == sim.dataset.pipelines()
-        assert {status["id"] for p in pipelines for status in p["_embedded"]["statuses"]} >= {142, 143}
 
 
 def test_the_token_is_not_in_the_client_repr() -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from kommo_assets.dev.simulator import KommoSimulator, SimulatorConfig
 from kommo_assets.kommo import (
+    VEHICLE_FIELD_ID,
     KommoAuthError,
     KommoError,
     KommoResponseError,
@@ -34,6 +35,9 @@ from kommo_assets_tests.kommo.support import (
 
 pytestmark = pytest.mark.timeout(60)
 
+# One request of the client's own, whose answers the faults below replace.
+FIELD_PATH = f"/api/v4/leads/custom_fields/{VEHICLE_FIELD_ID}"
+
 
 def test_a_json_array_instead_of_an_object_is_a_response_error(sim: KommoSimulator) -> None:
     serve_page(sim, LEADS, 1, [])
@@ -46,14 +50,14 @@ def test_a_json_array_instead_of_an_object_is_a_response_error(sim: KommoSimulat
 def test_a_redirect_is_not_followed(sim: KommoSimulator) -> None:
     sim.add_fault(
         kind="status",
-        path="/api/v4/leads/pipelines",
+        path=FIELD_PATH,
         path_exact=True,
         status=301,
         times=-1,
         headers={"Location": "https://www.kommo.com/"},
     )
     with fast_client(sim) as client, pytest.raises(KommoResponseError) as caught:
-        client.get_pipelines()
+        client.get_custom_field(VEHICLE_FIELD_ID)
     assert "HTTP 301" in str(caught.value) and "KOMMO_BASE_URL" in str(caught.value)
     assert client.stats.requests == 1
 
@@ -81,9 +85,9 @@ def test_a_revoked_token_fails_fast_without_retries(sim: KommoSimulator) -> None
 def test_a_banned_account_raises_an_auth_error() -> None:
     config = SimulatorConfig(leads=10, rate_limit_rps=1.0, ban_after_violations=1)
     with KommoSimulator(config) as simulator, fast_client(simulator, max_rps=50.0) as client:
-        client.get_pipelines()
+        client.get_custom_field(VEHICLE_FIELD_ID)
         with pytest.raises(KommoAuthError) as caught:
-            client.get_pipelines()  # 429 (the violation that bans the account), then 403
+            client.get_custom_field(VEHICLE_FIELD_ID)  # 429 (the violation that bans the account), then 403
     message = str(caught.value)
     assert "HTTP 403" in message and "support" in message and "do not retry" in message
     assert_token_free(caught.value)
@@ -154,14 +158,14 @@ def test_persistent_failure_raises_unavailable_after_the_retries(sim: KommoSimul
 
 
 def test_persistent_timeouts_name_the_timeout(sim: KommoSimulator) -> None:
-    sim.add_fault(kind="slow", path="/api/v4/leads/pipelines", path_exact=True, times=-1, delay_s=0.6)
+    sim.add_fault(kind="slow", path=FIELD_PATH, path_exact=True, times=-1, delay_s=0.6)
     with (
         fast_client(sim, timeout=0.2, max_retries=1) as client,
         pytest.raises(KommoUnavailableError) as caught,
     ):
-        client.get_pipelines()
+        client.get_custom_field(VEHICLE_FIELD_ID)
     assert "no response within 0.2 s" in str(caught.value)
-    assert "GET /api/v4/leads/pipelines after 2 attempts" in str(caught.value)
+    assert f"GET {FIELD_PATH} after 2 attempts" in str(caught.value)
 
 
 def test_an_unexpected_client_error_is_not_retried(sim: KommoSimulator) -> None:
@@ -199,7 +203,7 @@ def test_retries_are_logged_and_the_token_never_is(
         list(client.iter_contact_batches([30_000_001, 30_000_002]))
         sim.dataset.revoke_token()
         with pytest.raises(KommoError):
-            client.get_pipelines()
+            client.get_custom_field(VEHICLE_FIELD_ID)
     ours = [r for r in caplog.records if r.name == "kommo_assets.kommo"]
     assert any(r.levelno == logging.WARNING and "HTTP 500" in r.getMessage() for r in ours)
     assert any(
@@ -231,11 +235,11 @@ def test_a_retry_after_beyond_the_cap_fails_at_once_naming_the_wait(sim: KommoSi
 
 
 def test_a_retry_after_within_the_cap_is_still_waited_out(sim: KommoSimulator) -> None:
-    sim.add_fault(kind="status", path="/api/v4/leads/pipelines", path_exact=True, status=503, times=1,
+    sim.add_fault(kind="status", path=FIELD_PATH, path_exact=True, status=503, times=1,
                   headers={"Retry-After": "1"})
     with fast_client(sim) as client:
         started = time.monotonic()
-        assert client.get_pipelines() == sim.dataset.pipelines()
+        assert client.get_custom_field(VEHICLE_FIELD_ID) == sim.dataset.field(VEHICLE_FIELD_ID)
         assert time.monotonic() - started >= 0.95
         assert client.stats.retries == 1
 
@@ -265,10 +269,10 @@ def test_deeply_nested_json_in_a_page_is_a_response_error_not_a_recursion_error(
 
 
 def test_deeply_nested_json_in_an_error_body_still_names_the_status(sim: KommoSimulator) -> None:
-    sim.add_fault(kind="status", path="/api/v4/leads/pipelines", path_exact=True, status=400, times=-1,
+    sim.add_fault(kind="status", path=FIELD_PATH, path_exact=True, status=400, times=-1,
                   body="[" * DEPTH + "]" * DEPTH, content_type="application/problem+json")
     with fast_client(sim) as client, pytest.raises(KommoResponseError) as caught:
-        client.get_pipelines()
-    expected = "Unexpected HTTP 400 on GET /api/v4/leads/pipelines. Kommo answered. Check KOMMO_BASE_URL"
+        client.get_custom_field(VEHICLE_FIELD_ID)
+    expected = f"Unexpected HTTP 400 on GET {FIELD_PATH}. Kommo answered. Check KOMMO_BASE_URL"
     assert str(caught.value).startswith(expected)
     assert_token_free(caught.value)

@@ -1,7 +1,8 @@
 -- Lifecycle of kommo_import_runs: start (one running import at a time), the drop guard, closing.
 
--- Every step of a live import holds this session advisory lock (key: 90903, hashtext(run id)) on a
--- connection of its own; a killed process or a lost host drops its connections and so the lock.
+-- The process running a live import holds this session advisory lock (key: 90903, hashtext(run id)) on a
+-- connection of its own from before the import starts until the run ends; a killed process or a lost host
+-- drops its connections and so the lock.
 CREATE OR REPLACE FUNCTION kommo_import_run_owner_alive(p_id uuid) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -24,7 +25,9 @@ CREATE FUNCTION start_kommo_import_run(
     p_created_from timestamptz,
     p_created_to timestamptz,
     p_max_drop_ratio numeric,
-    p_grace interval DEFAULT interval '60 seconds'
+    -- Ignored: the owner lock spans the whole run, so an ownerless running import is dead at once. Still
+    -- accepted so callers passing it keep working.
+    p_grace interval DEFAULT NULL
 ) RETURNS kommo_import_runs
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -34,14 +37,14 @@ BEGIN
     -- Serialize starters so the liveness check and the insert see the same picture.
     PERFORM pg_advisory_xact_lock(90901);
     -- An import whose process died (killed, host lost) holds no owner lock any more: close it so it
-    -- never wedges the next run. The grace covers the moment between two steps, when no step holds it.
+    -- never wedges the next run. Its owner took the lock before starting it and holds it until the run
+    -- ends, so there is no moment of a live import without one.
     UPDATE kommo_import_runs r
        SET status = 'failed',
            finished_at = now(),
-           error = format('abandoned: the process running it died (no owner since %s); closed when run %s started',
+           error = format('abandoned: the process running it died (last heartbeat %s); closed when run %s started',
                           r.heartbeat_at, p_id)
      WHERE r.status = 'running'
-       AND r.heartbeat_at < now() - p_grace
        AND NOT kommo_import_run_owner_alive(r.id);
 
     SELECT * INTO v_other FROM kommo_import_runs WHERE status = 'running' LIMIT 1;

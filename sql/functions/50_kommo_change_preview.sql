@@ -121,16 +121,9 @@ BEGIN
      WHERE s.is_booking AND s.vehicle_enum_id IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM vehicles v WHERE v.kommo_vehicle_id = s.vehicle_enum_id);
 
-    -- The counts of the non-blocking checks, by the same rules (the check reads them from the stored
-    -- preview instead of resolving the snapshot once more).
-    SELECT jsonb_build_object(
-               'unmapped_status', count(*) FILTER (WHERE s.is_booking AND m.status_id IS NULL),
-               'booking_without_dates', count(*) FILTER (WHERE s.is_booking AND s.start_at IS NULL),
-               'lead_without_contact', count(*) FILTER (WHERE s.contact_id IS NULL),
-               'vehicles_to_create', (v_vehicles ->> 'create')::int)
-      INTO v_warnings
-      FROM kommo_preview_snapshot s
-      LEFT JOIN kommo_status_map m ON m.status_id = s.status_id;
+    -- The counts of the non-blocking checks (sql/functions/55_kommo_staging_warnings.sql), stored with
+    -- the preview for the checks to read.
+    v_warnings := kommo_staging_warnings(p_run_id, (v_vehicles ->> 'create')::int);
 
     v_samples := jsonb_build_object(
         'bookings_add', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
