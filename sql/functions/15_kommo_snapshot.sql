@@ -102,7 +102,8 @@ LANGUAGE sql STABLE AS $$
                    coalesce(nullif(c.name, ''), t.name) AS name,
                    coalesce(nullif(c.phone, ''), t.phone) AS phone,
                    coalesce(nullif(c.email, ''), t.email) AS email,
-                   c.contact_id IN (SELECT s.contact_id FROM kommo_snapshot(p_run_id) s) AS linked
+                   c.contact_id IN (SELECT s.contact_id FROM kommo_snapshot(p_run_id) s
+                                     WHERE s.contact_id IS NOT NULL) AS linked
               FROM stg_kommo_contacts c
               LEFT JOIN clients t ON t.kommo_contact_id = c.contact_id
              WHERE c.run_id = p_run_id) x
