@@ -367,3 +367,14 @@ def test_the_refresh_button_is_not_held_by_an_increment(database_url):
     with psycopg.connect(database_url) as conn:
         answer = conn.execute("SELECT accepted FROM request_kommo_refresh(%s, NULL)", (staff,)).fetchone()
     assert answer == (True,)
+
+
+def test_staging_retention_prunes_an_increments_removals(database_url):
+    old = stage_increment(database_url, [(1, 900, 79790637, 11)], removals=[2])
+    runs.close_run(database_url, old, "failed", "test")
+    recent = stage_increment(database_url, removals=[3])
+    runs.close_run(database_url, recent, "failed", "test")
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE kommo_import_runs SET finished_at = now() - interval '40 days' WHERE id = %s", (old,))
+    assert runs.prune_staging(database_url, succeeded_days=7, failed_days=30)["runs"] == 1
+    assert fetch_all(database_url, "SELECT run_id::text, lead_id FROM stg_kommo_lead_removals") == [(recent, 3)]
