@@ -150,19 +150,6 @@ def test_the_next_start_closes_an_import_as_soon_as_its_owner_is_gone(database_u
     assert runs.get_run(database_url, second)["status"] == "running"
 
 
-def test_the_start_still_accepts_a_grace_and_ignores_it(database_url):
-    """Callers of the old signature keep working: p_grace is accepted, and no grace is given."""
-    first = str(uuid.uuid4())
-    with runs.owning(database_url, first):
-        runs.start_run(database_url, run_id=first, dagster_run_id=None, job_name="t", triggered_by=None,
-                       dry_run=False, window=runs.window_for(2025), max_drop_ratio=0.3)
-    second = str(uuid.uuid4())
-    row = fetch_one(database_url, "SELECT status FROM start_kommo_import_run(%s, NULL, 't', NULL, false,"
-                                  " '2025-01-01', '2026-01-01', 0.3, interval '1 hour')", (second,))
-    assert row == ("running",)
-    assert runs.get_run(database_url, first)["status"] == "failed"
-
-
 # --- foreign keys during a bulk load (sql/functions/17_kommo_bulk_load.sql) ------------------------------
 
 FOREIGN_KEYS = """
