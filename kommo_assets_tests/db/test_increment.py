@@ -309,15 +309,19 @@ def test_the_first_kommo_clock_of_a_run_stays(database_url):
 # --- one import at a time, and the kinds kept apart -------------------------------------------------------
 
 def test_an_increment_and_a_full_refresh_never_run_together(database_url):
+    """While a live import's owner holds its lock (a Dagster run holds it for the whole run), no other
+    import of either kind starts."""
     url = database_url
     refresh = stage_run(url, LEADS, CONTACTS)
-    with pytest.raises(psycopg.errors.LockNotAvailable, match="another Kommo import is running"):
-        stage_increment(url)
-    runs.swap(url, refresh)
+    with runs.owning(url, refresh):
+        with pytest.raises(psycopg.errors.LockNotAvailable, match="another Kommo import is running"):
+            stage_increment(url)
+        runs.swap(url, refresh)
     inc = stage_increment(url, [(1, 900, 79790640, 11)])
-    with pytest.raises(psycopg.errors.LockNotAvailable, match="another Kommo import is running"):
-        stage_run(url, LEADS, CONTACTS)
-    apply(url, inc, CLOCK)
+    with runs.owning(url, inc):
+        with pytest.raises(psycopg.errors.LockNotAvailable, match="another Kommo import is running"):
+            stage_run(url, LEADS, CONTACTS)
+        apply(url, inc, CLOCK)
     stage_run(url, LEADS, CONTACTS)
 
 

@@ -21,7 +21,7 @@ DROP FUNCTION IF EXISTS start_kommo_import_run(uuid, text, text, text, boolean, 
 -- versions took a grace interval: the owner lock now spans the whole run, so none is needed.)
 DROP FUNCTION IF EXISTS start_kommo_import_run(uuid, text, text, text, boolean, timestamptz, timestamptz,
                                                numeric, interval, text);
-CREATE FUNCTION start_kommo_import_run(
+CREATE OR REPLACE FUNCTION start_kommo_import_run(
     p_id uuid,
     p_dagster_run_id text,
     p_job_name text,
