@@ -4,7 +4,6 @@ it go when the run ends. Sensors and schedules, which are no run, take none."""
 
 import dagster as dg
 
-from kommo_assets.db.runs import OWNER_LOCK_CLASS
 from kommo_assets.definitions import defs
 from kommo_assets.resources.postgres import PostgresResource, import_run_id
 from kommo_assets_tests.helpers import fetch_all, fetch_one
@@ -12,12 +11,13 @@ from kommo_assets_tests.helpers import fetch_all, fetch_one
 OWNERS_SQL = """
 SELECT l.pid, a.application_name
   FROM pg_locks l JOIN pg_stat_activity a USING (pid)
- WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = hashtext(%s)::oid
+ WHERE l.locktype = 'advisory' AND l.granted AND l.classid = kommo_lock_key('import_owner')
+   AND l.objid = hashtext(%s)::oid
 """
 
 
 def _owners(url: str, run_id: str) -> list[tuple]:
-    return fetch_all(url, OWNERS_SQL, (OWNER_LOCK_CLASS, run_id))
+    return fetch_all(url, OWNERS_SQL, (run_id,))
 
 
 def test_one_session_holds_the_owner_lock_from_the_first_step_to_the_last(database_url):
@@ -56,8 +56,8 @@ def test_resources_built_outside_a_run_take_no_owner_lock(database_url):
     with dg.build_resources({"postgres": PostgresResource(database_url=database_url)}) as resources:
         with resources.postgres.connect() as conn:
             conn.execute("SELECT 1")
-        held = fetch_one(database_url, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s",
-                         (OWNER_LOCK_CLASS,))[0]
+        held = fetch_one(database_url, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                         " AND classid = kommo_lock_key('import_owner')")[0]
     assert held == 0
 
 

@@ -65,8 +65,6 @@ def safe_error(exc: BaseException | str, secrets: str | Iterable[str | None] | N
     return redact(text, secrets)[:ERROR_MAX_CHARS]
 
 
-OWNER_LOCK_CLASS = 90903  # pg_advisory_lock(90903, hashtext(run id)): held by the process running the import
-
 # Settings of the owner's session, each applied where the server knows it. The session sits idle for the whole
 # run: a server-wide idle_session_timeout must not end it (and so the lock) mid-run; and a host lost without
 # closing its connection is noticed by the server's TCP keepalives within about a minute, not the OS's hours.
@@ -163,7 +161,7 @@ class ImportRuns:
 
     def close(self, run_id: str, status: str, error: str | None) -> bool:
         """Closes a running import with an already safe ``error``; False when it was already closed."""
-        return self.conn.execute("SELECT close_kommo_import_run(%s::uuid, %s::text, %s::text)",
+        return self.conn.execute("SELECT finish_kommo_import_run(%s::uuid, %s::text, %s::text)",
                                  (run_id, status, error)).fetchone()[0]
 
     def get(self, run_id: str) -> dict[str, Any] | None:
@@ -189,7 +187,7 @@ class OwnerLock:
         conn = connect(self.database_url, autocommit=True, application_name=f"{APPLICATION_NAME} owner")
         try:
             conn.execute(_OWNER_SESSION_SQL)
-            conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (OWNER_LOCK_CLASS, self.run_id))
+            conn.execute("SELECT pg_advisory_lock(kommo_lock_key('import_owner'), hashtext(%s))", (self.run_id,))
         except BaseException:
             conn.close()
             raise

@@ -1,9 +1,11 @@
+import re
 import threading
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from kommo_assets.db.migrate import MigrationError, migrate, sql_dir
+from kommo_assets.db.migrate import MIGRATE_LOCK_KEY, MigrationError, migrate, sql_dir
 from kommo_assets_tests.helpers import fetch_all, fetch_one
 
 
@@ -63,3 +65,28 @@ def test_a_failing_migration_applies_nothing_of_itself(empty_database_url, tmp_p
     tables = {r[0] for r in fetch_all(empty_database_url, "SELECT tablename FROM pg_tables WHERE schemaname='public'")}
     assert "ok" in tables and "half" not in tables
     assert fetch_all(empty_database_url, "SELECT version FROM schema_migrations") == [("0001_ok",)]
+
+
+def test_advisory_lock_keys_are_named_once_and_an_unknown_name_is_refused(database_url):
+    keys = fetch_all(database_url, "SELECT kommo_lock_key(n) FROM unnest(ARRAY['import_start', 'swap',"
+                                   " 'import_owner', 'refresh_request']) AS n")
+    assert len({k for (k,) in keys}) == 4 and MIGRATE_LOCK_KEY not in {k for (k,) in keys}
+    with pytest.raises(psycopg.errors.RaiseException, match="no Kommo advisory lock is named swpa"):
+        fetch_all(database_url, "SELECT kommo_lock_key('swpa')")
+    # no function or module spells a key as a bare number any more
+    bare = re.compile(r"\b909\d\d\b")
+    roots = [sql_dir() / "functions", Path(__file__).resolve().parents[2] / "kommo_assets"]
+    spelled = [str(path) for root in roots for path in root.rglob("*.*") if path.suffix in (".sql", ".py")
+               and path.name not in ("05_kommo_lock_keys.sql", "migrate.py") and bare.search(path.read_text())]
+    assert spelled == []
+
+
+def test_finish_kommo_import_run_closes_a_run_and_the_old_name_still_works(database_url):
+    for name, run_id in (("finish_kommo_import_run", "00000000-0000-0000-0000-000000000001"),
+                         ("close_kommo_import_run", "00000000-0000-0000-0000-000000000002")):
+        fetch_one(database_url, "INSERT INTO kommo_import_runs (id, dry_run, created_from, created_to)"
+                                " VALUES (%s, false, '2025-01-01Z', '2026-01-01Z') RETURNING id", (run_id,))
+        assert fetch_one(database_url, f"SELECT {name}(%s, 'failed', 'killed by operator')", (run_id,)) == (True,)
+        assert fetch_one(database_url, "SELECT status, error, finished_at IS NOT NULL FROM kommo_import_runs"
+                                       " WHERE id = %s", (run_id,)) == ("failed", "killed by operator", True)
+        assert fetch_one(database_url, f"SELECT {name}(%s, 'succeeded', NULL)", (run_id,)) == (False,)

@@ -1,13 +1,13 @@
 -- Lifecycle of kommo_import_runs: start (one running import at a time), the drop guard, closing.
 
--- The process running a live import holds this session advisory lock (key: 90903, hashtext(run id)) on a
+-- The process running a live import holds this session advisory lock (kommo_lock_key('import_owner'), hashtext(run id)) on a
 -- connection of its own from before the import starts until the run ends; a killed process or a lost host
 -- drops its connections and so the lock.
 CREATE OR REPLACE FUNCTION kommo_import_run_owner_alive(p_id uuid) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF pg_try_advisory_lock(90903, hashtext(p_id::text)) THEN
-        PERFORM pg_advisory_unlock(90903, hashtext(p_id::text));
+    IF pg_try_advisory_lock(kommo_lock_key('import_owner'), hashtext(p_id::text)) THEN
+        PERFORM pg_advisory_unlock(kommo_lock_key('import_owner'), hashtext(p_id::text));
         RETURN false;
     END IF;
     RETURN true;
@@ -38,7 +38,7 @@ DECLARE
     v_run kommo_import_runs;
 BEGIN
     -- Serialize starters so the liveness check and the insert see the same picture.
-    PERFORM pg_advisory_xact_lock(90901);
+    PERFORM pg_advisory_xact_lock(kommo_lock_key('import_start'));
     -- An import whose process died (killed, host lost) holds no owner lock any more: close it so it
     -- never wedges the next run. Its owner took the lock before starting it and holds it until the run
     -- ends, so there is no moment of a live import without one.
@@ -68,8 +68,10 @@ BEGIN
 END;
 $$;
 
--- Closes a running import as failed or needs_review; a no-op on an already closed one.
-CREATE OR REPLACE FUNCTION close_kommo_import_run(p_id uuid, p_status text, p_error text)
+-- Closes a running import (the seed's finish_kommo_import_run): its status (succeeded, failed or
+-- needs_review), finished_at and error; a no-op on an already closed one. The owner lock is the run's
+-- process's own (session lock), released when its run ends, so nothing else is unlocked here.
+CREATE OR REPLACE FUNCTION finish_kommo_import_run(p_id uuid, p_status text, p_error text)
 RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -81,6 +83,13 @@ BEGIN
      WHERE id = p_id AND status = 'running';
     RETURN FOUND;
 END;
+$$;
+
+-- The name this function had before finish_kommo_import_run, kept for scripts and runbooks that use it.
+CREATE OR REPLACE FUNCTION close_kommo_import_run(p_id uuid, p_status text, p_error text)
+RETURNS boolean
+LANGUAGE sql AS $$
+    SELECT finish_kommo_import_run(p_id, p_status, p_error)
 $$;
 
 -- The run a step may work on: locked for this transaction; unknown or closed runs are refused.

@@ -27,7 +27,7 @@
 -- removals may touch: the import's own rows of [p_from, p_to) (kommo_owned), and when p_codes is given
 -- only those among them whose code is in p_codes ('-infinity' to 'infinity' and the codes: an increment).
 -- Upserts only ever touch the snapshot's codes, which are in scope either way. The caller holds the
--- swap's lock (90902), has checked the run and turned the Zoho outbox off; it owns the transaction.
+-- swap's lock (kommo_lock_key('swap')), has checked the run and turned the Zoho outbox off; it owns the transaction.
 -- The scope is written "p_codes IS NULL OR code = ANY (p_codes)": planned with the actual values
 -- (plan_cache_mode below), a window folds it away and keeps the partial indexes of kommo_owned, and an
 -- increment's codes become index lookups on the code.
@@ -59,7 +59,7 @@ DECLARE
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_locks
                     WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
-                      AND classid = 0 AND objid = 90902 AND objsubid = 1) THEN
+                      AND classid = 0 AND objid = kommo_lock_key('swap') AND objsubid = 1) THEN
         RAISE EXCEPTION 'kommo_apply_snapshot runs only inside run_kommo_full_refresh or run_kommo_increment';
     END IF;
 
@@ -272,7 +272,7 @@ DECLARE
     v_counts jsonb;
 BEGIN
     -- One swap at a time, across processes and hosts; released at commit or rollback.
-    PERFORM pg_advisory_xact_lock(90902);
+    PERFORM pg_advisory_xact_lock(kommo_lock_key('swap'));
 
     v_run := lock_running_kommo_import_run(p_run_id);
     IF v_run.kind = 'dry_run' THEN

@@ -114,7 +114,7 @@ BEGIN
 
     -- Serialize callers so the look at waiting, running and recent requests and the insert see the same
     -- picture; the unique index kommo_refresh_requests_one_waiting backs this up.
-    PERFORM pg_advisory_xact_lock(90903);
+    PERFORM pg_advisory_xact_lock(kommo_lock_key('refresh_request'));
     SELECT * INTO v_request FROM kommo_refresh_requests r
      WHERE r.status IN ('pending', 'queued', 'running') ORDER BY r.id DESC LIMIT 1;
     IF FOUND THEN

@@ -41,7 +41,7 @@ DECLARE
     v_counts jsonb;
 BEGIN
     -- The swap's lock: one swap at a time, full or incremental; released at commit or rollback.
-    PERFORM pg_advisory_xact_lock(90902);
+    PERFORM pg_advisory_xact_lock(kommo_lock_key('swap'));
 
     v_run := lock_running_kommo_import_run(p_run_id);
     IF v_run.kind <> 'increment' THEN

@@ -1,0 +1,27 @@
+-- The advisory lock keys of the project, named once (besides kommo_assets/db/migrate.py's MIGRATE_LOCK_KEY,
+-- 90900, which migrations take before any of these functions exists):
+--   import_start     start_kommo_import_run: starters one at a time (transaction lock)
+--   swap             run_kommo_full_refresh and run_kommo_increment: one apply at a time (transaction lock)
+--   import_owner     the class of each run's owner lock, pg_advisory_lock(class, hashtext(run id)), held
+--                    by the process running the import for the whole run (session lock)
+--   refresh_request  request_kommo_refresh: the button's callers one at a time (transaction lock)
+-- An unknown name raises: pg_advisory_lock(NULL) would silently lock nothing.
+CREATE OR REPLACE FUNCTION kommo_lock_key(p_name text) RETURNS integer
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN CASE p_name
+               WHEN 'import_start' THEN 90901
+               WHEN 'swap' THEN 90902
+               WHEN 'import_owner' THEN 90903
+               WHEN 'refresh_request' THEN 90904
+               ELSE kommo_unknown_lock_key(p_name)
+           END;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION kommo_unknown_lock_key(p_name text) RETURNS integer
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RAISE EXCEPTION 'no Kommo advisory lock is named %', p_name;
+END;
+$$;
