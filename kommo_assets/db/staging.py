@@ -256,12 +256,13 @@ class StagingWriter:
             self._beat_at = now
             ImportRuns(self.conn).heartbeat(self.run_id)
 
-    def finish(self) -> tuple[int, int, int]:
+    def finish(self, *, keep_unreferenced_contacts: bool = False) -> tuple[int, int, int]:
         """Counts what the run staged and gives the planner statistics of it; returns the counts of
-        leads, contacts and vehicle links."""
+        leads, contacts and vehicle links. ``keep_unreferenced_contacts``: an increment stages contacts
+        for the clients they update, whether or not a staged lead points at them."""
         with self.conn.transaction(), self.conn.cursor() as cur:
             orphans = 0
-            if self.leads_updated:
+            if self.leads_updated and not keep_unreferenced_contacts:
                 # A lead staged twice keeps its newest version, whose main contact may differ: staged
                 # contacts that no staged lead points at any more are dropped.
                 cur.execute(
