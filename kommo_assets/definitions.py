@@ -13,6 +13,7 @@ from kommo_assets.assets.staging import (
 )
 from kommo_assets.automation.request_sensor import kommo_refresh_request_sensor
 from kommo_assets.automation.run_status_sensors import (
+    kommo_drift_alert_sensor,
     kommo_run_canceled_sensor,
     kommo_run_failure_sensor,
     kommo_run_started_sensor,
@@ -37,6 +38,7 @@ defs = dg.Definitions(
         kommo_run_started_sensor,
         kommo_run_succeeded_sensor,
         kommo_run_canceled_sensor,
+        kommo_drift_alert_sensor,
         kommo_run_failure_sensor,
     ],
     resources=build_resources(),

@@ -186,6 +186,12 @@ def record_sync_range(conn: psycopg.Connection, run_id: str, result: IncrementRe
                  (result.sync_from, result.sync_to, run_id))
 
 
+def record_drift(conn: psycopg.Connection, run_id: str, drift: int) -> None:
+    """The dry run's drift (rows a full swap would still change after the increments) on its run record."""
+    conn.execute("UPDATE kommo_import_runs SET stats = stats || jsonb_build_object('drift', %s::int) WHERE id = %s",
+                 (drift, run_id))
+
+
 def record_idle_tick(conn: psycopg.Connection, probe: Probe) -> bool:
     """A probe that found nothing changed since the cursor proves the cursor can move to its clock (less
     the overlap, which later reads must still cover): nothing before that is left to apply. Records it,
@@ -195,11 +201,11 @@ def record_idle_tick(conn: psycopg.Connection, probe: Probe) -> bool:
         return False
     moved_to = max(probe.since, probe.clock - timedelta(seconds=SYNC_OVERLAP_S))
     with conn.transaction():
-        updated = conn.execute(
-            "UPDATE kommo_sync_state SET cursor = greatest(cursor, %s), updated_at = now()", (moved_to,)
-        ).rowcount
-        if not updated:
-            conn.execute("INSERT INTO kommo_sync_state (cursor, updated_at) VALUES (%s, now())", (moved_to,))
+        conn.execute(
+            "INSERT INTO kommo_sync_state AS s (cursor, updated_at) VALUES (%s, now()) ON CONFLICT (singleton)"
+            " DO UPDATE SET cursor = greatest(s.cursor, EXCLUDED.cursor), updated_at = EXCLUDED.updated_at",
+            (moved_to,),
+        )
     return True
 
 

@@ -145,6 +145,7 @@ class StagingResult:
     contacts_requested: int = 0
     skipped: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    kommo_clock: datetime | None = None  # Kommo's clock at the export's first answer (its Date header)
 
     def as_metadata(self) -> dict:
         return {
@@ -363,6 +364,7 @@ def _stage(conn: psycopg.Connection, run_id: str, client: KommoClient, created_f
             if on_progress:
                 on_progress(phase, result)
         result.contacts_requested = stream.contacts_requested
+    result.kommo_clock = client.kommo_clock
     result.leads, result.contacts, result.vehicle_links = writer.finish()
     result.seconds = time.monotonic() - started
     return result
