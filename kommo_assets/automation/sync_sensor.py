@@ -3,8 +3,8 @@
 
 A tick asks nothing while the live flag is off, while any Kommo import (a refresh, a dry run or an
 increment) runs or waits in the queue, or while the last increment stopped as ``needs_review`` or keeps
-failing. Otherwise it probes with at most 3 one-item requests; a probe that finds nothing moves the cursor
-up to Kommo's clock (less the overlap) and so counts as a sync for the freshness check. Every tick also
+failing. Otherwise it probes with at most 3 one-item requests; a probe that finds nothing is recorded
+(``kommo_sync_state.updated_at``) and so counts as a sync for the freshness check. Every tick also
 reports the ``bookings_fresh`` check when its verdict changes, and at least every half freshness period.
 """
 

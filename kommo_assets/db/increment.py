@@ -193,18 +193,17 @@ def record_drift(conn: psycopg.Connection, run_id: str, drift: int) -> None:
 
 
 def record_idle_tick(conn: psycopg.Connection, probe: Probe) -> bool:
-    """A probe that found nothing changed since the cursor proves the cursor can move to its clock (less
-    the overlap, which later reads must still cover): nothing before that is left to apply. Records it,
-    with the time, in ``kommo_sync_state``; that is what keeps an idle day fresh. False when there was no
-    clock to move to."""
-    if probe.clock is None or probe.anything:
+    """A probe that found nothing changed since the cursor proves production was up to date when it asked:
+    that is recorded as ``kommo_sync_state.updated_at`` (what keeps an idle day fresh). The cursor stays
+    where it is, so a change a spurious empty answer hid is found by the next tick. False when the probe
+    found a change."""
+    if probe.anything:
         return False
-    moved_to = max(probe.since, probe.clock - timedelta(seconds=SYNC_OVERLAP_S))
     with conn.transaction():
         conn.execute(
             "INSERT INTO kommo_sync_state AS s (cursor, updated_at) VALUES (%s, now()) ON CONFLICT (singleton)"
-            " DO UPDATE SET cursor = greatest(s.cursor, EXCLUDED.cursor), updated_at = EXCLUDED.updated_at",
-            (moved_to,),
+            " DO UPDATE SET updated_at = EXCLUDED.updated_at",
+            (probe.since,),
         )
     return True
 
