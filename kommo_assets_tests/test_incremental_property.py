@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
@@ -102,7 +102,9 @@ def fresh_pair(pg_admin_url, template_url):
         _drop_database(pg_admin_url, name)
 
 
+# No shrinking: each example takes about a second, and a failing sequence is short enough to read as drawn.
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, print_blob=True,
+          phases=(Phase.explicit, Phase.reuse, Phase.generate),
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(sequence=batches, seed=st.integers(1, 50))
 def test_syncs_after_each_batch_equal_a_full_refresh(sequence, seed, pg_admin_url, fresh_pair):
