@@ -63,12 +63,18 @@ def increment(url: str, sim, max_deactivations: int = 1_000_000, years: tuple[in
 
 PRODUCTION_QUERIES = {
     # Clients are never deleted: one an increment added for a lead deleted later stays, unreferenced, where a
-    # single later refresh never saw it. Compared: the clients some Kommo row points at.
+    # single later refresh never saw it. Compared: the clients some live Kommo row points at.
     "clients": """
         SELECT c.kommo_contact_id, c.name, c.phone, c.email FROM clients c
          WHERE EXISTS (SELECT 1 FROM sales_leads s WHERE s.client_id = c.id AND s.archived_at IS NULL)
             OR EXISTS (SELECT 1 FROM bookings b WHERE b.client_id = c.id AND b.is_active)""",
-    "vehicles": "SELECT kommo_vehicle_id, name FROM vehicles",
+    # Vehicles are never deleted either: one created for a lead deleted later stays. Compared: those an
+    # active booking uses.
+    "vehicles": """
+        SELECT v.kommo_vehicle_id, v.name FROM vehicles v
+         WHERE EXISTS (SELECT 1 FROM bookings b WHERE b.vehicle_id = v.id AND b.is_active)
+            OR EXISTS (SELECT 1 FROM booking_vehicles bv JOIN bookings b ON b.id = bv.booking_id
+                        WHERE bv.vehicle_id = v.id AND b.is_active)""",
     # An archived sales lead or a deactivated booking keeps what it held when it left: after increments,
     # its last state; after one refresh, its state before. Compared: that it left.
     "sales_leads": """
