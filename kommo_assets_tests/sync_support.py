@@ -20,44 +20,38 @@ def fast_client(sim) -> KommoClient:
 
 
 def full_refresh(url: str, sim, year: int = YEAR) -> dict:
-    """A full refresh of ``year`` as the assets run it: start, stage (with Kommo's clock), guard, swap."""
+    """A full refresh of ``year`` as the assets run it: start, stage (with Kommo's clock), guard, swap; on one
+    autocommit connection, each step its own transaction as in the assets."""
     run_id = str(uuid.uuid4())
     window = window_for(year)
-    with connect(url) as conn:
-        ImportRuns(conn).start(run_id=run_id, dagster_run_id=None, job_name="test", triggered_by=None,
-                               dry_run=False, window=window, max_drop_ratio=1.0)
-    with fast_client(sim) as client, connect(url) as conn:
-        result = stage_snapshot(conn, run_id, client, window.created_from, window.created_to)
-    with connect(url) as conn:
+    with fast_client(sim) as client, connect(url, autocommit=True) as conn:
         runs = ImportRuns(conn)
-        runs.mark_staged(run_id, result.as_metadata())
-        runs.set_kommo_clock(run_id, result.kommo_clock)
-    with connect(url) as conn:
-        verdict = ImportRuns(conn).drop_guard(run_id)
-    assert verdict["passed"], verdict
-    with connect(url) as conn:
-        return ImportRuns(conn).swap(run_id)
+        runs.start(run_id=run_id, dagster_run_id=None, job_name="test", triggered_by=None, dry_run=False,
+                   window=window, max_drop_ratio=1.0)
+        result = stage_snapshot(conn, run_id, client, window.created_from, window.created_to)
+        with conn.transaction():
+            runs.mark_staged(run_id, result.as_metadata())
+            runs.set_kommo_clock(run_id, result.kommo_clock)
+        verdict = runs.drop_guard(run_id)
+        assert verdict["passed"], verdict
+        return runs.swap(run_id)
 
 
 def increment(url: str, sim, max_deactivations: int = 1_000_000, years: tuple[int, ...] = (YEAR,)) -> dict:
     """One incremental sync as the asset runs it; returns the apply's counts plus the run id."""
     run_id = str(uuid.uuid4())
-    with connect(url) as conn:
+    with fast_client(sim) as client, connect(url, autocommit=True) as conn:
         runs = ImportRuns(conn)
         runs.start(run_id=run_id, dagster_run_id=None, job_name="test", triggered_by=None, kind="increment",
                    max_drop_ratio=0)
-    with connect(url) as conn:
-        cursor = ImportRuns(conn).sync_cursor()
-    assert cursor is not None
-    with fast_client(sim) as client, connect(url) as conn:
+        cursor = runs.sync_cursor()
+        assert cursor is not None
         result = stage_increment(conn, run_id, client, cursor, [window_for(y) for y in years])
-    with connect(url) as conn:
-        runs = ImportRuns(conn)
-        runs.mark_staged(run_id, result.as_metadata())
-        runs.set_kommo_clock(run_id, result.sync_to)
-        record_sync_range(conn, run_id, result)
-    with connect(url) as conn:
-        counts = ImportRuns(conn).apply_increment(run_id, result.sync_to, max_deactivations)
+        with conn.transaction():
+            runs.mark_staged(run_id, result.as_metadata())
+            runs.set_kommo_clock(run_id, result.sync_to)
+            record_sync_range(conn, run_id, result)
+        counts = runs.apply_increment(run_id, result.sync_to, max_deactivations)
     return {**counts, "run_id": run_id}
 
 

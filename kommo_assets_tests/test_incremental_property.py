@@ -80,7 +80,9 @@ def _copy_database(admin_url: str, source_url: str) -> tuple[str, str]:
     name = f"kommo_test_{uuid.uuid4().hex[:12]}"
     source = psycopg.conninfo.conninfo_to_dict(source_url)["dbname"]
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(source)))
+        # FILE_COPY: a copy of a small database in a fraction of the time WAL_LOG takes (the server is throwaway).
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(
+            sql.Identifier(name), sql.Identifier(source)))
     return name, psycopg.conninfo.make_conninfo(admin_url, dbname=name)
 
 
