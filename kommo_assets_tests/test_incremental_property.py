@@ -46,7 +46,9 @@ def _apply(sim: KommoSimulator, op: tuple) -> None:
     """Applies one drawn mutation, its indices taken modulo what exists now."""
     ds = sim.dataset
     leads = [lead for lead in ds.iter_leads()]
-    contacts = sorted({c["id"] for lead in leads for c in lead["_embedded"].get("contacts") or []})
+    # The generated account has leads pointing at contacts that do not exist (as Kommo can): not picked.
+    contacts = sorted({c["id"] for lead in leads for c in lead["_embedded"].get("contacts") or []
+                       if ds.contact(c["id"]) is not None})
     vehicles = [e["id"] for e in ds.field(1234163)["enums"]]
     kind = op[0]
     if kind == "create":

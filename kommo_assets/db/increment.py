@@ -37,16 +37,30 @@ log = logging.getLogger(__name__)
 
 SYNC_OVERLAP_S = 5
 
+# Leads found deleted leave the run's staging (listed before the events said so), and those production
+# holds become removals.
 _STAGE_REMOVALS = """
 WITH removed AS (
     INSERT INTO stg_kommo_lead_removals (run_id, lead_id, reason)
-    SELECT %(r)s, unnest(%(ids)s::bigint[]), 'deleted'
+    SELECT %(r)s, unnest(%(removals)s::bigint[]), 'deleted'
     ON CONFLICT (run_id, lead_id) DO NOTHING
     RETURNING lead_id
 ), unlinked AS (
     DELETE FROM stg_kommo_booking_vehicles WHERE run_id = %(r)s AND lead_id = ANY(%(ids)s::bigint[])
 )
 DELETE FROM stg_kommo_leads WHERE run_id = %(r)s AND lead_id = ANY(%(ids)s::bigint[])
+"""
+# Of the deleted leads, those production holds in one of the sync's windows (kommo_owned: the one definition
+# of which rows a window's import may retire); a deleted lead of another year is left, as its own year's
+# refresh would leave it to that refresh.
+_REMOVABLE = """
+SELECT DISTINCT l.id FROM unnest(%(ids)s::bigint[]) AS l(id)
+  JOIN unnest(%(froms)s::timestamptz[], %(tos)s::timestamptz[]) AS w(created_from, created_to) ON true
+ WHERE EXISTS (SELECT 1 FROM sales_leads s WHERE s.lead_code = 'kommo:' || l.id
+                  AND kommo_owned(s.lead_code, s.kommo_created_at, w.created_from, w.created_to))
+    OR EXISTS (SELECT 1 FROM bookings b WHERE b.source_payload_id = 'kommo:' || l.id
+                  AND kommo_owned(b.source_payload_id, b.kommo_created_at, w.created_from, w.created_to))
+ ORDER BY 1
 """
 _CLIENT_CONTACTS = "SELECT kommo_contact_id FROM clients WHERE kommo_contact_id = ANY(%s::bigint[])"
 
@@ -133,11 +147,13 @@ def stage_increment(
             on_progress("leads", result)
 
     events = tracker.lead_events(since)
-    removed = sorted(lead_id for lead_id, event in events.items() if event.type == LEAD_DELETED)
-    result.restored = len(events) - len(removed)
-    if removed:
+    deleted = sorted(lead_id for lead_id, event in events.items() if event.type == LEAD_DELETED)
+    result.restored = len(events) - len(deleted)
+    removed = _removable(conn, deleted, windows)
+    result.skipped["deleted_outside_windows"] += len(deleted) - len(removed)
+    if deleted:
         with conn.transaction():
-            conn.execute(_STAGE_REMOVALS, {"r": run_id, "ids": removed})
+            conn.execute(_STAGE_REMOVALS, {"r": run_id, "ids": deleted, "removals": removed})
     result.removals = len(removed)
 
     changed_contacts: dict[int, dict] = {}
@@ -163,6 +179,14 @@ def stage_increment(
                                        (run_id,)).fetchone()
     result.seconds = time.monotonic() - started
     return result
+
+
+def _removable(conn: psycopg.Connection, lead_ids: list[int], windows: Sequence[Window]) -> list[int]:
+    if not lead_ids:
+        return []
+    params = {"ids": lead_ids, "froms": [w.created_from for w in windows], "tos": [w.created_to for w in windows]}
+    with conn.transaction():
+        return [row[0] for row in conn.execute(_REMOVABLE, params).fetchall()]
 
 
 def _existing_clients(conn: psycopg.Connection, contact_ids: list[int]) -> set[int]:
