@@ -17,6 +17,7 @@ from kommo_assets import settings
 from kommo_assets.assets.common import REFRESH_TAG
 from kommo_assets.assets.increment import freshness
 from kommo_assets.db import increment
+from kommo_assets.db.runs import ImportRuns
 from kommo_assets.jobs import kommo_incremental_sync_job
 from kommo_assets.resources.kommo import KommoResource
 from kommo_assets.resources.postgres import PostgresResource
@@ -43,8 +44,8 @@ def active_kommo_run(instance: dg.DagsterInstance) -> dg.DagsterRun | None:
     return records[0].dagster_run if records else None
 
 
-def _freshness_events(context: dg.SensorEvaluationContext, postgres: PostgresResource,
-                      minutes: float, state: dict, now: float) -> list:
+def _freshness_events(postgres: PostgresResource, minutes: float, state: dict, now: float) -> list:
+    """The bookings_fresh verdict, when it changed or was last reported half a freshness period ago."""
     verdict = freshness(postgres, minutes)
     due = state.get("fresh") is not verdict.passed or now - state.get("reported_at", 0) >= minutes * 30
     if not due:
@@ -73,7 +74,7 @@ def kommo_incremental_sync_sensor(
     now = time.time()
 
     def result(skip: str | None = None, runs: list | None = None) -> dg.SensorResult:
-        events = _freshness_events(context, postgres, kommo_sync.freshness_minutes, state, now)
+        events = _freshness_events(postgres, kommo_sync.freshness_minutes, state, now)
         return dg.SensorResult(run_requests=runs or [], skip_reason=dg.SkipReason(skip) if skip else None,
                                asset_events=events, cursor=json.dumps(state, sort_keys=True))
 
@@ -85,8 +86,7 @@ def kommo_incremental_sync_sensor(
     with postgres.connect() as conn:
         running = increment.import_running(conn)
         hold = None if running else increment.sync_hold(conn, float(settings.sync_interval_seconds()))
-        with postgres.import_runs() as import_runs:
-            cursor = import_runs.sync_cursor()
+        cursor = ImportRuns(conn).sync_cursor()
     if running:
         return result(f"Kommo import {running} is running: Kommo is not asked meanwhile")
     if hold:
