@@ -70,3 +70,13 @@ def preview_markdown(preview: dict[str, Any] | None) -> str:
                   "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(_cell(row.get(col)) for col in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def drift_count(preview: dict[str, Any] | None) -> int:
+    """How many production rows a swap of this preview would change (add, update, archive, deactivate,
+    create): for the nightly dry run, the drift the incremental syncs left, which should be 0."""
+    if not preview:
+        return 0
+    b, c, v, s = preview["bookings"], preview["clients"], preview["vehicles"], preview["sales_leads"]
+    return int(b["add"] + b["update"] + b["deactivate"] + c["add"] + c["update"] + v["create"]
+               + s["add"] + s["update"] + s["archive"])

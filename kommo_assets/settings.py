@@ -156,3 +156,24 @@ def request_cooldown_minutes(env: Mapping[str, str] | None = None) -> float:
         raise ConfigError(f"KOMMO_REQUEST_COOLDOWN_MINUTES must be a finite number of minutes, 0 or more, "
                           f"got {raw!r}")
     return value
+
+
+# --- the incremental sync ----------------------------------------------------------------------------
+
+DEFAULT_SYNC_INTERVAL_SECONDS = 60
+
+
+def sync_interval_seconds(env: Mapping[str, str] | None = None) -> int:
+    """``KOMMO_SYNC_INTERVAL_SECONDS`` (default 60): how often the incremental sync's sensor asks Kommo
+    whether anything changed. Needed when the definitions load, as the schedules' crons are."""
+    env = os.environ if env is None else env
+    raw = env.get("KOMMO_SYNC_INTERVAL_SECONDS", "").strip()
+    if not raw:
+        return DEFAULT_SYNC_INTERVAL_SECONDS
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"KOMMO_SYNC_INTERVAL_SECONDS must be a whole number of seconds, got {raw!r}") from None
+    if value < 1:
+        raise ConfigError(f"KOMMO_SYNC_INTERVAL_SECONDS must be at least 1, got {raw!r}")
+    return value

@@ -15,6 +15,7 @@ from kommo_assets.settings import ConfigError, require_live
 KOMMO_GROUP = "kommo"
 FULL_REFRESH_JOB = "kommo_full_refresh_job"
 DRY_RUN_JOB = "kommo_dry_run_job"
+INCREMENTAL_SYNC_JOB = "kommo_incremental_sync_job"
 REQUESTED_BY_TAG = "kommo/requested_by"
 REQUEST_ID_TAG = "kommo/request_id"
 REFRESH_TAG = "kommo/refresh"

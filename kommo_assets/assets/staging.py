@@ -18,9 +18,10 @@ from kommo_assets.assets.common import (
     ensure_live,
     working_on_run,
 )
+from kommo_assets.db.increment import record_drift
 from kommo_assets.db.runs import window_for
 from kommo_assets.db.staging import stage_snapshot
-from kommo_assets.reporting import preview_markdown, preview_summary
+from kommo_assets.reporting import drift_count, preview_markdown, preview_summary
 from kommo_assets.resources.kommo import KommoResource
 from kommo_assets.resources.postgres import PostgresResource, import_run_id
 
@@ -89,7 +90,13 @@ def kommo_staging(
             stats = {**result.as_metadata(), "client": asdict(client.stats)}
         with postgres.import_runs() as import_runs:
             import_runs.mark_staged(run_id, stats)
+            # Where the first incremental sync after this refresh starts.
+            import_runs.set_kommo_clock(run_id, result.kommo_clock)
             preview = import_runs.preview(run_id)
+            # A dry run's preview is what the increments have left undone: the drift, which should be 0.
+            drift = drift_count(preview) if record["dry_run"] else None
+            if drift is not None:
+                record_drift(import_runs.conn, run_id, drift)
     context.log.info(f"Change preview of run {run_id}: {preview_summary(preview)}")
 
     common = {
@@ -110,6 +117,7 @@ def kommo_staging(
             "kommo_429s": stats["client"]["throttled_429"],
             "change_preview": dg.MetadataValue.md(preview_markdown(preview)),
             "change_counts": dg.MetadataValue.json({k: v for k, v in preview.items() if k != "samples"}),
+            **({"drift": drift} if drift is not None else {}),
         },
     )
     yield dg.MaterializeResult(

@@ -13,9 +13,9 @@ from typing import Any
 
 import dagster as dg
 
-from kommo_assets.assets.common import REQUEST_ID_TAG, REQUESTED_BY_TAG
+from kommo_assets.assets.common import DRY_RUN_JOB, REQUEST_ID_TAG, REQUESTED_BY_TAG
 from kommo_assets.automation import request_table
-from kommo_assets.automation.slack_alerts import RunAlert, failure_message
+from kommo_assets.automation.slack_alerts import RunAlert, drift_message, failure_message
 from kommo_assets.db import runs
 from kommo_assets.resources.postgres import PostgresResource, import_run_id
 from kommo_assets.resources.slack import KommoSlackResource
@@ -170,3 +170,37 @@ def kommo_run_failure_sensor(
         context.log.info(f"Posted a Slack alert for run {run.run_id}")
     if bookkeeping_error is not None:
         raise bookkeeping_error
+
+
+def drift_of(import_run: dict[str, Any] | None) -> int | None:
+    """The drift a dry run recorded (``stats.drift``); None when it recorded none."""
+    if not import_run or import_run.get("kind", "dry_run") != "dry_run":
+        return None
+    drift = (import_run.get("stats") or {}).get("drift")
+    return None if drift is None else int(drift)
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    name="kommo_drift_alert_sensor",
+    description="When a dry run succeeds with drift (rows a full refresh would still change after the "
+    "incremental syncs) other than 0, posts one Slack message (KOMMO_ENABLE_SLACK_ALERTS).",
+    monitored_jobs=None,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def kommo_drift_alert_sensor(
+    context: dg.RunStatusSensorContext, postgres: PostgresResource, slack: KommoSlackResource
+) -> None:
+    run = context.dagster_run
+    if run.job_name != DRY_RUN_JOB:
+        return
+    with postgres.import_runs() as import_runs:
+        record = import_runs.get(import_run_id(run))
+    drift = drift_of(record)
+    if not drift:
+        context.log.info(f"Dry run {run.run_id}: drift {drift}")
+        return
+    context.log.warning(f"Dry run {run.run_id}: drift {drift} (should be 0)")
+    if slack.enabled:
+        slack.post_message(drift_message(run.run_id, record, drift, slack.webserver_url))
+        context.log.info(f"Posted a Slack drift alert for run {run.run_id}")

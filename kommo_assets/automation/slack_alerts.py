@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kommo_assets.assets.common import DRY_RUN_JOB, FULL_REFRESH_JOB
+from kommo_assets.assets.common import DRY_RUN_JOB, FULL_REFRESH_JOB, INCREMENTAL_SYNC_JOB
 from kommo_assets.kommo.errors import redact
 from kommo_assets.reporting import preview_summary
 
@@ -17,6 +17,11 @@ NEEDS_REVIEW_FIX = (
     "if the drop is real, re-run with a higher max_drop_ratio "
     "(run config `ops.kommo_staging.config.max_drop_ratio`); otherwise look for what hid the leads "
     "(Kommo filters, pipeline permissions, the token's account) before re-running."
+)
+NEEDS_REVIEW_INCREMENT_FIX = (
+    "read the change preview: if the deactivations are real, start kommo_incremental_sync_job with a higher "
+    "KOMMO_SYNC_MAX_DEACTIVATIONS, or run a full refresh; otherwise find what removed the leads in Kommo "
+    "first. Syncs stay stopped until then."
 )
 
 
@@ -46,7 +51,8 @@ def _safe(text: str, secrets: Iterable[str]) -> str:
 
 
 def _subject(job_name: str) -> str:
-    return {FULL_REFRESH_JOB: "Kommo full refresh", DRY_RUN_JOB: "Kommo dry run"}.get(job_name, f"Kommo run {job_name}")
+    return {FULL_REFRESH_JOB: "Kommo full refresh", DRY_RUN_JOB: "Kommo dry run",
+            INCREMENTAL_SYNC_JOB: "Kommo incremental sync"}.get(job_name, f"Kommo run {job_name}")
 
 
 def _ratio(value: Any) -> str:
@@ -58,7 +64,11 @@ def failure_message(alert: RunAlert, webserver_url: str, secrets: Iterable[str] 
     record = alert.import_run or {}
     status = record.get("status")
     subject = _subject(alert.job_name)
-    if status == "needs_review":
+    increment = record.get("kind") == "increment"
+    if status == "needs_review" and increment:
+        lines = [f":warning: *{subject} needs review*: the increment would deactivate more bookings than "
+                 "KOMMO_SYNC_MAX_DEACTIVATIONS; production and the sync cursor were left unchanged."]
+    elif status == "needs_review":
         lines = [f":warning: *{subject} needs review*: the drop guard stopped the run; production was left "
                  "unchanged."]
     else:
@@ -77,7 +87,7 @@ def failure_message(alert: RunAlert, webserver_url: str, secrets: Iterable[str] 
     if record.get("leads_count") is not None:
         lines.append(f"*Counts:* {record['leads_count']} leads, {record.get('contacts_count')} contacts, "
                      f"{record.get('vehicles_count')} vehicle links")
-    if status == "needs_review":
+    if status == "needs_review" and not increment:
         previous = record.get("previous_leads_count")
         lines.append(f"*Drop:* {_ratio(record.get('drop_ratio') or 0)} against the previous {previous} leads "
                      f"(max_drop_ratio {float(record.get('max_drop_ratio') or 0):.2f})")
@@ -89,9 +99,20 @@ def failure_message(alert: RunAlert, webserver_url: str, secrets: Iterable[str] 
     if error:
         lines.append(f"*{'Reason' if status == 'needs_review' else 'Error'}:* {_safe(error, secrets)}")
     if status == "needs_review":
-        lines.append(f"*Fix:* {NEEDS_REVIEW_FIX}")
+        lines.append(f"*Fix:* {NEEDS_REVIEW_INCREMENT_FIX if increment else NEEDS_REVIEW_FIX}")
     if alert.request_id:
         lines.append(f"*Requested by:* {_escape(alert.requested_by or 'unknown')} "
                      f"(refresh request #{_escape(alert.request_id)})")
     lines.append(f"*Run:* <{webserver_url}/runs/{alert.run_id}|{alert.run_id}>")
+    return "\n".join(lines)
+
+
+def drift_message(run_id: str, import_run: dict[str, Any], drift: int, webserver_url: str) -> str:
+    """Slack mrkdwn for a nightly dry run whose preview is not empty: the incremental syncs left drift."""
+    lines = [f":warning: *Kommo drift*: the nightly dry run found {drift} production row(s) a full refresh "
+             "would still change after the incremental syncs; it should be 0.",
+             f"*Change preview:* {_escape(preview_summary(import_run.get('change_preview')))}",
+             "*What to do:* look at the preview's samples in the run; run a full refresh to repair, and report "
+             "what the syncs missed.",
+             f"*Run:* <{webserver_url}/runs/{run_id}|{run_id}>"]
     return "\n".join(lines)

@@ -157,6 +157,7 @@ class StagingResult:
     contacts_requested: int = 0
     skipped: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    kommo_clock: datetime | None = None  # Kommo's clock at the export's first answer (its Date header)
 
     def as_metadata(self) -> dict:
         return {
@@ -264,12 +265,13 @@ class StagingWriter:
             self._beat_at = now
             ImportRuns(self.conn).heartbeat(self.run_id)
 
-    def finish(self) -> tuple[int, int, int]:
+    def finish(self, *, keep_unreferenced_contacts: bool = False) -> tuple[int, int, int]:
         """Counts what the run staged and gives the planner statistics of it; returns the counts of
-        leads, contacts and vehicle links."""
+        leads, contacts and vehicle links. ``keep_unreferenced_contacts``: an increment stages contacts
+        for the clients they update, whether or not a staged lead points at them."""
         with self.conn.transaction(), self.conn.cursor() as cur:
             orphans = 0
-            if self.leads_updated:
+            if self.leads_updated and not keep_unreferenced_contacts:
                 # A lead staged twice keeps its newest version, whose main contact may differ: staged
                 # contacts that no staged lead points at any more are dropped.
                 cur.execute(
@@ -343,6 +345,7 @@ def _stage(conn: psycopg.Connection, run_id: str, client: KommoClient, created_f
             if on_progress:
                 on_progress(phase, result)
         result.contacts_requested = stream.contacts_requested
+    result.kommo_clock = client.kommo_clock
     result.leads, result.contacts, result.vehicle_links = writer.finish()
     result.seconds = time.monotonic() - started
     return result

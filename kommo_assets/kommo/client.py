@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
+from kommo_assets.kommo.changes import ChangeTracker
 from kommo_assets.kommo.contacts import ContactBatch, ContactBatching, distinct_batches, fetch_contacts
 from kommo_assets.kommo.errors import KommoResponseError
 from kommo_assets.kommo.fanout import LEAD_CHAINS, Plan, SnapshotStream, fan_out
@@ -110,6 +111,11 @@ class KommoClient:
     def stats(self) -> ClientStats:
         return self._transport.stats
 
+    @property
+    def kommo_clock(self) -> datetime | None:
+        """Kommo's clock at its first answer to this client (the HTTP ``Date`` header); None before any."""
+        return self._transport.first_answer_date
+
     # --- leads ------------------------------------------------------------------------------------
 
     def iter_lead_pages(
@@ -186,6 +192,13 @@ class KommoClient:
 
     def _fetch_contacts(self, ids: list[int], cancel: threading.Event) -> list[dict]:
         return fetch_contacts(self._transport, ids, self.page_size, cancel)
+
+    # --- change tracking --------------------------------------------------------------------------
+
+    def changes(self) -> ChangeTracker:
+        """What changed since a moment (leads, deletions, contacts, the probe), over this client's pace."""
+        return ChangeTracker(self._transport, page_size=self.page_size, max_in_flight=self.max_in_flight,
+                             lead_paging=self.lead_paging, ask_leads=self._ask_leads)
 
     # --- the whole snapshot -----------------------------------------------------------------------
 

@@ -12,12 +12,14 @@ travel) and bodies that will never read raise :class:`KommoResponseError`.
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import math
 import random
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import requests
@@ -73,6 +75,18 @@ class _Counters:
         self._bytes = 0
         self._first_sent: float | None = None
         self._last_sent = 0.0
+        self.first_date: datetime | None = None
+        self.last_date: datetime | None = None
+
+    def answered(self, date_header: str | None) -> None:
+        """Notes the ``Date`` of an answer: Kommo's clock, which an incremental sync's cursor is taken from."""
+        moment = http_date(date_header)
+        if moment is None:
+            return
+        with self._lock:
+            if self.first_date is None:
+                self.first_date = moment
+            self.last_date = moment if self.last_date is None else max(self.last_date, moment)
 
     def attempt(self, *, status: int | None, nbytes: int, sent_at: float | None) -> None:
         with self._lock:
@@ -108,6 +122,17 @@ class _Counters:
                     0.0 if self._first_sent is None else round(self._last_sent - self._first_sent, 3)
                 ),
             )
+
+
+def http_date(value: str | None) -> datetime | None:
+    """An HTTP ``Date`` header as an aware datetime (UTC), or None when there is none or it cannot be read."""
+    if not value:
+        return None
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 @dataclass(frozen=True)
@@ -158,6 +183,16 @@ class Transport:
     @property
     def stats(self) -> ClientStats:
         return self._counters.snapshot()
+
+    @property
+    def first_answer_date(self) -> datetime | None:
+        """Kommo's clock at its first answer to this transport (its ``Date`` header); None before any."""
+        return self._counters.first_date
+
+    @property
+    def last_answer_date(self) -> datetime | None:
+        """The latest ``Date`` Kommo has answered with so far."""
+        return self._counters.last_date
 
     def get(self, path: str, params: list[tuple[str, str]], *, page: int | None = None,
             cancel: threading.Event | None = None, none_on_404: bool = False) -> dict | None:
@@ -257,6 +292,8 @@ class Transport:
         if status is None:
             return None, b"", failure
         if status < 400:
+            # Only Kommo's own answers set its clock: a 429 or 5xx may come from a proxy in between.
+            self._counters.answered(response.headers.get("Date"))
             self._pacer.recover(RECOVER_FACTOR, quiet_s=RECOVER_QUIET_S)
         return response, content, ""
 

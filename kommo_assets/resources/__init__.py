@@ -12,6 +12,7 @@ from kommo_assets.resources.kommo import KommoResource
 from kommo_assets.resources.postgres import PostgresResource
 from kommo_assets.resources.slack import KommoSlackResource
 from kommo_assets.resources.snapshot import SnapshotExportResource
+from kommo_assets.resources.sync import KommoSyncResource
 from kommo_assets.settings import parse_flag
 
 
@@ -44,6 +45,9 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
         "snapshot_export": SnapshotExportResource(
             **_env_vars(directory="KOMMO_SNAPSHOT_DIR"),
             **_texts(retention_days="KOMMO_SNAPSHOT_RETENTION_DAYS"),
+        ),
+        "kommo_sync": KommoSyncResource(
+            **_texts(max_deactivations="KOMMO_SYNC_MAX_DEACTIVATIONS", freshness_minutes="KOMMO_FRESHNESS_MINUTES"),
         ),
         # Only the run-status sensors use Slack; unset Slack variables leave it unconfigured, not broken.
         "slack": KommoSlackResource(
