@@ -4,12 +4,10 @@ they were, and the next sync applies every change once."""
 
 import subprocess
 import sys
-import time
 
 import psycopg
 import pytest
 
-from kommo_assets.resources.postgres import PostgresResource
 from kommo_assets_tests.helpers import fetch_one, production_checksum, run_job
 from kommo_assets_tests.test_full_refresh import WINDOW
 from kommo_assets_tests.test_kill import kill, refresh_env, wait_until  # noqa: F401 - refresh_env is a fixture
@@ -46,13 +44,12 @@ def _applied(url: str, prices: dict[int, int]) -> bool:
 
 
 def _assert_next_sync_applies_once(url: str, prices: dict[int, int], sim) -> None:
-    time.sleep(1.2)  # past the abandonment grace of the killed run
-    short_grace = PostgresResource(database_url=url, abandoned_grace_seconds=1)
-    result = run_job(SYNC, resources={"postgres": short_grace})
+    # At once: the killed run's owner lock died with its process, so the next start closes it.
+    result = run_job(SYNC)
     assert result.success
     assert _applied(url, prices)
     after = production_checksum(url)
-    assert run_job(SYNC, resources={"postgres": short_grace}).success  # nothing left: nothing changes
+    assert run_job(SYNC).success  # nothing left: nothing changes
     assert production_checksum(url) == after
     assert fetch_one(url, "SELECT count(*) FROM kommo_import_runs WHERE status = 'running'")[0] == 0
 

@@ -198,7 +198,7 @@ def test_materialize_full_refresh_from_the_ui(dev_server, graphql, kommo_db, pag
     assert run_row is not None and run_row[0] == "succeeded", run_row
     assert run_row[1] > 0
 
-    page.goto(f"{dev_server.url}/asset-groups")
+    page.goto(f"{dev_server.url}/locations/kommo_assets/asset-groups/kommo")
     for name in ("kommo_api", "stg_kommo_leads", "bookings", "calendar_events_expanded"):
         page.get_by_text(name, exact=True).first.wait_for()
     page.wait_for_timeout(1_000)  # the graph animates into place

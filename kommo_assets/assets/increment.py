@@ -78,7 +78,7 @@ def kommo_increment(
             import_runs.start(
                 run_id=run_id, dagster_run_id=context.run_id, job_name=context.job_name,
                 triggered_by=context.run.tags.get(REQUESTED_BY_TAG), dry_run=False, window=None,
-                max_drop_ratio=0, grace=postgres.abandoned_grace, kind="increment",
+                max_drop_ratio=0, kind="increment",
             )
         with postgres.import_runs() as import_runs:
             cursor = import_runs.sync_cursor()

@@ -62,31 +62,17 @@ def kommo_staging(
     with working_on_run(postgres, run_id, kommo.secrets()):
         with postgres.import_runs() as import_runs:
             record = import_runs.start(
-                run_id=run_id,
-                dagster_run_id=context.run_id,
-                job_name=context.job_name,
-                triggered_by=context.run.tags.get(REQUESTED_BY_TAG),
-                dry_run=context.job_name == DRY_RUN_JOB,
-                window=window,
-                max_drop_ratio=config.max_drop_ratio,
+                run_id=run_id, dagster_run_id=context.run_id, job_name=context.job_name,
+                triggered_by=context.run.tags.get(REQUESTED_BY_TAG), dry_run=context.job_name == DRY_RUN_JOB,
+                window=window, max_drop_ratio=config.max_drop_ratio,
             )
         context.log.info(
             f"Kommo import run {run_id} started ({'dry run' if record['dry_run'] else 'full refresh'}), "
             f"leads created in [{window.created_from.isoformat()}, {window.created_to.isoformat()})"
         )
-        last_logged = {"at": time.monotonic()}
-
-        def progress(phase: str, result) -> None:
-            # Every 15 s rather than every n pages: the run's event log (kept in memory by an ephemeral
-            # instance) then does not grow with the number of leads.
-            now = time.monotonic()
-            if now - last_logged["at"] >= PROGRESS_EVERY_S:
-                last_logged["at"] = now
-                context.log.info(f"{phase}: {result.lead_pages} lead pages, {result.contact_batches} contact batches")
-
         with kommo.client() as client, postgres.connect() as conn:
             result = stage_snapshot(conn, run_id, client, window.created_from, window.created_to,
-                                    on_progress=progress)
+                                    on_progress=_progress_logger(context))
             stats = {**result.as_metadata(), "client": asdict(client.stats)}
         with postgres.import_runs() as import_runs:
             import_runs.mark_staged(run_id, stats)
@@ -98,7 +84,25 @@ def kommo_staging(
             if drift is not None:
                 record_drift(import_runs.conn, run_id, drift)
     context.log.info(f"Change preview of run {run_id}: {preview_summary(preview)}")
+    yield from _materializations(run_id, window, result, stats, preview, drift)
 
+
+def _progress_logger(context: dg.AssetExecutionContext):
+    """Logs the stream's progress every PROGRESS_EVERY_S rather than every n pages: the run's event log (kept
+    in memory by an ephemeral instance) then does not grow with the number of leads."""
+    last_logged = {"at": time.monotonic()}
+
+    def progress(phase: str, result) -> None:
+        now = time.monotonic()
+        if now - last_logged["at"] >= PROGRESS_EVERY_S:
+            last_logged["at"] = now
+            context.log.info(f"{phase}: {result.lead_pages} lead pages, {result.contact_batches} contact batches")
+
+    return progress
+
+
+def _materializations(run_id: str, window, result, stats: dict, preview: dict, drift: int | None):
+    """The three staging tables' materializations: counts, the change preview and (dry runs) the drift."""
     common = {
         "import_run_id": run_id,
         "window_from": window.created_from.isoformat(),

@@ -135,6 +135,23 @@ def stage_increment(
         raise RuntimeError("Kommo's answers carry no readable Date header: the sync has no clock to "
                            "take its cursor from, so it cannot run.")
 
+    lead_contacts = _stage_changed_leads(writer, tracker, since, windows, result, on_progress)
+    _stage_removals(conn, run_id, tracker, since, windows, result)
+    _stage_contacts(conn, writer, client, tracker, since, lead_contacts, result)
+    if on_progress:
+        on_progress("contacts", result)
+    _, result.contacts, result.vehicle_links = writer.finish(keep_unreferenced_contacts=True)
+    with conn.transaction():
+        # The writer counted leads as they were added; some were then found deleted.
+        (result.leads,) = conn.execute("SELECT count(*) FROM stg_kommo_leads WHERE run_id = %s",
+                                       (run_id,)).fetchone()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _stage_changed_leads(writer: StagingWriter, tracker, since: datetime, windows: Sequence[Window],
+                         result: IncrementResult, on_progress) -> set[int]:
+    """Every lead changed since ``since`` whose creation lies in a window; returns their new contact ids."""
     lead_contacts: set[int] = set()
     for page in tracker.changed_lead_pages(since):
         result.leads_received += page.received
@@ -145,7 +162,13 @@ def stage_increment(
         lead_contacts.update(written.new_contact_ids)
         if on_progress:
             on_progress("leads", result)
+    return lead_contacts
 
+
+def _stage_removals(conn: psycopg.Connection, run_id: str, tracker, since: datetime,
+                    windows: Sequence[Window], result: IncrementResult) -> None:
+    """The leads deleted since ``since`` (each lead's newest event decides) leave the run's staging; those
+    production holds in a window become removals."""
     events = tracker.lead_events(since)
     deleted = sorted(lead_id for lead_id, event in events.items() if event.type == LEAD_DELETED)
     result.restored = len(events) - len(deleted)
@@ -156,6 +179,11 @@ def stage_increment(
             conn.execute(_STAGE_REMOVALS, {"r": run_id, "ids": deleted, "removals": removed})
     result.removals = len(removed)
 
+
+def _stage_contacts(conn: psycopg.Connection, writer: StagingWriter, client: KommoClient, tracker,
+                    since: datetime, lead_contacts: set[int], result: IncrementResult) -> None:
+    """Contacts changed since ``since`` that are clients (or main contacts of staged leads), and the main
+    contacts of staged leads that are not clients yet, fetched by id."""
     changed_contacts: dict[int, dict] = {}
     for page in tracker.changed_contact_pages(since):
         result.contacts_received += page.received
@@ -170,15 +198,6 @@ def stage_increment(
     for batch in client.iter_contact_batches(to_fetch):
         result.contacts_fetched += len(batch)
         writer.write_contacts(batch, result.skipped)
-    if on_progress:
-        on_progress("contacts", result)
-    _, result.contacts, result.vehicle_links = writer.finish(keep_unreferenced_contacts=True)
-    with conn.transaction():
-        # The writer counted leads as they were added; some were then found deleted.
-        (result.leads,) = conn.execute("SELECT count(*) FROM stg_kommo_leads WHERE run_id = %s",
-                                       (run_id,)).fetchone()
-    result.seconds = time.monotonic() - started
-    return result
 
 
 def _removable(conn: psycopg.Connection, lead_ids: list[int], windows: Sequence[Window]) -> list[int]:
