@@ -299,19 +299,19 @@ class _CommitWatch(threading.Thread):
         self.conn = psycopg.connect(database_url, autocommit=True)
         self.before = self._state()
         self.at: float | None = None
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def _state(self):
         return self.conn.execute("SELECT run_id, cursor FROM kommo_sync_state").fetchone()
 
     def run(self) -> None:
-        while not self._stop.is_set() and self.at is None:
+        while not self._halt.is_set() and self.at is None:
             if self._state() != self.before:
                 self.at = time.time()
-            self._stop.wait(0.01)
+            self._halt.wait(0.01)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
         self.conn.close()
 
@@ -452,8 +452,7 @@ def print_section(report: dict) -> None:
           f"Kommo + staging {sync['staging_seconds']:.2f} s, preview + apply + commit "
           f"{sync['apply_seconds']:.2f} s; job wall {sync['wall_seconds']:.2f} s)")
     counts = sync.get("counts") or {}
-    applied = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()
-                        if k != "swap_seconds" and v)
+    applied = ", ".join(f"{k.replace('_', ' ')} {counts[k]}" for k in _APPLY_COUNTS if counts.get(k))
     print(f"  changes in production    {sync['visible']:8d}   of {inc['changes']} ({sync['leads']} leads, "
           f"{sync['contacts']} contacts staged; {applied})")
     fresh = inc.get("freshness")
@@ -476,6 +475,10 @@ def print_section(report: dict) -> None:
           f"{fresh['requests']} incl. the idle ticks, 429s {fresh['throttled_429']})")
     print(f"  wall time                {fresh['wall_seconds']:8.0f} s   (UI up after {fresh['ready_seconds']:.0f} s, "
           f"first sensor tick seen after {fresh['first_tick_seconds']:.0f} s)")
+
+
+_APPLY_COUNTS = ("bookings_added", "bookings_updated", "bookings_deactivated", "sales_leads_added",
+                 "sales_leads_updated", "sales_leads_archived", "clients_added", "clients_updated", "vehicles_created")
 
 
 def _paths(by_path: dict) -> str:
