@@ -62,21 +62,38 @@ def increment(url: str, sim, max_deactivations: int = 1_000_000, years: tuple[in
 
 
 PRODUCTION_QUERIES = {
-    "clients": "SELECT kommo_contact_id, name, phone, email FROM clients",
-    "vehicles": "SELECT kommo_vehicle_id, name FROM vehicles",
+    # Clients are never deleted: one an increment added for a lead deleted later stays, unreferenced, where a
+    # single later refresh never saw it. Compared: the clients some live Kommo row points at.
+    "clients": """
+        SELECT c.kommo_contact_id, c.name, c.phone, c.email FROM clients c
+         WHERE EXISTS (SELECT 1 FROM sales_leads s WHERE s.client_id = c.id AND s.archived_at IS NULL)
+            OR EXISTS (SELECT 1 FROM bookings b WHERE b.client_id = c.id AND b.is_active)""",
+    # Vehicles are never deleted either: one created for a lead deleted later stays. Compared: those an
+    # active booking uses.
+    "vehicles": """
+        SELECT v.kommo_vehicle_id, v.name FROM vehicles v
+         WHERE EXISTS (SELECT 1 FROM bookings b WHERE b.vehicle_id = v.id AND b.is_active)
+            OR EXISTS (SELECT 1 FROM booking_vehicles bv JOIN bookings b ON b.id = bv.booking_id
+                        WHERE bv.vehicle_id = v.id AND b.is_active)""",
+    # An archived sales lead or a deactivated booking keeps what it held when it left: after increments,
+    # its last state; after one refresh, its state before. Compared: that it left.
     "sales_leads": """
-        SELECT s.lead_code, c.kommo_contact_id, s.name, s.stage_id, s.pipeline_id, s.value_amount, s.owner_id,
-               s.expected_close_at, s.source, s.archived_at IS NOT NULL, s.kommo_created_at
+        SELECT s.lead_code, s.archived_at IS NOT NULL,
+               CASE WHEN s.archived_at IS NULL THEN
+                   row(c.kommo_contact_id, s.name, s.stage_id, s.pipeline_id, s.value_amount, s.owner_id,
+                       s.expected_close_at, s.source, s.kommo_created_at)::text END
           FROM sales_leads s LEFT JOIN clients c ON c.id = s.client_id""",
     "bookings": """
-        SELECT b.source_payload_id, c.kommo_contact_id, s.lead_code, b.channel, b.source, b.status,
-               b.kommo_status_id, b.owner_id, v.kommo_vehicle_id, b.start_at, b.end_at, b.is_active,
-               b.kommo_created_at
+        SELECT b.source_payload_id, b.is_active,
+               CASE WHEN b.is_active THEN
+                   row(c.kommo_contact_id, s.lead_code, b.channel, b.source, b.status, b.kommo_status_id,
+                       b.owner_id, v.kommo_vehicle_id, b.start_at, b.end_at, b.kommo_created_at)::text END
           FROM bookings b LEFT JOIN clients c ON c.id = b.client_id
           LEFT JOIN sales_leads s ON s.id = b.sales_lead_id LEFT JOIN vehicles v ON v.id = b.vehicle_id""",
     "booking_vehicles": """
         SELECT b.source_payload_id, v.kommo_vehicle_id, bv."primary"
-          FROM booking_vehicles bv JOIN bookings b ON b.id = bv.booking_id JOIN vehicles v ON v.id = bv.vehicle_id""",
+          FROM booking_vehicles bv JOIN bookings b ON b.id = bv.booking_id JOIN vehicles v ON v.id = bv.vehicle_id
+         WHERE b.is_active""",
 }
 
 

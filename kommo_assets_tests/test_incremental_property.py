@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
@@ -25,6 +25,8 @@ from kommo_assets_tests.sync_support import full_refresh, increment, production_
 T0 = 1_800_000_000  # after every generated date: changes are stamped after the history
 IN_2025 = (int(datetime(2025, 1, 1, tzinfo=UTC).timestamp()), int(datetime(2026, 1, 1, tzinfo=UTC).timestamp()))
 STATUSES = [79790634, 79790637, 79790640, 142, 143, 79790631, 91703923]
+# Tables whose rows retire (archived / deactivated) instead of going: the flag that says a row is live.
+LEAVING = {"sales_leads": False, "bookings": True}
 EXAMPLES = int(os.environ.get("KOMMO_SYNC_PROPERTY_EXAMPLES", "200"))
 
 index = st.integers(min_value=0, max_value=10_000)
@@ -102,7 +104,9 @@ def fresh_pair(pg_admin_url, template_url):
         _drop_database(pg_admin_url, name)
 
 
+# No shrinking: each example takes about a second, and a failing sequence is short enough to read as drawn.
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, print_blob=True,
+          phases=(Phase.explicit, Phase.reuse, Phase.generate),
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(sequence=batches, seed=st.integers(1, 50))
 def test_syncs_after_each_batch_equal_a_full_refresh(sequence, seed, pg_admin_url, fresh_pair):
@@ -121,6 +125,15 @@ def test_syncs_after_each_batch_equal_a_full_refresh(sequence, seed, pg_admin_ur
             full_refresh(b_url, sim)
             synced, refreshed = production_rows(a_url), production_rows(b_url)
             for table in refreshed:
-                assert synced[table] == refreshed[table], f"{table} differs after {sequence!r}"
+                if table in LEAVING:
+                    # Live rows alike; every row the refresh retired, the syncs retired too. A lead created
+                    # and deleted between the two refreshes is retired by the syncs and unknown to B.
+                    live = LEAVING[table]
+                    assert ([r for r in synced[table] if r[1] == live] == [r for r in refreshed[table] if r[1] == live]
+                            ), f"{table} differs after {sequence!r}"
+                    gone = {r[0] for r in synced[table] if r[1] != live}
+                    assert {r[0] for r in refreshed[table] if r[1] != live} <= gone, f"{table}: {sequence!r}"
+                else:
+                    assert synced[table] == refreshed[table], f"{table} differs after {sequence!r}"
         finally:
             _drop_database(pg_admin_url, b_name)

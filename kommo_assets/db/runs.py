@@ -80,16 +80,44 @@ class ImportRuns:
         self.conn.execute("UPDATE kommo_import_runs SET heartbeat_at = now() WHERE id = %s", (run_id,))
 
     def start(self, *, run_id: str, dagster_run_id: str | None, job_name: str | None, triggered_by: str | None,
-              dry_run: bool, window: Window, max_drop_ratio: float,
-              grace: timedelta = timedelta(seconds=60)) -> dict[str, Any]:
+              dry_run: bool = False, window: Window | None = None, max_drop_ratio: float = DEFAULT_MAX_DROP_RATIO,
+              grace: timedelta = timedelta(seconds=60), kind: str | None = None) -> dict[str, Any]:
+        """``kind``: 'full_refresh', 'dry_run' or 'increment' (None: from ``dry_run``); an increment has no
+        window."""
         with self.conn.cursor(row_factory=dict_row) as cur:
             cur.execute(
                 "SELECT * FROM start_kommo_import_run(%s::uuid, %s::text, %s::text, %s::text, %s, %s, %s,"
-                " %s::numeric, %s)",
-                (run_id, dagster_run_id, job_name, triggered_by, dry_run, window.created_from, window.created_to,
-                 max_drop_ratio, grace),
+                " %s::numeric, %s, %s::text)",
+                (run_id, dagster_run_id, job_name, triggered_by, dry_run,
+                 window and window.created_from, window and window.created_to, max_drop_ratio, grace, kind),
             )
             return cur.fetchone()
+
+    def set_kommo_clock(self, run_id: str, ts: datetime) -> None:
+        """Records Kommo's clock (the ``Date`` header of the run's first Kommo answer); the first one stays."""
+        self.conn.execute("UPDATE kommo_import_runs SET kommo_clock_at = coalesce(kommo_clock_at, %s) WHERE id = %s",
+                          (ts, run_id))
+
+    def sync_cursor(self) -> datetime | None:
+        """Where the next increment reads from, on Kommo's clock (``kommo_sync_cursor``); None before the first
+        full refresh with a Kommo clock."""
+        return self.conn.execute("SELECT kommo_sync_cursor()").fetchone()[0]
+
+    def increment_preview(self, run_id: str, sample: int = 10) -> dict[str, Any]:
+        """What the increment would change now (``kommo_increment_preview``), stored on the run."""
+        with self.conn.transaction():
+            result = self.conn.execute("SELECT kommo_increment_preview(%s::uuid, %s)",
+                                       (run_id, sample)).fetchone()[0]
+            self.conn.execute("UPDATE kommo_import_runs SET change_preview = %s WHERE id = %s",
+                              (Jsonb(result), run_id))
+        return result
+
+    def apply_increment(self, run_id: str, cursor: datetime, max_deactivations: int) -> dict[str, Any]:
+        """Runs ``run_kommo_increment`` in one transaction: the changes, the cursor and the run's record
+        commit together. Its ``status`` is 'succeeded' or 'needs_review' (nothing applied, cursor kept)."""
+        with self.conn.transaction():
+            return self.conn.execute("SELECT run_kommo_increment(%s::uuid, %s, %s)",
+                                     (run_id, cursor, max_deactivations)).fetchone()[0]
 
     def mark_staged(self, run_id: str, stats: dict[str, Any]) -> None:
         with self.conn.transaction():

@@ -9,11 +9,12 @@ import dagster as dg
 
 from kommo_assets.definitions import defs
 
-JOBS = ("kommo_full_refresh_job", "kommo_dry_run_job")
+JOBS = ("kommo_full_refresh_job", "kommo_dry_run_job", "kommo_incremental_sync_job")
 SCHEDULES = {"kommo_nightly_dry_run_schedule": dg.DefaultScheduleStatus.RUNNING,
              "kommo_nightly_full_refresh_schedule": dg.DefaultScheduleStatus.STOPPED}
 SENSORS = ("kommo_refresh_request_sensor", "kommo_run_started_sensor", "kommo_run_succeeded_sensor",
-           "kommo_run_canceled_sensor", "kommo_run_failure_sensor")
+           "kommo_run_canceled_sensor", "kommo_run_failure_sensor", "kommo_incremental_sync_sensor",
+           "kommo_drift_alert_sensor")
 
 
 def test_every_job_schedule_and_sensor_resolves_with_its_default_status():
@@ -29,6 +30,11 @@ def test_every_job_schedule_and_sensor_resolves_with_its_default_status():
         assert sensor.default_status == dg.DefaultSensorStatus.RUNNING, name
     assert defs.resolve_sensor_def("kommo_refresh_request_sensor").job_name == "kommo_full_refresh_job"
     assert defs.resolve_sensor_def("kommo_run_failure_sensor").required_resource_keys == {"postgres", "slack"}
+    sync = defs.resolve_sensor_def("kommo_incremental_sync_sensor")
+    assert sync.job_name == "kommo_incremental_sync_job" and sync.minimum_interval_seconds == 60
+    # increments and refreshes share the run queue's one-at-a-time tag
+    tags = {name: defs.resolve_job_def(name).tags.get("kommo/refresh") for name in JOBS}
+    assert set(tags.values()) == {"kommo"}
     # and everything else the code location defines resolves too
     repository = defs.get_repository_def()
     for job in repository.get_all_jobs():

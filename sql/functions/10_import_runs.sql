@@ -15,6 +15,10 @@ $$;
 
 DROP FUNCTION IF EXISTS start_kommo_import_run(uuid, text, text, text, boolean, timestamptz, timestamptz,
                                                numeric, interval);
+-- p_kind: 'full_refresh', 'dry_run' or 'increment' (NULL: 'dry_run' when p_dry_run, else 'full_refresh').
+-- An increment has no window (p_created_from and p_created_to NULL) and is never a dry run.
+DROP FUNCTION IF EXISTS start_kommo_import_run(uuid, text, text, text, boolean, timestamptz, timestamptz,
+                                               numeric, interval, text);
 CREATE FUNCTION start_kommo_import_run(
     p_id uuid,
     p_dagster_run_id text,
@@ -24,7 +28,8 @@ CREATE FUNCTION start_kommo_import_run(
     p_created_from timestamptz,
     p_created_to timestamptz,
     p_max_drop_ratio numeric,
-    p_grace interval DEFAULT interval '60 seconds'
+    p_grace interval DEFAULT interval '60 seconds',
+    p_kind text DEFAULT NULL
 ) RETURNS kommo_import_runs
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -52,9 +57,10 @@ BEGIN
                   HINT = 'wait for it to finish; an import whose process died is closed automatically';
     END IF;
 
-    INSERT INTO kommo_import_runs (id, dagster_run_id, job_name, triggered_by, dry_run,
+    INSERT INTO kommo_import_runs (id, dagster_run_id, job_name, triggered_by, dry_run, kind,
                                    created_from, created_to, max_drop_ratio)
     VALUES (p_id, p_dagster_run_id, p_job_name, p_triggered_by, p_dry_run,
+            coalesce(p_kind, CASE WHEN p_dry_run THEN 'dry_run' ELSE 'full_refresh' END),
             p_created_from, p_created_to, p_max_drop_ratio)
     RETURNING * INTO v_run;
     RETURN v_run;
@@ -98,7 +104,8 @@ $$;
 -- it. A dry run that passes is closed as succeeded here.
 -- Same window: the same created_from and created_to. A refresh replaces only its own window (the swap's
 -- kommo_owned), so only a refresh of that window says how many leads it held: 2026 holding far fewer
--- leads than 2025 is no drop. Dry runs only look, so they are no reference either.
+-- leads than 2025 is no drop. Dry runs only look, and increments stage only what changed, so neither is
+-- a reference (kind = 'full_refresh' only).
 -- Why a ratio guard at all: a wrong filter, a revoked pipeline permission or a half-broken Kommo answer
 -- look like "most bookings were deleted", and the swap would faithfully deactivate them.
 CREATE OR REPLACE FUNCTION kommo_drop_guard(p_run_id uuid) RETURNS jsonb
@@ -114,13 +121,16 @@ DECLARE
     v_reason text;
 BEGIN
     v_run := lock_running_kommo_import_run(p_run_id);
+    IF v_run.kind = 'increment' THEN
+        RAISE EXCEPTION 'Kommo import run % is an increment: its guard is in run_kommo_increment', p_run_id;
+    END IF;
 
     SELECT count(*) INTO v_leads FROM stg_kommo_leads WHERE run_id = p_run_id;
     SELECT count(*) INTO v_contacts FROM stg_kommo_contacts WHERE run_id = p_run_id;
     SELECT count(*) INTO v_vehicles FROM stg_kommo_booking_vehicles WHERE run_id = p_run_id;
     SELECT leads_count INTO v_previous
       FROM kommo_import_runs
-     WHERE status = 'succeeded' AND NOT dry_run AND id <> p_run_id
+     WHERE status = 'succeeded' AND kind = 'full_refresh' AND id <> p_run_id
        AND created_from = v_run.created_from AND created_to = v_run.created_to
      ORDER BY finished_at DESC
      LIMIT 1;

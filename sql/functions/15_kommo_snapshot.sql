@@ -1,3 +1,9 @@
+-- The code of a Kommo lead's rows: sales_leads.lead_code and bookings.source_payload_id.
+CREATE OR REPLACE FUNCTION kommo_lead_code(p_lead_id bigint) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT 'kommo:' || p_lead_id
+$$;
+
 -- What a run's staging resolves to, one row per lead: the single definition of the mapping rules,
 -- shared by the swap (run_kommo_full_refresh) and the change preview (kommo_change_preview). Below it,
 -- the rows a refresh owns (kommo_owned) and what staged contacts make of the clients (kommo_snapshot_clients).
@@ -18,7 +24,7 @@ RETURNS TABLE (
 )
 LANGUAGE sql STABLE AS $$
     SELECT l.lead_id,
-           'kommo:' || l.lead_id,
+           kommo_lead_code(l.lead_id),
            l.contact_id,
            l.status_id,
            l.pipeline_id,
@@ -63,22 +69,41 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT p_code LIKE 'kommo:%' AND p_kommo_created_at >= p_from AND p_kommo_created_at < p_to
 $$;
 
+-- The rows an increment may archive or deactivate: the codes of every lead it staged (whatever its
+-- status: a lead moved to 143 is staged and left out of the snapshot) and of every lead it removes
+-- (deleted in Kommo, stg_kommo_lead_removals). A full refresh's scope is its window instead (kommo_owned);
+-- the swap and the previews apply either with the same statements.
+CREATE OR REPLACE FUNCTION kommo_increment_scope(p_run_id uuid) RETURNS text[]
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(array_agg(x.code ORDER BY x.code), '{}')
+      FROM (SELECT kommo_lead_code(l.lead_id) AS code FROM stg_kommo_leads l WHERE l.run_id = p_run_id
+            UNION
+            SELECT kommo_lead_code(r.lead_id) FROM stg_kommo_lead_removals r WHERE r.run_id = p_run_id) x
+$$;
+
 -- What a run's staged contacts make of the clients, one row per contact: the client it updates (NULL:
 -- a client to add), the values the client holds afterwards, and whether they differ from today's.
+-- A missing client is added only for the main contact of a lead in the snapshot (linked): a full
+-- refresh stages exactly those, and an increment also stages contacts Kommo changed, which update the
+-- clients that exist and are otherwise no business of the import.
 -- Clients are matched on kommo_contact_id only, so a client the app created (no Kommo id) is never read.
 -- A field Kommo has empty (no name, phone or email) keeps the client's current value: an empty Kommo
 -- field cannot tell "removed in Kommo" from "never entered there", and clearing it would erase what the
 -- app's staff typed in. A value Kommo has always wins.
 DROP FUNCTION IF EXISTS kommo_snapshot_clients(uuid);
 CREATE FUNCTION kommo_snapshot_clients(p_run_id uuid)
-RETURNS TABLE (contact_id bigint, client_id uuid, name text, phone text, email text, differs boolean)
+RETURNS TABLE (contact_id bigint, client_id uuid, name text, phone text, email text, differs boolean,
+               linked boolean)
 LANGUAGE sql STABLE AS $$
     SELECT x.contact_id, x.client_id, x.name, x.phone, x.email,
-           x.client_id IS NOT NULL AND (x.old_name, x.old_phone, x.old_email) IS DISTINCT FROM (x.name, x.phone, x.email)
+           x.client_id IS NOT NULL AND (x.old_name, x.old_phone, x.old_email) IS DISTINCT FROM (x.name, x.phone, x.email),
+           x.linked
       FROM (SELECT c.contact_id, t.id AS client_id, t.name AS old_name, t.phone AS old_phone, t.email AS old_email,
                    coalesce(nullif(c.name, ''), t.name) AS name,
                    coalesce(nullif(c.phone, ''), t.phone) AS phone,
-                   coalesce(nullif(c.email, ''), t.email) AS email
+                   coalesce(nullif(c.email, ''), t.email) AS email,
+                   c.contact_id IN (SELECT s.contact_id FROM kommo_snapshot(p_run_id) s
+                                     WHERE s.contact_id IS NOT NULL) AS linked
               FROM stg_kommo_contacts c
               LEFT JOIN clients t ON t.kommo_contact_id = c.contact_id
              WHERE c.run_id = p_run_id) x

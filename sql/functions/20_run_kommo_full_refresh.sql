@@ -1,11 +1,15 @@
 -- The production swap: one transaction, set-based, from a run's staging into the production tables.
+-- kommo_apply_snapshot writes a run's resolved snapshot into production within a scope; the full refresh
+-- (run_kommo_full_refresh, below) applies it to its window, an increment (run_kommo_increment,
+-- 55_kommo_increment.sql) to the leads it staged. Both go through the same statements.
 --
 -- Decisions (see the README): history is kept, so rows present in the snapshot are upserted (and
 -- re-activated) and Kommo rows missing from it are deactivated (bookings.is_active = false) or
 -- archived (sales_leads.archived_at); ids stay stable and unchanged rows are not written at all.
--- A run replaces its own window only: it archives and deactivates the import's own rows (codes
+-- A run replaces its own scope only: it archives and deactivates the import's own rows (codes
 -- 'kommo:<id>') whose Kommo created_at is in the run's [created_from, created_to), as kommo_owned
--- (15_kommo_snapshot.sql) defines them. Rows of other windows, and rows the app wrote (whatever their
+-- (15_kommo_snapshot.sql) defines them, or, for an increment, whose code it staged
+-- (kommo_increment_scope). Rows of other windows, and rows the app wrote (whatever their
 -- source or channel), are never archived or deactivated. Upserts match on the codes the snapshot makes,
 -- so they too only ever touch the import's own rows; clients are matched on kommo_contact_id.
 -- The Zoho outbox triggers are suppressed for this transaction only. Any error rolls everything back.
@@ -19,10 +23,20 @@
 -- Concurrent writers are not expected on Kommo rows (codes 'kommo:<id>'); one that inserted such a
 -- row meanwhile would fail this transaction on the unique key, leaving production unchanged.
 
-CREATE OR REPLACE FUNCTION run_kommo_full_refresh(p_run_id uuid) RETURNS jsonb
-LANGUAGE plpgsql AS $$
+-- Applies run p_run_id's snapshot (kommo_snapshot) to production and returns the counts. The scope the
+-- removals may touch: the import's own rows of [p_from, p_to) (kommo_owned), and when p_codes is given
+-- only those among them whose code is in p_codes ('-infinity' to 'infinity' and the codes: an increment).
+-- Upserts only ever touch the snapshot's codes, which are in scope either way. The caller holds the
+-- swap's lock (90902), has checked the run and turned the Zoho outbox off; it owns the transaction.
+-- The scope is written "p_codes IS NULL OR code = ANY (p_codes)": planned with the actual values
+-- (plan_cache_mode below), a window folds it away and keeps the partial indexes of kommo_owned, and an
+-- increment's codes become index lookups on the code.
+CREATE OR REPLACE FUNCTION kommo_apply_snapshot(p_run_id uuid, p_from timestamptz, p_to timestamptz,
+                                                p_codes text[]) RETURNS jsonb
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
 DECLARE
-    v_run kommo_import_runs;
     v_started timestamptz := clock_timestamp();
     v_snapshot_leads bigint;
     v_snapshot_bookings bigint;
@@ -37,28 +51,17 @@ DECLARE
     v_bookings_deactivated bigint;
     v_links_removed bigint;
     v_links_added bigint;
-    v_counts jsonb;
     v_new_leads bigint;
     v_keys_restore text[];
     v_keys_refused text;
     v_key_checks text := 'per row';
     v_stats_target text := current_setting('default_statistics_target');
 BEGIN
-    -- One swap at a time, across processes and hosts; released at commit or rollback.
-    PERFORM pg_advisory_xact_lock(90902);
-
-    v_run := lock_running_kommo_import_run(p_run_id);
-    IF v_run.dry_run THEN
-        RAISE EXCEPTION 'Kommo import run % is a dry run and never swaps', p_run_id;
+    IF NOT EXISTS (SELECT 1 FROM pg_locks
+                    WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+                      AND classid = 0 AND objid = 90902 AND objsubid = 1) THEN
+        RAISE EXCEPTION 'kommo_apply_snapshot runs only inside run_kommo_full_refresh or run_kommo_increment';
     END IF;
-    IF v_run.staged_at IS NULL THEN
-        RAISE EXCEPTION 'Kommo import run % has not finished staging', p_run_id;
-    END IF;
-    IF v_run.guard_passed_at IS NULL THEN
-        RAISE EXCEPTION 'Kommo import run % has not passed the drop guard', p_run_id;
-    END IF;
-
-    PERFORM set_config('kommo.suppress_outbox', 'on', true);
 
     -- The snapshot, resolved once (see kommo_snapshot in 15_kommo_snapshot.sql).
     DROP TABLE IF EXISTS pg_temp.kommo_snapshot;
@@ -76,11 +79,12 @@ BEGIN
 
     -- A bulk load (many new leads, and many against the table) checks its foreign keys in one pass at
     -- the end instead of row by row (17_kommo_bulk_load.sql). Decided before the first write, so the
-    -- locks it needs are taken before the swap writes anything.
+    -- locks it needs are taken before the swap writes anything. Only a window is ever a bulk load: an
+    -- increment is small, and its ACCESS EXCLUSIVE locks would hold the app up every few minutes.
     SELECT count(*) INTO v_new_leads
       FROM kommo_snapshot s
      WHERE NOT EXISTS (SELECT 1 FROM sales_leads t WHERE t.lead_code = s.code);
-    IF kommo_is_bulk_load(v_new_leads) THEN
+    IF p_codes IS NULL AND kommo_is_bulk_load(v_new_leads) THEN
         SELECT k.restore, k.refused INTO v_keys_restore, v_keys_refused FROM kommo_suspend_foreign_keys() k;
         v_key_checks := CASE WHEN v_keys_restore IS NULL THEN 'per row: ' || v_keys_refused
                              WHEN v_keys_restore = '{}' THEN 'none to check'
@@ -100,7 +104,8 @@ BEGIN
     SELECT count(*) INTO v_vehicles_created FROM ins;
 
     -- Clients: matched on the Kommo contact id, updated where name, phone or email differ, added when
-    -- missing; never deleted. A field Kommo has empty keeps the client's value (kommo_snapshot_clients).
+    -- missing and the main contact of a snapshot lead; never deleted. A field Kommo has empty keeps the
+    -- client's value (kommo_snapshot_clients).
     WITH src AS MATERIALIZED (
         SELECT * FROM kommo_snapshot_clients(p_run_id)
     ), upd AS (
@@ -111,7 +116,7 @@ BEGIN
         RETURNING 1
     ), ins AS (
         INSERT INTO clients (kommo_contact_id, name, phone, email)
-        SELECT src.contact_id, src.name, src.phone, src.email FROM src WHERE src.client_id IS NULL
+        SELECT src.contact_id, src.name, src.phone, src.email FROM src WHERE src.client_id IS NULL AND src.linked
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM upd) INTO v_clients_added, v_clients_updated;
@@ -151,10 +156,11 @@ BEGIN
     )
     SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM upd) INTO v_leads_added, v_leads_updated;
 
-    -- The import's own live leads of this window that left the snapshot.
+    -- The import's own live leads in scope that left the snapshot.
     UPDATE sales_leads sl
        SET archived_at = now(), updated_at = now()
-     WHERE kommo_owned(sl.lead_code, sl.kommo_created_at, v_run.created_from, v_run.created_to)
+     WHERE kommo_owned(sl.lead_code, sl.kommo_created_at, p_from, p_to)
+       AND (p_codes IS NULL OR sl.lead_code = ANY (p_codes))
        AND sl.archived_at IS NULL
        AND NOT EXISTS (SELECT 1 FROM kommo_snapshot s WHERE s.code = sl.lead_code);
     GET DIAGNOSTICS v_leads_archived = ROW_COUNT;
@@ -194,10 +200,11 @@ BEGIN
     )
     SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM upd) INTO v_bookings_added, v_bookings_updated;
 
-    -- The import's own active bookings of this window whose lead left the snapshot or its booking statuses.
+    -- The import's own active bookings in scope whose lead left the snapshot or its booking statuses.
     UPDATE bookings b
        SET is_active = false, updated_at = now()
-     WHERE kommo_owned(b.source_payload_id, b.kommo_created_at, v_run.created_from, v_run.created_to)
+     WHERE kommo_owned(b.source_payload_id, b.kommo_created_at, p_from, p_to)
+       AND (p_codes IS NULL OR b.source_payload_id = ANY (p_codes))
        AND b.is_active
        AND NOT EXISTS (SELECT 1 FROM kommo_snapshot s WHERE s.is_booking AND s.code = b.source_payload_id);
     GET DIAGNOSTICS v_bookings_deactivated = ROW_COUNT;
@@ -235,7 +242,7 @@ BEGIN
         PERFORM kommo_restore_foreign_keys(v_keys_restore);
     END IF;
 
-    v_counts := jsonb_build_object(
+    RETURN jsonb_build_object(
         'snapshot_leads', v_snapshot_leads,
         'snapshot_bookings', v_snapshot_bookings,
         'vehicles_created', v_vehicles_created,
@@ -253,6 +260,35 @@ BEGIN
         'foreign_key_checks', v_key_checks,
         'swap_seconds', round(extract(epoch FROM clock_timestamp() - v_started)::numeric, 3)
     );
+
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION run_kommo_full_refresh(p_run_id uuid) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_run kommo_import_runs;
+    v_started timestamptz := clock_timestamp();
+    v_counts jsonb;
+BEGIN
+    -- One swap at a time, across processes and hosts; released at commit or rollback.
+    PERFORM pg_advisory_xact_lock(90902);
+
+    v_run := lock_running_kommo_import_run(p_run_id);
+    IF v_run.kind = 'dry_run' THEN
+        RAISE EXCEPTION 'Kommo import run % is a dry run and never swaps', p_run_id;
+    ELSIF v_run.kind <> 'full_refresh' THEN
+        RAISE EXCEPTION 'Kommo import run % is an increment: run_kommo_increment applies it', p_run_id;
+    END IF;
+    IF v_run.staged_at IS NULL THEN
+        RAISE EXCEPTION 'Kommo import run % has not finished staging', p_run_id;
+    END IF;
+    IF v_run.guard_passed_at IS NULL THEN
+        RAISE EXCEPTION 'Kommo import run % has not passed the drop guard', p_run_id;
+    END IF;
+
+    PERFORM set_config('kommo.suppress_outbox', 'on', true);
+    v_counts := kommo_apply_snapshot(p_run_id, v_run.created_from, v_run.created_to, NULL);
 
     UPDATE kommo_import_runs
        SET status = 'succeeded', finished_at = now(), swap_started_at = v_started,

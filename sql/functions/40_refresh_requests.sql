@@ -139,9 +139,11 @@ BEGIN
                 to_char(v_answer.retry_after AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'));
         ELSE
             -- A refresh launched elsewhere (the Dagster UI, a schedule) holds the account's rate limit
-            -- just the same: while it runs, and for the cooldown after it, the button waits too.
+            -- just the same: while it runs, and for the cooldown after it, the button waits too. Dry runs
+            -- and increments (a few requests each) do not hold it.
             SELECT * INTO v_import FROM kommo_import_runs r
-             WHERE NOT r.dry_run AND (r.status = 'running' OR r.finished_at + v_cooldown > now())
+             WHERE NOT r.dry_run AND r.kind <> 'increment'
+               AND (r.status = 'running' OR r.finished_at + v_cooldown > now())
              ORDER BY r.status = 'running' DESC, r.finished_at DESC NULLS LAST LIMIT 1;
             IF FOUND THEN
                 v_answer.accepted := false;

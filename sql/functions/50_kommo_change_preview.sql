@@ -1,17 +1,21 @@
 -- The change preview: what run_kommo_full_refresh(p_run_id) would do to production right now, from the
 -- same resolved snapshot (kommo_snapshot) and the same "is anything different" rules as the swap.
 -- Counts match the swap's counters one for one; samples show up to p_sample rows of each kind. Like the
--- swap it archives and deactivates only the import's own rows of the run's window (kommo_owned), and
--- resolves clients with kommo_snapshot_clients.
+-- swap it archives and deactivates only the import's own rows in scope, and resolves clients with
+-- kommo_snapshot_clients. kommo_snapshot_preview computes it for a scope, as kommo_apply_snapshot
+-- (20_run_kommo_full_refresh.sql) applies it: a window (kommo_change_preview, a full refresh or dry run)
+-- or an increment's codes (kommo_increment_preview, what run_kommo_increment would do).
 --
 -- It runs between the last Kommo answer and the swap, so it reads each table once where it can: the
 -- snapshot is resolved into a narrow temporary table, every booking of it is compared with production
 -- in one join (keeping only which fields change), and the before/after detail is built for the sampled
--- rows only.
-CREATE OR REPLACE FUNCTION kommo_change_preview(p_run_id uuid, p_sample integer DEFAULT 10) RETURNS jsonb
-LANGUAGE plpgsql AS $$
+-- rows only. The scope is planned with its actual values, as in kommo_apply_snapshot.
+CREATE OR REPLACE FUNCTION kommo_snapshot_preview(p_run_id uuid, p_from timestamptz, p_to timestamptz,
+                                                  p_codes text[], p_sample integer) RETURNS jsonb
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan
+AS $$
 DECLARE
-    v_run kommo_import_runs;
     v_bookings jsonb;
     v_leads jsonb;
     v_clients jsonb;
@@ -22,11 +26,6 @@ DECLARE
     v_warnings jsonb;
     v_stats_target text := current_setting('default_statistics_target');
 BEGIN
-    SELECT * INTO v_run FROM kommo_import_runs WHERE id = p_run_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown Kommo import run %', p_run_id;
-    END IF;
-
     DROP TABLE IF EXISTS pg_temp.kommo_preview_snapshot;
     CREATE TEMP TABLE kommo_preview_snapshot ON COMMIT DROP AS
     SELECT s.*,
@@ -71,7 +70,8 @@ BEGIN
     CREATE TEMP TABLE kommo_preview_deactivate ON COMMIT DROP AS
     SELECT b.source_payload_id AS code, b.status, b.start_at, b.end_at
       FROM bookings b
-     WHERE kommo_owned(b.source_payload_id, b.kommo_created_at, v_run.created_from, v_run.created_to)
+     WHERE kommo_owned(b.source_payload_id, b.kommo_created_at, p_from, p_to)
+       AND (p_codes IS NULL OR b.source_payload_id = ANY (p_codes))
        AND b.is_active
        AND NOT EXISTS (SELECT 1 FROM kommo_preview_snapshot s WHERE s.is_booking AND s.code = b.source_payload_id);
 
@@ -98,7 +98,8 @@ BEGIN
                          (s.linked_contact_id, s.name, s.status_id, s.pipeline_id, s.price::numeric(14, 2), s.owner_id,
                           s.closed_at, 'Kommo'::text, NULL::timestamptz, s.created_at, s.created_at, s.updated_at)),
                'archive', (SELECT count(*) FROM sales_leads x
-                            WHERE kommo_owned(x.lead_code, x.kommo_created_at, v_run.created_from, v_run.created_to)
+                            WHERE kommo_owned(x.lead_code, x.kommo_created_at, p_from, p_to)
+                              AND (p_codes IS NULL OR x.lead_code = ANY (p_codes))
                               AND x.archived_at IS NULL
                               AND NOT EXISTS (SELECT 1 FROM kommo_preview_snapshot s2 WHERE s2.code = x.lead_code)))
       INTO v_leads
@@ -108,9 +109,9 @@ BEGIN
 
     -- Staged contacts beside their clients: counts, and the ids of the first few of each kind, in one
     -- pass over the run's contacts (the samples' details are then looked up for those ids only).
-    SELECT jsonb_build_object('add', count(*) FILTER (WHERE c.client_id IS NULL),
+    SELECT jsonb_build_object('add', count(*) FILTER (WHERE c.client_id IS NULL AND c.linked),
                               'update', count(*) FILTER (WHERE c.differs)),
-           (array_agg(c.contact_id ORDER BY c.contact_id) FILTER (WHERE c.client_id IS NULL))[1:p_sample],
+           (array_agg(c.contact_id ORDER BY c.contact_id) FILTER (WHERE c.client_id IS NULL AND c.linked))[1:p_sample],
            (array_agg(c.contact_id ORDER BY c.contact_id) FILTER (WHERE c.differs))[1:p_sample]
       INTO v_clients, v_clients_add, v_clients_update
       FROM kommo_snapshot_clients(p_run_id) c;
@@ -183,5 +184,41 @@ BEGIN
     DROP TABLE kommo_preview_snapshot, kommo_preview_bookings, kommo_preview_deactivate;
     RETURN jsonb_build_object('bookings', v_bookings, 'sales_leads', v_leads, 'clients', v_clients,
                               'vehicles', v_vehicles, 'warnings', v_warnings, 'samples', v_samples);
+END;
+$$;
+
+-- What the full refresh or dry run p_run_id would change in its window.
+CREATE OR REPLACE FUNCTION kommo_change_preview(p_run_id uuid, p_sample integer DEFAULT 10) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_run kommo_import_runs;
+BEGIN
+    SELECT * INTO v_run FROM kommo_import_runs WHERE id = p_run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown Kommo import run %', p_run_id;
+    END IF;
+    IF v_run.kind = 'increment' THEN
+        RAISE EXCEPTION 'Kommo import run % is an increment: kommo_increment_preview previews it', p_run_id;
+    END IF;
+    RETURN kommo_snapshot_preview(p_run_id, v_run.created_from, v_run.created_to, NULL, p_sample);
+END;
+$$;
+
+-- What the increment p_run_id would change: its snapshot upserted, and the import's own rows of the leads
+-- it staged or removes (kommo_increment_scope) archived or deactivated where the snapshot lacks them.
+CREATE OR REPLACE FUNCTION kommo_increment_preview(p_run_id uuid, p_sample integer DEFAULT 10) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_run kommo_import_runs;
+BEGIN
+    SELECT * INTO v_run FROM kommo_import_runs WHERE id = p_run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown Kommo import run %', p_run_id;
+    END IF;
+    IF v_run.kind <> 'increment' THEN
+        RAISE EXCEPTION 'Kommo import run % is a %, not an increment: kommo_change_preview previews it',
+            p_run_id, replace(v_run.kind, '_', ' ');
+    END IF;
+    RETURN kommo_snapshot_preview(p_run_id, '-infinity', 'infinity', kommo_increment_scope(p_run_id), p_sample);
 END;
 $$;

@@ -15,6 +15,7 @@ BEGIN
         OR (status IN ('failed', 'needs_review') AND finished_at < now() - p_failed_after);
     DELETE FROM stg_kommo_booking_vehicles WHERE run_id = ANY (v_runs);
     DELETE FROM stg_kommo_field_options WHERE run_id = ANY (v_runs);
+    DELETE FROM stg_kommo_lead_removals WHERE run_id = ANY (v_runs);
     DELETE FROM stg_kommo_contacts WHERE run_id = ANY (v_runs);
     GET DIAGNOSTICS v_contacts = ROW_COUNT;
     DELETE FROM stg_kommo_leads WHERE run_id = ANY (v_runs);

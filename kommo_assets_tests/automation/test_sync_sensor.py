@@ -1,0 +1,151 @@
+"""The incremental sync's sensor, job and alerts, against the simulator over HTTP and a real database: an idle
+tick asks at most 3 requests and starts nothing, a change starts one run that applies it, nothing is asked
+while the live flag is off or a Kommo run is active, the bookings freshness check fails and passes as it
+should, an increment over the deactivation limit stops as needs_review and alerts Slack, and a dry run's
+drift alerts Slack."""
+
+import uuid
+
+import dagster as dg
+import pytest
+
+from kommo_assets.assets.common import REFRESH_TAG
+from kommo_assets.assets.increment import BOOKINGS, FRESHNESS_CHECK
+from kommo_assets.db import runs
+from kommo_assets.resources import build_resources
+from kommo_assets_tests.automation.conftest import RUN_STATUS_SENSORS
+from kommo_assets_tests.helpers import fetch_one, production_checksum, run_job
+from kommo_assets_tests.test_full_refresh import WINDOW
+
+SENSOR = "kommo_incremental_sync_sensor"
+SYNC = "kommo_incremental_sync_job"
+
+
+def _kommo_requests(sim) -> int:
+    by_path = sim.stats()["by_path"]
+    return sum(count for path, count in by_path.items() if path.startswith("/api/"))
+
+
+def _freshness(result) -> list:
+    return [e for e in result.asset_events if isinstance(e, dg.AssetCheckEvaluation)
+            and e.check_name == FRESHNESS_CHECK and e.asset_key == BOOKINGS]
+
+
+def _in_window_lead(sim) -> dict:
+    """A booking lead the refresh of 2025 imported."""
+    return next(lead for lead in sim.dataset.iter_leads(window=WINDOW)
+                if lead["status_id"] in (79790634, 79790637))
+
+
+@pytest.fixture
+def refreshed(automation_env, instance):
+    assert run_job("kommo_full_refresh_job", instance=instance).success
+    automation_env.reset_stats()
+    return automation_env
+
+
+def test_before_any_refresh_the_sensor_says_so_and_bookings_are_not_fresh(automation_env, ticker):
+    result = ticker.tick(SENSOR)
+    assert not result.run_requests
+    assert "full refresh first" in result.skip_message
+    (verdict,) = _freshness(result)
+    assert not verdict.passed
+
+
+def test_idle_tick_asks_at_most_three_requests_and_keeps_bookings_fresh(refreshed, ticker, database_url):
+    result = ticker.tick(SENSOR)
+    assert not result.run_requests
+    assert "Nothing changed" in result.skip_message
+    assert _kommo_requests(refreshed) <= 3
+    (verdict,) = _freshness(result)
+    assert verdict.passed
+    # Long after the refresh, an idle tick is what keeps bookings fresh.
+    fetch_one(database_url, "UPDATE kommo_import_runs SET finished_at = finished_at - interval '1 hour' "
+                            "WHERE status = 'succeeded' RETURNING 1")
+    fetch_one(database_url, "UPDATE kommo_sync_state SET updated_at = now() - interval '1 hour' RETURNING 1")
+    stale = ticker.tick(SENSOR, cursor="{}")
+    assert _freshness(stale)[0].passed  # the tick itself recorded the coverage before the check
+    assert fetch_one(database_url, "SELECT updated_at > now() - interval '1 minute' FROM kommo_sync_state")[0]
+
+
+def test_freshness_fails_when_nothing_covered_the_last_minutes(refreshed, ticker, database_url, monkeypatch):
+    fetch_one(database_url, "UPDATE kommo_import_runs SET finished_at = finished_at - interval '1 hour' "
+                            "WHERE status = 'succeeded' RETURNING 1")
+    monkeypatch.setenv("KOMMO_ENABLE_LIVE", "0")  # no probe: nothing covers the time
+    (verdict,) = _freshness(ticker.tick(SENSOR, cursor="{}"))
+    assert not verdict.passed
+    assert "KOMMO_FRESHNESS_MINUTES=10" in verdict.description
+
+
+def test_a_change_starts_one_run_which_applies_it(refreshed, ticker, instance, database_url):
+    lead = _in_window_lead(refreshed)
+    refreshed.dataset.update_lead(lead["id"], price=4242)
+    result = ticker.tick(SENSOR)
+    (request,) = result.run_requests
+    assert request.run_key.startswith("kommo-sync-")
+    assert _kommo_requests(refreshed) == 1  # the leads probe found it
+    run = run_job(SYNC, instance=instance, tags=dict(request.tags or {}))
+    assert run.success
+    assert fetch_one(database_url, "SELECT value_amount FROM sales_leads WHERE lead_code = %s",
+                     (f"kommo:{lead['id']}",))[0] == 4242
+    record = runs.get_run(database_url, run.run_id)
+    assert record["kind"] == "increment" and record["status"] == "succeeded"
+    assert record["kommo_clock_at"] is not None and record["sync_to"] == record["kommo_clock_at"]
+    keys = {e.asset_key for e in run.get_asset_materialization_events()}
+    assert {dg.AssetKey(k) for k in ("vehicles", "clients", "sales_leads", "bookings", "booking_vehicles",
+                                     "calendar_events_expanded", "kommo_increment")} <= keys
+    # applied: the next tick finds nothing new since the moved cursor
+    refreshed.reset_stats()
+    assert not ticker.tick(SENSOR).run_requests
+
+
+def test_no_request_while_live_is_off_or_a_kommo_run_is_active(refreshed, ticker, instance, monkeypatch):
+    refreshed.dataset.update_lead(_in_window_lead(refreshed)["id"], price=1)
+    monkeypatch.setenv("KOMMO_ENABLE_LIVE", "0")
+    result = ticker.tick(SENSOR)
+    assert not result.run_requests and "KOMMO_ENABLE_LIVE" in result.skip_message
+    monkeypatch.setenv("KOMMO_ENABLE_LIVE", "1")
+    active = dg.DagsterRun(job_name="kommo_full_refresh_job", run_id=str(uuid.uuid4()),
+                           status=dg.DagsterRunStatus.STARTED, tags={REFRESH_TAG: "kommo"})
+    instance.add_run(active)
+    try:
+        result = ticker.tick(SENSOR)
+        assert not result.run_requests and active.run_id in result.skip_message
+    finally:
+        instance.delete_run(active.run_id)
+    assert _kommo_requests(refreshed) == 0
+
+
+def test_increment_over_the_limit_stops_needs_review_alerts_slack_and_holds(
+        refreshed, ticker, instance, database_url, fake_slack, monkeypatch):
+    ticker.prime(*RUN_STATUS_SENSORS)
+    monkeypatch.setenv("KOMMO_SYNC_MAX_DEACTIVATIONS", "0")
+    before = production_checksum(database_url)
+    lead = _in_window_lead(refreshed)
+    refreshed.dataset.delete_leads([lead["id"]])
+    # The definitions were loaded before the limit was set: the run gets the resource as built now.
+    result = run_job(SYNC, instance=instance, resources={"kommo_sync": build_resources()["kommo_sync"]})
+    assert not result.success
+    assert production_checksum(database_url) == before
+    record = runs.get_run(database_url, result.run_id)
+    assert record["status"] == "needs_review" and "KOMMO_SYNC_MAX_DEACTIVATIONS" in record["error"]
+    ticker.tick("kommo_run_failure_sensor")
+    (message,) = [m.body["text"] for m in fake_slack.messages]
+    assert "Kommo incremental sync needs review" in message and "KOMMO_SYNC_MAX_DEACTIVATIONS" in message
+    held = ticker.tick(SENSOR)
+    assert not held.run_requests and "needs_review" in held.skip_message
+
+
+def test_dry_run_records_drift_and_alerts_slack_when_it_is_not_zero(refreshed, ticker, instance, database_url,
+                                                                     fake_slack):
+    ticker.prime("kommo_drift_alert_sensor")
+    assert run_job("kommo_dry_run_job", instance=instance).success
+    ticker.tick("kommo_drift_alert_sensor")
+    assert not fake_slack.messages  # nothing changed since the refresh: drift 0
+    refreshed.dataset.update_lead(_in_window_lead(refreshed)["id"], price=99)
+    dry = run_job("kommo_dry_run_job", instance=instance)
+    assert dry.success
+    assert runs.get_run(database_url, dry.run_id)["stats"]["drift"] >= 1
+    ticker.tick("kommo_drift_alert_sensor")
+    (message,) = [m.body["text"] for m in fake_slack.messages]
+    assert "Kommo drift" in message

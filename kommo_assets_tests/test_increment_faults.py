@@ -1,0 +1,122 @@
+"""Faults during an incremental sync: SIGKILL of a real sync process while it fetches and inside its apply
+transaction, and Kommo answering 429 / 5xx / 401. Each time production and the sync cursor stay exactly as
+they were, and the next sync applies every change once."""
+
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+
+from kommo_assets.resources.postgres import PostgresResource
+from kommo_assets_tests.helpers import fetch_one, production_checksum, run_job
+from kommo_assets_tests.test_full_refresh import WINDOW
+from kommo_assets_tests.test_kill import kill, refresh_env, wait_until  # noqa: F401 - refresh_env is a fixture
+
+SYNC = "kommo_incremental_sync_job"
+_RUN_SYNC = ("import dagster as dg; from kommo_assets.definitions import defs; "
+             "r = defs.resolve_job_def('kommo_incremental_sync_job').execute_in_process("
+             "instance=dg.DagsterInstance.get(), raise_on_error=False); raise SystemExit(0 if r.success else 1)")
+
+
+def start_sync(env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _RUN_SYNC], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _cursor(url: str):
+    return fetch_one(url, "SELECT kommo_sync_cursor()")[0]
+
+
+def _changes(sim, count: int = 40) -> dict[int, int]:
+    """Prices changed on ``count`` leads of the refreshed window: lead id -> new price."""
+    leads = [lead for lead in sim.dataset.iter_leads(window=WINDOW) if lead["status_id"] != 143][:count]
+    prices = {lead["id"]: 100_000 + n for n, lead in enumerate(leads)}
+    for lead_id, price in prices.items():
+        sim.dataset.update_lead(lead_id, price=price)
+    return prices
+
+
+def _applied(url: str, prices: dict[int, int]) -> bool:
+    rows = dict(psycopg.connect(url).execute(
+        "SELECT lead_code, value_amount FROM sales_leads WHERE lead_code = ANY(%s)",
+        ([f"kommo:{lead_id}" for lead_id in prices],)).fetchall())
+    return all(rows.get(f"kommo:{lead_id}") == price for lead_id, price in prices.items())
+
+
+def _assert_next_sync_applies_once(url: str, prices: dict[int, int], sim) -> None:
+    time.sleep(1.2)  # past the abandonment grace of the killed run
+    short_grace = PostgresResource(database_url=url, abandoned_grace_seconds=1)
+    result = run_job(SYNC, resources={"postgres": short_grace})
+    assert result.success
+    assert _applied(url, prices)
+    after = production_checksum(url)
+    assert run_job(SYNC, resources={"postgres": short_grace}).success  # nothing left: nothing changes
+    assert production_checksum(url) == after
+    assert fetch_one(url, "SELECT count(*) FROM kommo_import_runs WHERE status = 'running'")[0] == 0
+
+
+def test_sigkill_while_the_sync_fetches(refresh_env, kommo_env, database_url):  # noqa: F811
+    prices = _changes(kommo_env)
+    before, cursor = production_checksum(database_url), _cursor(database_url)
+    kommo_env.set_latency(300)
+    proc = start_sync(refresh_env)
+    wait_until(lambda: kommo_env.stats()["by_path"].get("/api/v4/leads", 0) >= 1, what="the changed leads")
+    kill(proc)
+    kommo_env.set_latency(0)
+    assert production_checksum(database_url) == before
+    assert _cursor(database_url) == cursor
+    _assert_next_sync_applies_once(database_url, prices, kommo_env)
+
+
+def test_sigkill_inside_the_apply_transaction(refresh_env, kommo_env, database_url):  # noqa: F811
+    prices = _changes(kommo_env, 5)
+    before, cursor = production_checksum(database_url), _cursor(database_url)
+    blocker = psycopg.connect(database_url)
+    blocker.execute("LOCK TABLE bookings IN EXCLUSIVE MODE")  # parks the apply inside its transaction
+    proc = start_sync(refresh_env)
+
+    def apply_waiting() -> bool:
+        return bool(fetch_one(
+            database_url, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%%run_kommo_increment%%'"
+                          " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")[0])
+
+    try:
+        wait_until(apply_waiting, what="the apply to block inside its transaction")
+        kill(proc)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    wait_until(lambda: not fetch_one(
+        database_url, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%%run_kommo_increment(%%'"
+                      " AND state <> 'idle' AND pid <> pg_backend_pid()")[0], what="the orphaned apply to end")
+    assert production_checksum(database_url) == before
+    assert _cursor(database_url) == cursor
+    _assert_next_sync_applies_once(database_url, prices, kommo_env)
+
+
+@pytest.mark.parametrize("status, path", [(429, "/api/v4/events"), (503, "/api/v4/leads"),
+                                          (401, "/api/v4/contacts")])
+def test_kommo_failing_during_a_sync_applies_nothing(kommo_env, database_url, status, path):
+    assert run_job("kommo_full_refresh_job").success
+    prices = _changes(kommo_env, 5)
+    before, cursor = production_checksum(database_url), _cursor(database_url)
+    kommo_env.add_fault(kind="status", path=path, status=status, path_exact=True, times=-1)
+    result = run_job(SYNC, fast_retry=True)
+    assert not result.success
+    record = fetch_one(database_url, "SELECT status, error FROM kommo_import_runs WHERE kind = 'increment'"
+                                     " ORDER BY started_at DESC LIMIT 1")
+    assert record[0] == "failed" and str(status) in record[1]
+    assert kommo_env.config.token not in record[1]
+    assert production_checksum(database_url) == before and _cursor(database_url) == cursor
+    kommo_env.clear_faults()
+    assert run_job(SYNC).success and _applied(database_url, prices)
+
+
+def test_retried_429s_and_5xx_still_apply_once(kommo_env, database_url):
+    assert run_job("kommo_full_refresh_job").success
+    prices = _changes(kommo_env, 5)
+    kommo_env.add_fault(kind="status", path="/api/v4/events", status=429, path_exact=True, times=2)
+    kommo_env.add_fault(kind="status", path="/api/v4/leads", status=502, path_exact=True, times=1)
+    assert run_job(SYNC, fast_retry=True).success and _applied(database_url, prices)
