@@ -36,8 +36,10 @@ STATUS_LOST, STATUS_FOLLOW_UP = 143, 91703923
 BOOKING_STATUSES = (STATUS_QUOTE_SENT, STATUS_CONFIRMED, STATUS_CAR_DELIVERED, STATUS_WON)
 VEHICLE_FIELD, DELIVERY_FIELD, COLLECT_FIELD = "1234163", "1218176", "1218178"
 DAY = 86_400
-# A creation lands in the sync's window (KOMMO_REFRESH_YEARS, default 2025).
-CREATE_FROM, CREATE_TO = 1_735_689_600 + 30 * DAY, 1_767_225_600 - 30 * DAY  # 2025-01-31 .. 2025-12-02
+# A creation lands in the sync's window (KOMMO_REFRESH_YEARS, default 2025: 2025-01-01 .. 2026-01-01), with
+# its delivery a few weeks later.
+WINDOW_FROM = 1_735_689_600
+CREATE_FROM, CREATE_TO = WINDOW_FROM + 30 * DAY, 1_767_225_600 - 30 * DAY  # deliveries 2025-01-31 .. 2025-12-02
 
 # The kinds of change and their share of a batch. Deactivations (lost, follow-up, delete) stay at a fifth,
 # well under the sync's guard (KOMMO_SYNC_MAX_DEACTIVATIONS, 50) at 100 changes.
@@ -148,7 +150,8 @@ def plan_changes(conn: psycopg.Connection, kinds: list[str], rng: random.Random,
         if kind == "create":
             delivery = rng.randrange(CREATE_FROM, CREATE_TO) // 3600 * 3600
             vehicle = rng.choice(vehicles)
-            mutation = {"op": "add_lead", "created_at": delivery - rng.randrange(1, 60) * DAY,
+            created_at = max(delivery - rng.randrange(1, 60) * DAY, WINDOW_FROM + DAY)
+            mutation = {"op": "add_lead", "created_at": created_at,
                         "status_id": STATUS_CONFIRMED, "name": f"Benchmark booking {n}", "price": 100 + n,
                         "main_contact": {"name": f"Benchmark client {n}", "phone": f"+4915100{n:05d}"},
                         "custom_fields": {VEHICLE_FIELD: vehicle, DELIVERY_FIELD: delivery,
