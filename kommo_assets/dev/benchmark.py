@@ -16,10 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from kommo_assets.dev import benchmark_incremental as incremental
 from kommo_assets.kommo import DEFAULT_MAX_RPS, MAX_PAGE_SIZE
 from kommo_assets.settings import refresh_years
 
@@ -170,16 +170,19 @@ def _worker_naive(args: argparse.Namespace) -> dict:
 
 def _worker(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kommo-assets benchmark worker")
-    parser.add_argument("--mode", choices=("job", "naive"), required=True)
+    parser.add_argument("--mode", choices=("job", "naive", "incremental"), required=True)
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--max-rps", type=float, required=True)
     parser.add_argument("--max-in-flight", type=int, default=6)
+    parser.add_argument("--changes", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     os.environ.update({"KOMMO_DATABASE_URL": args.database_url, "KOMMO_BASE_URL": args.base_url,
                        "KOMMO_ACCESS_TOKEN": TOKEN, "KOMMO_ENABLE_LIVE": "1"})
     os.environ.pop("KOMMO_SNAPSHOT_DIR", None)
-    out = _worker_job(args) if args.mode == "job" else _worker_naive(args)
+    workers = {"job": _worker_job, "naive": _worker_naive, "incremental": incremental.worker_incremental}
+    out = workers[args.mode](args)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("BENCHMARK_RESULT " + json.dumps(out, default=str), flush=True)
     return 0
@@ -233,10 +236,8 @@ def _simulator(leads: int, rps: float, latency_ms: float, *, priority: bool = Tr
             raise RuntimeError(f"the simulator did not start: {line!r}")
         base_url = line.strip().split("base_url=", 1)[1]
 
-        def control(path: str, method: str = "GET") -> dict:
-            request = urllib.request.Request(base_url + path, method=method, data=b"{}" if method == "POST" else None)
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read() or b"{}")
+        def control(path: str, method: str = "GET", body: object | None = None) -> dict:
+            return incremental.simulator_call(base_url, path, method, body)
 
         yield base_url, control, mode
     finally:
@@ -244,10 +245,11 @@ def _simulator(leads: int, rps: float, latency_ms: float, *, priority: bool = Tr
         proc.wait(timeout=30)
 
 
-def _run_worker(mode: str, database_url: str, base_url: str, max_rps: float, max_in_flight: int) -> dict:
+def _run_worker(mode: str, database_url: str, base_url: str, max_rps: float, max_in_flight: int,
+                extra: list[str] = ()) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "kommo_assets.dev.benchmark", "worker", "--mode", mode, "--database-url", database_url,
-         "--base-url", base_url, "--max-rps", str(max_rps), "--max-in-flight", str(max_in_flight)],
+         "--base-url", base_url, "--max-rps", str(max_rps), "--max-in-flight", str(max_in_flight), *extra],
         capture_output=True, text=True,
     )
     for line in proc.stdout.splitlines():
@@ -319,16 +321,21 @@ def _measure(args: argparse.Namespace) -> dict:
             control("/_simulator/reset_stats", "POST")
             first = _run_worker("job", url, base_url, args.client_rps, args.max_in_flight)
             first["throttled_429"] = control("/_simulator/stats")["throttled_429"]
-            control("/_simulator/reset_stats", "POST")
-            rerun = _run_worker("job", url, base_url, args.client_rps, args.max_in_flight)
-            rerun["throttled_429"] = control("/_simulator/stats")["throttled_429"]
-            report["job"], report["job_rerun"] = first, rerun
-            if args.baseline:
+            report["job"] = first
+            if not args.incremental_only:
+                control("/_simulator/reset_stats", "POST")
+                rerun = _run_worker("job", url, base_url, args.client_rps, args.max_in_flight)
+                rerun["throttled_429"] = control("/_simulator/stats")["throttled_429"]
+                report["job_rerun"] = rerun
+            if args.incremental:
+                # After the full refresh (and its re-run), on the account it loaded: nothing changed since.
+                report["incremental"] = incremental.measure(server, url, base_url, root, args, _run_worker)
+            if args.baseline and not args.incremental_only:
                 control("/_simulator/reset_stats", "POST")
                 naive = _run_worker("naive", _fresh_database(server, "bench_naive"), base_url, args.client_rps, 1)
                 naive["throttled_429"] = control("/_simulator/stats")["throttled_429"]
                 report["baseline"] = naive
-        if args.memory_sweep:
+        if args.memory_sweep and not args.incremental_only:
             report["memory"] = {}
             for size in args.memory_sizes:
                 with _simulator(generated_for(size), args.sweep_rps, 0, priority=False) as (base_url, _, _):
@@ -342,6 +349,18 @@ def _measure(args: argparse.Namespace) -> dict:
 
 
 def _print(report: dict) -> None:
+    if report["config"].get("incremental_only"):
+        job = report["job"]
+        print(f"\nAccount loaded by one full refresh: {job['leads']:,} leads in the snapshot "
+              f"({report['config']['generated']:,} generated), {job['contacts']:,} contacts, in "
+              f"{job['wall_seconds']:.1f} s ({job['requests']} requests, 429s {job['throttled_429']}); "
+              f"{report.get('machine', '')}")
+    else:
+        _print_full_refresh(report)
+    incremental.print_section(report)
+
+
+def _print_full_refresh(report: dict) -> None:
     cfg = report["config"]
     job = report["job"]
     needed = requests_needed(job["leads_received"], job["contacts_requested"])
@@ -432,7 +451,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="snapshot sizes (staged leads) of the memory sweep")
     parser.add_argument("--sweep-rps", type=float, default=400.0, help="simulator rate limit for the memory sweep")
     parser.add_argument("--json", help="also write the raw figures to this file")
+    incremental.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.incremental_only and not args.incremental:
+        parser.error("--incremental-only and --no-incremental exclude each other")
     if args.generated is None:
         args.generated = generated_for(args.leads)
     report = _measure(args)

@@ -8,6 +8,7 @@ import pytest
 
 from kommo_assets.db.staging import payload_json
 from kommo_assets.dev import benchmark
+from kommo_assets.dev import benchmark_incremental as incremental
 from kommo_assets.kommo.fields import sanitize_payload
 
 
@@ -51,7 +52,7 @@ def test_the_fast_payload_text_is_the_sanitized_payload(payload: dict) -> None:
 def test_a_tiny_benchmark_prints_every_figure(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
     assert benchmark.main(["--leads", "2000", "--latency-ms", "0", "--no-baseline", "--rps", "100",
-                           "--client-rps", "90", "--json", str(out)]) == 0
+                           "--client-rps", "90", "--no-incremental", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     for figure in ("total wall time", "floor (requests/limit)", "wall / floor", "requests made", "429s received",
                    "staging rows/s", "swap seconds", "re-run swap (unchanged)", "peak RSS of the worker",
@@ -64,3 +65,47 @@ def test_a_tiny_benchmark_prints_every_figure(tmp_path, capsys) -> None:
     assert job["requests"] >= benchmark.requests_needed(job["leads_received"], job["contacts_requested"])
     assert job["peak_rss_mb"] > 0 and job["swap_seconds"] >= 0
     assert report["config"]["generated"] == benchmark.generated_for(2000)
+
+
+def test_a_change_mix_keeps_its_shares_and_deactivates_under_the_guard() -> None:
+    kinds = incremental.kind_mix(100)
+    assert len(kinds) == 100 and set(kinds) == set(incremental.KIND_WEIGHTS)
+    assert sum(kind in ("lost", "follow_up", "delete") for kind in kinds) <= 50  # KOMMO_SYNC_MAX_DEACTIVATIONS
+    assert len(incremental.kind_mix(20)) == 20 and len(incremental.kind_mix(2)) == 2
+
+
+def test_percentiles_interpolate_between_ranks() -> None:
+    values = [float(v) for v in range(1, 21)]
+    assert incremental.percentile(values, 50) == 10.5
+    assert incremental.percentile(values, 95) == pytest.approx(19.05)
+    assert incremental.percentile([3.0], 95) == 3.0
+    assert math.isnan(incremental.percentile([], 50))
+
+
+@pytest.mark.timeout(300)
+def test_a_tiny_incremental_benchmark_prints_every_figure(tmp_path, capsys) -> None:
+    """One full refresh, the idle tick, a sync of 20 changes, and the daemon with 2 changes at a 3 s
+    sensor interval; every figure printed and every change found in production."""
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--leads", "2000", "--latency-ms", "0", "--rps", "100", "--client-rps", "90",
+                           "--incremental-only", "--sync-changes", "20", "--freshness-changes", "2",
+                           "--freshness-spread", "2", "--freshness-timeout", "60", "--sync-interval", "3",
+                           "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for figure in ("Account loaded by one full refresh", "idle tick requests", "tick after the changes",
+                   "sync of changed leads", "sync requests", "sync run start -> commit", "changes in production",
+                   "change -> visible p50", "change -> visible p95", "change -> visible max", "changes visible",
+                   "increments the daemon ran", "wall time"):
+        assert figure in printed, figure
+    assert "total wall time" not in printed.split("Incremental sync")[0]  # no full-refresh block, no re-run
+    inc = json.loads(out.read_text())["incremental"]
+    assert inc["idle_tick"]["requests"] <= 3 and inc["idle_tick"]["run_requests"] == 0
+    assert inc["change_tick"]["run_requests"] == 1
+    sync = inc["sync"]
+    assert sync["success"] and sync["visible"] == inc["changes"] == 20
+    assert 0 < sync["commit_seconds"] < sync["wall_seconds"]
+    assert sync["requests"] == sync["client_requests"] > 0
+    fresh = inc["freshness"]
+    assert fresh["visible"] == fresh["changes"] == 2, fresh["not_visible"]
+    assert 0 < fresh["p50"] <= fresh["p95"] <= fresh["max"] <= 60
+    assert fresh["increments"].get("succeeded", 0) >= 1
