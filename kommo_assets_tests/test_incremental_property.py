@@ -108,6 +108,16 @@ def fresh_pair(pg_admin_url, template_url):
         _drop_database(pg_admin_url, name)
 
 
+def _clients_agree(synced: list[tuple], refreshed: list[tuple]) -> bool:
+    """The same clients, each field equal, except where Kommo's field is empty: there a client keeps the value
+    it held (sql/functions/15_kommo_snapshot.sql, kommo_snapshot_clients), which a client the syncs created
+    before Kommo emptied the field has and one the single refresh created afterwards does not."""
+    if [row[0] for row in synced] != [row[0] for row in refreshed]:
+        return False
+    return all(ours == theirs or theirs is None
+               for a, b in zip(synced, refreshed, strict=True) for ours, theirs in zip(a[1:], b[1:], strict=True))
+
+
 # No shrinking: each example takes about a second, and a failing sequence is short enough to read as drawn.
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, print_blob=True,
           phases=(Phase.explicit, Phase.reuse, Phase.generate),
@@ -137,6 +147,8 @@ def test_syncs_after_each_batch_equal_a_full_refresh(sequence, seed, pg_admin_ur
                             ), f"{table} differs after {sequence!r}"
                     gone = {r[0] for r in synced[table] if r[1] != live}
                     assert {r[0] for r in refreshed[table] if r[1] != live} <= gone, f"{table}: {sequence!r}"
+                elif table == "clients":
+                    assert _clients_agree(synced[table], refreshed[table]), f"clients differ after {sequence!r}"
                 else:
                     assert synced[table] == refreshed[table], f"{table} differs after {sequence!r}"
         finally:

@@ -86,3 +86,12 @@ def _quotes_a_secret(exc: BaseException, secrets: list[str]) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+# Which apply counters (of the swap and the increment alike) describe which production table.
+APPLY_COUNTS = {
+    "vehicles": ("vehicles_created",),
+    "clients": ("clients_added", "clients_updated"),
+    "sales_leads": ("sales_leads_added", "sales_leads_updated", "sales_leads_archived"),
+    "bookings": ("bookings_added", "bookings_updated", "bookings_deactivated"),
+    "booking_vehicles": ("booking_vehicles_added", "booking_vehicles_removed"),
+}

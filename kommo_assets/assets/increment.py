@@ -13,6 +13,7 @@ import dagster as dg
 
 from kommo_assets import settings
 from kommo_assets.assets.common import (
+    APPLY_COUNTS,
     CALENDAR_VIEW,
     KOMMO_API,
     KOMMO_POOL,
@@ -34,14 +35,6 @@ SYNC_GROUP = "kommo_sync"
 BOOKINGS = dg.AssetKey("bookings")
 FRESHNESS_CHECK = "bookings_fresh"
 
-# Which apply counters describe which production table (the swap's keys).
-_COUNTS = {
-    "vehicles": ("vehicles_created",),
-    "clients": ("clients_added", "clients_updated"),
-    "sales_leads": ("sales_leads_added", "sales_leads_updated", "sales_leads_archived"),
-    "bookings": ("bookings_added", "bookings_updated", "bookings_deactivated"),
-    "booking_vehicles": ("booking_vehicles_added", "booking_vehicles_removed"),
-}
 
 
 def sync_windows() -> list:
@@ -112,7 +105,7 @@ def kommo_increment(
         context.log_event(dg.AssetMaterialization(
             asset_key=key,
             description="Kommo incremental sync",
-            metadata={**common, "kind": "increment", **{c: counts.get(c, 0) for c in _COUNTS[name]}},
+            metadata={**common, "kind": "increment", **{c: counts.get(c, 0) for c in APPLY_COUNTS[name]}},
         ))
     context.log_event(dg.AssetMaterialization(
         asset_key=CALENDAR_VIEW, description="Kommo incremental sync", metadata={**common, "kind": "increment"},

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from kommo_assets.assets.common import (
+    APPLY_COUNTS,
     CALENDAR_VIEW,
     KOMMO_GROUP,
     PRODUCTION_KEYS,
@@ -21,14 +22,6 @@ _DESCRIPTIONS = {
     "booking_vehicles": "The primary vehicle link of each Kommo booking.",
 }
 
-# Which swap counters describe which table.
-_COUNTS = {
-    "vehicles": ("vehicles_created",),
-    "clients": ("clients_added", "clients_updated"),
-    "sales_leads": ("sales_leads_added", "sales_leads_updated", "sales_leads_archived"),
-    "bookings": ("bookings_added", "bookings_updated", "bookings_deactivated"),
-    "booking_vehicles": ("booking_vehicles_added", "booking_vehicles_removed"),
-}
 
 _TABLE_ROWS_SQL = """
 SELECT (SELECT count(*) FROM vehicles),
@@ -77,7 +70,7 @@ def kommo_swap(context: dg.AssetExecutionContext, postgres: PostgresResource,
             metadata={
                 "import_run_id": run_id,
                 "dagster/row_count": rows,
-                **{counter: counts[counter] for counter in _COUNTS[name]},
+                **{counter: counts[counter] for counter in APPLY_COUNTS[name]},
                 "swap_seconds": float(counts["swap_seconds"]),
                 **(extra if name == "bookings" else {}),
             },

@@ -25,3 +25,12 @@ BEGIN
     RAISE EXCEPTION 'no Kommo advisory lock is named %', p_name;
 END;
 $$;
+
+-- Whether this session holds the named transaction lock: functions that may only run inside the swap or the
+-- increment (they suspend foreign keys, or write production) check it.
+CREATE OR REPLACE FUNCTION kommo_holds_lock(p_name text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_locks
+                    WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+                      AND classid = 0 AND objid = kommo_lock_key(p_name) AND objsubid = 1)
+$$;

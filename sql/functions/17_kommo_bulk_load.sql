@@ -48,9 +48,7 @@ DECLARE
     v_wait interval := interval '2 seconds';
     v_deadline timestamptz;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_locks
-                    WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
-                      AND classid = 0 AND objid = kommo_lock_key('swap') AND objsubid = 1) THEN
+    IF NOT kommo_holds_lock('swap') THEN
         RAISE EXCEPTION 'kommo_suspend_foreign_keys runs only inside run_kommo_full_refresh';
     END IF;
     IF v_setting IS NOT NULL THEN

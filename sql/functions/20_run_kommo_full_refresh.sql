@@ -57,9 +57,7 @@ DECLARE
     v_key_checks text := 'per row';
     v_stats_target text := current_setting('default_statistics_target');
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_locks
-                    WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
-                      AND classid = 0 AND objid = kommo_lock_key('swap') AND objsubid = 1) THEN
+    IF NOT kommo_holds_lock('swap') THEN
         RAISE EXCEPTION 'kommo_apply_snapshot runs only inside run_kommo_full_refresh or run_kommo_increment';
     END IF;
 
