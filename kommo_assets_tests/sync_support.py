@@ -34,7 +34,7 @@ def full_refresh(url: str, sim, year: int = YEAR) -> dict:
             runs.set_kommo_clock(run_id, result.kommo_clock)
         verdict = runs.drop_guard(run_id)
         assert verdict["passed"], verdict
-        return runs.swap(run_id)
+        return {**runs.swap(run_id), "run_id": run_id}
 
 
 def increment(url: str, sim, max_deactivations: int = 1_000_000, years: tuple[int, ...] = (YEAR,)) -> dict:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
@@ -108,14 +108,30 @@ def fresh_pair(pg_admin_url, template_url):
         _drop_database(pg_admin_url, name)
 
 
-def _clients_agree(synced: list[tuple], refreshed: list[tuple]) -> bool:
-    """The same clients, each field equal, except where Kommo's field is empty: there a client keeps the value
-    it held (sql/functions/15_kommo_snapshot.sql, kommo_snapshot_clients), which a client the syncs created
-    before Kommo emptied the field has and one the single refresh created afterwards does not."""
+def _staged_contacts(url: str, run_id: str) -> dict[int, tuple]:
+    """What Kommo holds now for each contact (name, phone, email), as the final refresh staged it."""
+    with psycopg.connect(url) as conn:
+        return {row[0]: row[1:] for row in conn.execute(
+            "SELECT contact_id, name, phone, email FROM stg_kommo_contacts WHERE run_id = %s", (run_id,))}
+
+
+def _clients_agree(synced: list[tuple], refreshed: list[tuple], kommo: dict[int, tuple]) -> bool:
+    """The same clients, and each field equal wherever Kommo holds a value for it. Where Kommo's field is
+    empty, a client keeps the value it held (sql/functions/15_kommo_snapshot.sql, kommo_snapshot_clients):
+    that value depends on the client's history (what a sync saw before Kommo emptied it, or what the
+    starting state held), so it is not compared."""
     if [row[0] for row in synced] != [row[0] for row in refreshed]:
         return False
-    return all(ours == theirs or theirs is None
-               for a, b in zip(synced, refreshed, strict=True) for ours, theirs in zip(a[1:], b[1:], strict=True))
+    for ours, theirs in zip(synced, refreshed, strict=True):
+        now = kommo.get(ours[0])
+        if now is None:  # not staged by the final refresh: nothing decides for it, so all must agree
+            if ours != theirs:
+                return False
+            continue
+        for field, (a, b) in enumerate(zip(ours[1:], theirs[1:], strict=True)):
+            if now[field] not in (None, "") and a != b:
+                return False
+    return True
 
 
 # No shrinking: each example takes about a second, and a failing sequence is short enough to read as drawn.
@@ -123,6 +139,13 @@ def _clients_agree(synced: list[tuple], refreshed: list[tuple]) -> bool:
           phases=(Phase.explicit, Phase.reuse, Phase.generate),
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(sequence=batches, seed=st.integers(1, 50))
+# Found by earlier runs: a client field Kommo empties after a sync (or after the starting state) saw a value.
+@example(sequence=[(1, [("relink", 146, 1740), ("contact", 250, "Ana Lima", False), ("status", 3508, 79790637)]),
+                   (1, [("create", 1_767_225_598, 79790640, 21), ("create", 1_765_849_993, 79790634, 405),
+                        ("contact", 82, "", True), ("create", 1_760_922_056, 79790631, 131)])], seed=26)
+@example(sequence=[(0, [("contact", 842, "Bo Chen", True), ("status", 842, 79790640),
+                        ("contact", 1123, "Bo Chen", True)]),
+                   (2, [("contact", 842, "Bo Chen", True), ("contact", 842, "", True)])], seed=1)
 def test_syncs_after_each_batch_equal_a_full_refresh(sequence, seed, pg_admin_url, fresh_pair):
     with KommoSimulator(SimulatorConfig(leads=12, seed=seed, token="sync-property", rate_limit_rps=None)) as sim:
         sim.dataset.clock.set(T0)
@@ -136,8 +159,9 @@ def test_syncs_after_each_batch_equal_a_full_refresh(sequence, seed, pg_admin_ur
                     _apply(sim, op)
                 counts = increment(a_url, sim)
                 assert counts["status"] == "succeeded", (sequence, counts)
-            full_refresh(b_url, sim)
+            final = full_refresh(b_url, sim)
             synced, refreshed = production_rows(a_url), production_rows(b_url)
+            kommo_contacts = _staged_contacts(b_url, final["run_id"])
             for table in refreshed:
                 if table in LEAVING:
                     # Live rows alike; every row the refresh retired, the syncs retired too. A lead created
@@ -148,7 +172,8 @@ def test_syncs_after_each_batch_equal_a_full_refresh(sequence, seed, pg_admin_ur
                     gone = {r[0] for r in synced[table] if r[1] != live}
                     assert {r[0] for r in refreshed[table] if r[1] != live} <= gone, f"{table}: {sequence!r}"
                 elif table == "clients":
-                    assert _clients_agree(synced[table], refreshed[table]), f"clients differ after {sequence!r}"
+                    assert _clients_agree(synced[table], refreshed[table], kommo_contacts), (
+                        f"clients differ after {sequence!r}")
                 else:
                     assert synced[table] == refreshed[table], f"{table} differs after {sequence!r}"
         finally:
