@@ -10,7 +10,12 @@ import pytest
 
 from kommo_assets_tests.helpers import fetch_one, production_checksum, run_job
 from kommo_assets_tests.test_full_refresh import WINDOW
-from kommo_assets_tests.test_kill import kill, refresh_env, wait_until  # noqa: F401 - refresh_env is a fixture
+from kommo_assets_tests.test_kill import (  # noqa: F401 - refresh_env is a fixture
+    kill,
+    kill_inside_transaction,
+    refresh_env,
+    wait_until,
+)
 
 SYNC = "kommo_incremental_sync_job"
 _RUN_SYNC = ("import dagster as dg; from kommo_assets.definitions import defs; "
@@ -70,24 +75,7 @@ def test_sigkill_while_the_sync_fetches(refresh_env, kommo_env, database_url):  
 def test_sigkill_inside_the_apply_transaction(refresh_env, kommo_env, database_url):  # noqa: F811
     prices = _changes(kommo_env, 5)
     before, cursor = production_checksum(database_url), _cursor(database_url)
-    blocker = psycopg.connect(database_url)
-    blocker.execute("LOCK TABLE bookings IN EXCLUSIVE MODE")  # parks the apply inside its transaction
-    proc = start_sync(refresh_env)
-
-    def apply_waiting() -> bool:
-        return bool(fetch_one(
-            database_url, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%%run_kommo_increment%%'"
-                          " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")[0])
-
-    try:
-        wait_until(apply_waiting, what="the apply to block inside its transaction")
-        kill(proc)
-    finally:
-        blocker.rollback()
-        blocker.close()
-    wait_until(lambda: not fetch_one(
-        database_url, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%%run_kommo_increment(%%'"
-                      " AND state <> 'idle' AND pid <> pg_backend_pid()")[0], what="the orphaned apply to end")
+    kill_inside_transaction(database_url, "run_kommo_increment", lambda: start_sync(refresh_env))
     assert production_checksum(database_url) == before
     assert _cursor(database_url) == cursor
     _assert_next_sync_applies_once(database_url, prices, kommo_env)

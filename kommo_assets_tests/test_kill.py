@@ -39,6 +39,30 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+def kill_inside_transaction(database_url: str, function: str, start) -> None:
+    """Starts a run (``start()``), parks its ``function`` inside its transaction on a lock of bookings (held
+    here: the swap and the increment's apply write vehicles, clients and leads before bookings), SIGKILLs
+    the run there, and waits until the server has ended the orphaned transaction."""
+    blocker = psycopg.connect(database_url)
+    blocker.execute("LOCK TABLE bookings IN EXCLUSIVE MODE")
+    proc = start()
+
+    def parked() -> bool:
+        return bool(fetch_one(
+            database_url, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s"
+                          " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()", (f"%{function}%",))[0])
+
+    try:
+        wait_until(parked, what=f"{function} to block inside its transaction")
+        kill(proc)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    wait_until(lambda: not fetch_one(
+        database_url, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s AND state <> 'idle'"
+                      " AND pid <> pg_backend_pid()", (f"%{function}(%",))[0], what=f"the orphaned {function} to end")
+
+
 @pytest.fixture
 def refresh_env(kommo_env, database_url, monkeypatch, tmp_path):
     """A first succeeded refresh, then the environment for subprocess runs."""
@@ -98,26 +122,7 @@ def test_sigkill_inside_the_swap_transaction(refresh_env, kommo_env, database_ur
                 if lead["status_id"] == 79790637 and WINDOW[0] <= lead["created_at"] < WINDOW[1])
     kommo_env.dataset.update_lead(lead["id"], status_id=79790640)
     before = production_checksum(database_url)
-    blocker = psycopg.connect(database_url)
-    # Holding this lock parks the swap at its bookings upsert, after it wrote vehicles, clients and leads.
-    blocker.execute("LOCK TABLE bookings IN EXCLUSIVE MODE")
-    proc = start_refresh(refresh_env)
-
-    def swap_waiting() -> bool:
-        return bool(fetch_one(
-            database_url,
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%%run_kommo_full_refresh%%'"
-            " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")[0])
-
-    try:
-        wait_until(swap_waiting, what="the swap to block inside its transaction")
-        kill(proc)
-    finally:
-        blocker.rollback()
-        blocker.close()
-    wait_until(lambda: not fetch_one(
-        database_url, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%%run_kommo_full_refresh(%%'"
-                      " AND state <> 'idle' AND pid <> pg_backend_pid()")[0], what="the orphaned swap to end")
+    kill_inside_transaction(database_url, "run_kommo_full_refresh", lambda: start_refresh(refresh_env))
     _assert_recovers(database_url, before)
     status = fetch_one(database_url, "SELECT kommo_status_id FROM bookings WHERE source_payload_id = %s",
                        (f"kommo:{lead['id']}",))[0]
