@@ -442,6 +442,9 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "nginx"
     sys_version = ""
     timeout = 120  # idle keep-alive connections are dropped after this
+    # nginx's tcp_nodelay: a reply's headers and body go out at once, not 40 ms apart (Nagle's algorithm
+    # holding the body until the client's delayed ACK of the headers).
+    disable_nagle_algorithm = True
 
     server: _Server
 
@@ -526,7 +529,7 @@ class KommoSimulator:
         self.base_url = f"http://{shown}:{port}"
         self.dataset.base_url = self.base_url
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="kommo-simulator", daemon=True
+            target=server.serve_forever, kwargs={"poll_interval": 0.02}, name="kommo-simulator", daemon=True
         )
         self._thread.start()
         return self
