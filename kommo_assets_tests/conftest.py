@@ -13,6 +13,7 @@ from psycopg import sql
 
 from kommo_assets.db.migrate import migrate
 from kommo_assets.dev.local_postgres import LocalPostgres
+from kommo_assets_tests.helpers import create_database, drop_database, url_for_database
 
 TEMPLATE_DB = "kommo_test_template"
 
@@ -36,49 +37,31 @@ def pg_admin_url(pg_server) -> str:
     return os.environ.get("KOMMO_TEST_ADMIN_URL") or pg_server.url("postgres")
 
 
-def _database_url(admin_url: str, name: str) -> str:
-    return psycopg.conninfo.make_conninfo(admin_url, dbname=name)
-
-
-def _create_database(admin_url: str, name: str, template: str | None = None) -> str:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
-        if template:
-            query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
-        conn.execute(query)
-    return _database_url(admin_url, name)
-
-
-def _drop_database(admin_url: str, name: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
 @pytest.fixture(scope="session")
 def template_url(pg_admin_url) -> str:
-    _drop_database(pg_admin_url, TEMPLATE_DB)
-    url = _create_database(pg_admin_url, TEMPLATE_DB)
+    drop_database(pg_admin_url, TEMPLATE_DB)
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
+    url = url_for_database(pg_admin_url, TEMPLATE_DB)
     migrate(url)
     yield url
-    _drop_database(pg_admin_url, TEMPLATE_DB)
+    drop_database(pg_admin_url, TEMPLATE_DB)
 
 
 @pytest.fixture
 def database_url(pg_admin_url, template_url) -> str:
     """A fresh database with the whole schema, for this test only."""
-    name = f"kommo_test_{uuid.uuid4().hex[:12]}"
-    url = _create_database(pg_admin_url, name, template=TEMPLATE_DB)
+    name, url = create_database(pg_admin_url, TEMPLATE_DB)
     yield url
-    _drop_database(pg_admin_url, name)
+    drop_database(pg_admin_url, name)
 
 
 @pytest.fixture
 def empty_database_url(pg_admin_url) -> str:
     """A fresh database without the schema (for migration tests)."""
-    name = f"kommo_test_{uuid.uuid4().hex[:12]}"
-    url = _create_database(pg_admin_url, name)
+    name, url = create_database(pg_admin_url)
     yield url
-    _drop_database(pg_admin_url, name)
+    drop_database(pg_admin_url, name)
 
 
 @pytest.fixture

@@ -1,13 +1,40 @@
-"""Test helpers: run a job in process, read production state, checksum the production tables."""
+"""Test helpers: throwaway databases, run a job in process, read production state, checksum the production
+tables."""
 
 import hashlib
+import uuid
 from contextlib import nullcontext
 
 import dagster as dg
 import psycopg
+from psycopg import sql
 
 PRODUCTION_TABLES = ("clients", "vehicles", "sales_leads", "bookings", "booking_vehicles", "calendar_events",
                      "zoho_outbox")
+
+
+def database_name(url: str) -> str:
+    return psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+
+
+def url_for_database(admin_url: str, name: str) -> str:
+    return psycopg.conninfo.make_conninfo(admin_url, dbname=name)
+
+
+def create_database(admin_url: str, template: str | None = None, prefix: str = "kommo_test") -> tuple[str, str]:
+    """(name, url) of a new database, copied from ``template`` when given (otherwise empty)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template:
+        query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(query)
+    return name, url_for_database(admin_url, name)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 

@@ -16,14 +16,11 @@ from kommo_assets.dev.simulator import KommoSimulator, SimulatorConfig
 from kommo_assets_tests.faults.support import (
     LEADS,
     SEED,
-    create_database,
-    database_name,
-    drop_database,
     normalized_production,
     run,
     set_code_location_env,
 )
-from kommo_assets_tests.helpers import production_checksum
+from kommo_assets_tests.helpers import create_database, database_name, drop_database, production_checksum
 from kommo_assets_tests.test_full_refresh import expected_snapshot
 
 
@@ -68,7 +65,7 @@ def fault_env(request, monkeypatch, pg_admin_url, template_url, make_simulator):
 
     def factory(start: str = "baseline", leads: int = LEADS, seed: int = SEED, **config) -> FaultEnv:
         template = request.getfixturevalue("baseline").name if start == "baseline" else database_name(template_url)
-        name, url = create_database(pg_admin_url, template)
+        name, url = create_database(pg_admin_url, template, prefix="kommo_fault")
         created.append(name)
         sim = make_simulator(leads=leads, seed=seed, **config)
         set_code_location_env(monkeypatch, url, sim)

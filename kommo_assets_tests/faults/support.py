@@ -4,7 +4,6 @@ resource, a normalized view of production (no generated ids or timestamps), and 
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections.abc import Iterable
 from contextlib import nullcontext
 from typing import Any
@@ -22,30 +21,6 @@ DRY_RUN = "kommo_dry_run_job"
 
 STAGING_TABLES = ("stg_kommo_leads", "stg_kommo_contacts", "stg_kommo_booking_vehicles", "stg_kommo_field_options")
 RUN_TABLES = ("kommo_import_runs", "kommo_refresh_requests", "kommo_refresh_staff", "kommo_runtime_flags")
-
-
-# --- databases ------------------------------------------------------------------------------------
-
-
-def database_name(url: str) -> str:
-    return psycopg.conninfo.conninfo_to_dict(url)["dbname"]
-
-
-def database_url(admin_url: str, name: str) -> str:
-    return psycopg.conninfo.make_conninfo(admin_url, dbname=name)
-
-
-def create_database(admin_url: str, template: str, prefix: str = "kommo_fault") -> tuple[str, str]:
-    """(name, url) of a new database copied from ``template``."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
-    return name, database_url(admin_url, name)
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def set_code_location_env(monkeypatch, url: str, sim) -> None:

@@ -24,14 +24,12 @@ import pytest
 from kommo_assets.dev.simulator import KommoSimulator, SimulatorConfig
 from kommo_assets.kommo.fields import MAX_AMOUNT, MAX_ID, MAX_NESTING, parse_amount, positive_int
 from kommo_assets_tests.faults.support import (
-    create_database,
-    database_name,
-    drop_database,
     materializations,
     run,
     set_code_location_env,
     step_failure,
 )
+from kommo_assets_tests.helpers import create_database, database_name, drop_database
 from kommo_assets_tests.test_full_refresh import STATUS_MAP, WINDOW, expected_snapshot
 
 VEHICLE, SOURCE, DELIVERY, COLLECT = 1234163, 823206, 1218176, 1218178

@@ -33,13 +33,11 @@ from kommo_assets_tests.faults.support import (
     SEED,
     STAGING_TABLES,
     Scan,
-    create_database,
-    drop_database,
     run,
     set_code_location_env,
     step_failure,
 )
-from kommo_assets_tests.helpers import fetch_one, production_checksum
+from kommo_assets_tests.helpers import create_database, drop_database, fetch_one, production_checksum
 from kommo_assets_tests.test_full_refresh import expected_snapshot
 
 pytestmark = pytest.mark.timeout(180)
@@ -138,7 +136,7 @@ def test_the_token_appears_nowhere_after_failing_runs(fault_env, caplog, capfd):
 @pytest.fixture(scope="module")
 def intruder(baseline, pg_admin_url):
     """A login role with no privileges, connected to a database holding a succeeded and a failed run."""
-    name, url = create_database(pg_admin_url, baseline.name)
+    name, url = create_database(pg_admin_url, baseline.name, prefix="kommo_fault")
     role = f"intruder_{uuid.uuid4().hex[:8]}"
     sim = KommoSimulator(SimulatorConfig(leads=LEADS, seed=SEED, token=f"intruder-{uuid.uuid4().hex}"))
     with sim, pytest.MonkeyPatch.context() as mp:
