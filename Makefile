@@ -26,10 +26,13 @@ run: system-deps install
 dev: system-deps install
 	$(BIN)/kommo-assets dev
 
-## Lint and run the whole test suite against a real local Postgres and the simulator.
+## Lint and run the whole test suite against a real local Postgres and the simulator, in TEST_WORKERS
+## processes (pytest-xdist), each with its own PostgreSQL server; a whole file runs on one worker.
+## Four on two cores: most tests wait on PostgreSQL, HTTP or a child process more than they compute.
+TEST_WORKERS ?= 4
 test: system-deps install
 	$(BIN)/ruff check kommo_assets kommo_assets_tests
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 ## Benchmark (not part of the tests): 100k leads at 7 requests/s and 400 ms latency, baseline, memory sweep.
 benchmark: system-deps install

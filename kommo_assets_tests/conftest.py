@@ -15,7 +15,35 @@ from kommo_assets.db.migrate import migrate
 from kommo_assets.dev.local_postgres import LocalPostgres
 from kommo_assets_tests.helpers import create_database, drop_database, url_for_database
 
-TEMPLATE_DB = "kommo_test_template"
+# One per pytest-xdist worker: workers sharing a server (KOMMO_TEST_ADMIN_URL) keep their templates apart.
+TEMPLATE_DB = f"kommo_test_template_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+
+# The longest files first, longest at the top (seconds each took on one of `make test`'s four workers).
+# `--dist loadfile --no-loadscope-reorder` hands whole files to workers in collection order: started
+# first, the long ones run beside the many short ones instead of one of them starting last and keeping
+# the run going on one worker while the others sit idle.
+LONGEST_FIRST = (
+    "test_ui.py",  # ~100 s: the Dagster UI in Chromium
+    "test_incremental_property.py",  # ~85 s: 200 Hypothesis examples
+    "faults/test_kommo_faults.py",  # ~75 s
+    "dev/test_benchmark.py",  # ~60 s: the benchmark command end to end, daemon included
+    "test_kill.py",  # ~60 s: kill -9 of real runs
+    "test_increment_faults.py",  # ~45 s
+    "automation/test_sync_sensor.py",  # ~40 s
+    "automation/test_run_status_sensors.py",  # ~40 s
+    "faults/test_security.py",  # ~25 s
+    "test_full_refresh.py",  # ~25 s
+    "kommo/test_pacing.py",  # ~20 s
+    "test_change_preview.py",  # ~15 s
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.path.as_posix()
+        return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith(f"/{name}")), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: each file's tests stay together and in their order
 
 
 @pytest.fixture(scope="session")

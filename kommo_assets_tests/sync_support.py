@@ -1,7 +1,11 @@
 """What the incremental sync tests share: a full refresh and an increment run by the functions the assets
-call (no Dagster), and production read by natural keys so two databases compare row for row."""
+call (no Dagster), and production read by natural keys so two databases compare row for row.
+
+Each takes ``db``: a database URL (a session of its own, as a run has) or an open autocommit connection
+(kept open: the property test's examples reuse theirs, sparing a new session's setup and plans)."""
 
 import uuid
+from contextlib import nullcontext
 
 import psycopg
 
@@ -19,12 +23,16 @@ def fast_client(sim) -> KommoClient:
                        max_retries=3)
 
 
-def full_refresh(url: str, sim, year: int = YEAR) -> dict:
+def _session(db: str | psycopg.Connection):
+    return nullcontext(db) if isinstance(db, psycopg.Connection) else connect(db, autocommit=True)
+
+
+def full_refresh(db: str | psycopg.Connection, sim, year: int = YEAR) -> dict:
     """A full refresh of ``year`` as the assets run it: start, stage (with Kommo's clock), guard, swap; on one
     autocommit connection, each step its own transaction as in the assets."""
     run_id = str(uuid.uuid4())
     window = window_for(year)
-    with fast_client(sim) as client, connect(url, autocommit=True) as conn:
+    with fast_client(sim) as client, _session(db) as conn:
         runs = ImportRuns(conn)
         runs.start(run_id=run_id, dagster_run_id=None, job_name="test", triggered_by=None, dry_run=False,
                    window=window, max_drop_ratio=1.0)
@@ -37,10 +45,10 @@ def full_refresh(url: str, sim, year: int = YEAR) -> dict:
         return {**runs.swap(run_id), "run_id": run_id}
 
 
-def increment(url: str, sim, max_deactivations: int = 1_000_000, years: tuple[int, ...] = (YEAR,)) -> dict:
+def increment(db: str | psycopg.Connection, sim, max_deactivations: int = 1_000_000, years: tuple[int, ...] = (YEAR,)) -> dict:
     """One incremental sync as the asset runs it; returns the apply's counts plus the run id."""
     run_id = str(uuid.uuid4())
-    with fast_client(sim) as client, connect(url, autocommit=True) as conn:
+    with fast_client(sim) as client, _session(db) as conn:
         runs = ImportRuns(conn)
         runs.start(run_id=run_id, dagster_run_id=None, job_name="test", triggered_by=None, kind="increment",
                    max_drop_ratio=0)
@@ -91,9 +99,9 @@ PRODUCTION_QUERIES = {
 }
 
 
-def production_rows(url: str) -> dict[str, list[tuple]]:
+def production_rows(db: str | psycopg.Connection) -> dict[str, list[tuple]]:
     """Every production table by natural keys (Kommo ids and codes instead of uuids), timestamps aside
     (Kommo's own kept), sorted."""
-    with psycopg.connect(url) as conn:
+    with _session(db) as conn:
         return {table: sorted((conn.execute(query).fetchall()), key=repr)
                 for table, query in PRODUCTION_QUERIES.items()}
