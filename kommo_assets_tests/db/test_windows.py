@@ -232,6 +232,20 @@ def test_a_contact_field_kommo_has_empty_keeps_the_clients_value(database_url):
     assert client(database_url, 900)[:3] == ("Ana", "+2", "ana@kommo")
 
 
+def test_the_client_resolution_stays_linear_when_the_snapshot_outgrows_work_mem(database_url):
+    """kommo_snapshot_clients (read by the preview and the swap) found the linked contacts with an IN
+    subquery: a subplan, hashed only while the snapshot's contact ids fit in work_mem, otherwise rescanned
+    for every contact (at 1M leads the preview never finished). Planned with the least work_mem it must
+    have no subplan, and still say which contacts are linked."""
+    run_id = stage_run(database_url, [(1, 900, 79790637, 11)], [(900, "Ana", "+1", None), (901, "Bo", None, None)])
+    with psycopg.connect(database_url) as conn:
+        conn.execute("SET work_mem = '64kB'")
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN SELECT * FROM kommo_snapshot_clients(%s)", (run_id,)))
+        assert "SubPlan" not in plan, plan
+        linked = dict(conn.execute("SELECT contact_id, linked FROM kommo_snapshot_clients(%s)", (run_id,)).fetchall())
+    assert linked == {900: True, 901: False}
+
+
 # --- sales_leads.created_at is Kommo's -----------------------------------------------------------------------
 
 def created(url: str) -> tuple:

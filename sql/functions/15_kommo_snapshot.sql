@@ -102,9 +102,13 @@ LANGUAGE sql STABLE AS $$
                    coalesce(nullif(c.name, ''), t.name) AS name,
                    coalesce(nullif(c.phone, ''), t.phone) AS phone,
                    coalesce(nullif(c.email, ''), t.email) AS email,
-                   c.contact_id IN (SELECT s.contact_id FROM kommo_snapshot(p_run_id) s
-                                     WHERE s.contact_id IS NOT NULL) AS linked
+                   l.contact_id IS NOT NULL AS linked
               FROM stg_kommo_contacts c
               LEFT JOIN clients t ON t.kommo_contact_id = c.contact_id
+              -- A join, not "IN (SELECT ...)" in the select list: that is a subplan, hashed only while the
+              -- snapshot's contact ids fit in work_mem and otherwise rescanned for every contact (720k
+              -- contacts x 1M leads never finished); a hash join spills to disk and stays linear.
+              LEFT JOIN (SELECT DISTINCT s.contact_id FROM kommo_snapshot(p_run_id) s
+                          WHERE s.contact_id IS NOT NULL) l ON l.contact_id = c.contact_id
              WHERE c.run_id = p_run_id) x
 $$;
