@@ -37,7 +37,6 @@ def drop_database(admin_url: str, name: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-
 def run_job(name: str, *, instance: dg.DagsterInstance | None = None, tags: dict | None = None,
             fast_retry: bool = False, resources: dict | None = None, **config) -> dg.ExecuteInProcessResult:
     """``resources`` replace the code location's (e.g. a snapshot export resource built with a directory)."""

@@ -45,7 +45,8 @@ def full_refresh(db: str | psycopg.Connection, sim, year: int = YEAR) -> dict:
         return {**runs.swap(run_id), "run_id": run_id}
 
 
-def increment(db: str | psycopg.Connection, sim, max_deactivations: int = 1_000_000, years: tuple[int, ...] = (YEAR,)) -> dict:
+def increment(db: str | psycopg.Connection, sim, max_deactivations: int = 1_000_000,
+              years: tuple[int, ...] = (YEAR,)) -> dict:
     """One incremental sync as the asset runs it; returns the apply's counts plus the run id."""
     run_id = str(uuid.uuid4())
     with fast_client(sim) as client, _session(db) as conn:
