@@ -32,6 +32,19 @@ def _year() -> int:
     return refresh_years()[0]
 
 
+def bench_definitions(args: argparse.Namespace):
+    """The code location's Definitions with the measured Kommo resource: the simulator, paced as asked."""
+    import dagster as dg
+
+    from kommo_assets.definitions import defs
+    from kommo_assets.resources.kommo import KommoResource
+
+    kommo = KommoResource(base_url=args.base_url, access_token=TOKEN, max_rps=args.max_rps,
+                          max_in_flight=args.max_in_flight)
+    return dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs, sensors=defs.sensors,
+                          executor=defs.executor, resources={**defs.resources, "kommo": kommo})
+
+
 # --- the worker: one measured run, in its own process ----------------------------------------------
 
 def _worker_job(args: argparse.Namespace) -> dict:
@@ -40,14 +53,8 @@ def _worker_job(args: argparse.Namespace) -> dict:
 
     from kommo_assets.assets.common import FULL_REFRESH_JOB
     from kommo_assets.db.runs import get_run
-    from kommo_assets.definitions import defs
-    from kommo_assets.resources.kommo import KommoResource
 
-    kommo = KommoResource(base_url=args.base_url, access_token=TOKEN, max_rps=args.max_rps,
-                          max_in_flight=args.max_in_flight)
-    bench_defs = dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs, executor=defs.executor,
-                                resources={**defs.resources, "kommo": kommo})
-    job = bench_defs.resolve_job_def(FULL_REFRESH_JOB)
+    job = bench_definitions(args).resolve_job_def(FULL_REFRESH_JOB)
     with dg.DagsterInstance.ephemeral() as instance:
         started_at = time.time()
         started = time.perf_counter()

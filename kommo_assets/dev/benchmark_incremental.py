@@ -209,15 +209,9 @@ def worker_incremental(args: argparse.Namespace) -> dict:
     from kommo_assets.assets.common import INCREMENTAL_SYNC_JOB
     from kommo_assets.automation.sync_sensor import SENSOR_NAME
     from kommo_assets.db.runs import get_run
-    from kommo_assets.definitions import defs
-    from kommo_assets.dev.benchmark import TOKEN
-    from kommo_assets.resources.kommo import KommoResource
+    from kommo_assets.dev.benchmark import bench_definitions
 
-    kommo = KommoResource(base_url=args.base_url, access_token=TOKEN, max_rps=args.max_rps,
-                          max_in_flight=args.max_in_flight)
-    resources = {**defs.resources, "kommo": kommo}
-    bench_defs = dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs,
-                                sensors=defs.sensors, resources=resources)
+    bench_defs = bench_definitions(args)
     sensor = bench_defs.resolve_sensor_def(SENSOR_NAME)
     rng = random.Random(args.seed)
     out: dict = {}
@@ -228,7 +222,7 @@ def worker_incremental(args: argparse.Namespace) -> dict:
     def tick(instance) -> dict:
         simulator_call(args.base_url, "/_simulator/reset_stats", "POST")
         context = dg.build_sensor_context(instance=instance, sensor_name=SENSOR_NAME,
-                                          resources={k: resources[k] for k in sensor.required_resource_keys})
+                                          resources={k: bench_defs.resources[k] for k in sensor.required_resource_keys})
         started = time.perf_counter()
         with context:
             result = sensor.evaluate_tick(context)

@@ -13,7 +13,7 @@ import psycopg
 from psycopg import sql
 
 from kommo_assets.resources.kommo import KommoResource
-from kommo_assets_tests.helpers import PRODUCTION_TABLES
+from kommo_assets_tests.helpers import PRODUCTION_TABLES, with_resources
 
 LEADS, SEED = 600, 11  # the standard simulator of these tests (as kommo_env's)
 FULL_REFRESH = "kommo_full_refresh_job"
@@ -47,9 +47,7 @@ def definitions(*, timeout: float = 10.0, max_retries: int = 6, backoff: float =
     kommo = KommoResource(base_url=dg.EnvVar("KOMMO_BASE_URL"), access_token=dg.EnvVar("KOMMO_ACCESS_TOKEN"),
                           timeout_seconds=timeout, max_retries=max_retries, backoff_base_seconds=backoff,
                           max_in_flight=max_in_flight)
-    return dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs,
-                          sensors=defs.sensors, schedules=defs.schedules,
-                          resources={**defs.resources, "kommo": kommo})
+    return with_resources(defs, kommo=kommo)
 
 
 def run(job: str = FULL_REFRESH, *, instance: dg.DagsterInstance | None = None, timeout: float = 10.0,
