@@ -6,7 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from kommo_assets.settings import ConfigError, database_url, refresh_years
+from kommo_assets.scope import current_year
+from kommo_assets.settings import ConfigError, database_url, refresh_scope
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -17,23 +18,42 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# What each check that may fail on a first run means for the operator reading `make run`'s output.
+CHECK_MEANINGS = {
+    "all_statuses_mapped": "booking leads in a Kommo stage with no kommo_status_map row; they import as "
+                           "'pending' until a row maps the stage (docs/status-mapping.md)",
+    "all_bookings_dated": "bookings with neither a delivery nor a collect date: imported, but off the calendar",
+    "all_leads_have_contact": "leads without a main contact: imported without a client",
+    "no_vehicles_to_create": "vehicle options of Kommo that production did not have yet: the swap created them "
+                             "(expected on a first run)",
+    "leads_count_within_drop_guard": "the drop guard stopped the swap: see the run's error and accept a real "
+                                     "drop with a higher max_drop_ratio",
+}
+
+
 def _run(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from kommo_assets.assets.common import DRY_RUN_JOB, FULL_REFRESH_JOB
+    from kommo_assets.db import connect
     from kommo_assets.db.runs import get_run
+    from kommo_assets.db.windows import coverage
     from kommo_assets.definitions import defs
     from kommo_assets.dev.dagster_dev import prepare_instance
     from kommo_assets.dev.environment import start_local_environment
 
-    year = refresh_years()[0] if args.year is None else args.year
+    scope = refresh_scope()
+    year = current_year() if args.year is None else args.year
+    if not scope.contains(year):
+        raise ConfigError(f"year {year} is not in scope (KOMMO_REFRESH_YEARS={scope}): pick one of "
+                          f"{', '.join(map(str, scope.years())) or 'none yet'}")
     home = Path(args.home).resolve()
     env = start_local_environment(home, leads=args.leads)
     for note in env.notes:
         print(f"* {note}")
     job_name = DRY_RUN_JOB if args.dry_run else FULL_REFRESH_JOB
-    config = {"year": year, "max_drop_ratio": args.max_drop_ratio}
-    print(f"* running {job_name} for {year} ...")
+    config = {"max_drop_ratio": args.max_drop_ratio}
+    print(f"* running {job_name} for {year} (partition {year}; years in scope: {scope}) ...")
     try:
         # The Dagster instance of DAGSTER_HOME when set, else the one `kommo-assets dev` serves: either way
         # the run, its materializations and checks are in a UI afterwards.
@@ -46,6 +66,7 @@ def _run(args: argparse.Namespace) -> int:
         with dg.DagsterInstance.get() as instance:
             result = defs.resolve_job_def(job_name).execute_in_process(
                 instance=instance,
+                partition_key=str(year),
                 run_config={
                     "ops": {"kommo_staging": {"config": config}},
                     # Progress (pages, rows, swap counts) at INFO; Dagster's own step events are DEBUG.
@@ -54,6 +75,8 @@ def _run(args: argparse.Namespace) -> int:
                 raise_on_error=False,
             )
         record = get_run(env.database_url, result.run_id)
+        with connect(env.database_url) as conn:
+            covered = coverage(conn, scope.windows())
     finally:
         env.close()
     print(f"* Dagster run {result.run_id}: {'success' if result.success else 'FAILURE'}")
@@ -70,7 +93,26 @@ def _run(args: argparse.Namespace) -> int:
     }
     summary["swap"] = record["swap_counts"]
     print(json.dumps(summary, indent=2, default=str))
+    print("* years in scope, and how far Kommo has been read for each (the incremental sync reads a year "
+          "never read from its first second):")
+    for key, covered_to in covered.items():
+        print(f"    {key}: {'read up to ' + covered_to.isoformat() if covered_to else 'not read yet'}")
+    _print_warnings(result)
+    print("* `make dev` serves this run in the Dagster UI at http://127.0.0.1:3000")
     return 0 if result.success else 1
+
+
+def _print_warnings(result) -> None:
+    """The warning checks that failed, with what each means (their counts are on the run in the UI too)."""
+    failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
+    if not failed:
+        print("* every check passed")
+        return
+    print("* checks that did not pass (warnings do not stop the swap):")
+    for evaluation in failed:
+        count = evaluation.metadata.get("count")
+        print(f"    {evaluation.check_name}: {count.value if count is not None else 'failed'}"
+              f" - {CHECK_MEANINGS.get(evaluation.check_name, evaluation.description or '')}")
 
 
 def _stop(args: argparse.Namespace) -> int:
@@ -118,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run the full refresh once; starts a local Postgres and the simulator for whatever is not configured",
     )
     run.add_argument("--year", type=int, default=None,
-                     help="the window's calendar year (default: the first of KOMMO_REFRESH_YEARS, else 2025)")
+                     help="the window's calendar year, a partition (default: the current year)")
     run.add_argument("--max-drop-ratio", type=float, default=0.30)
     run.add_argument("--dry-run", action="store_true", help="stage and check only; production untouched")
     run.add_argument("--leads", type=int, default=3000, help="size of the simulator's dataset")

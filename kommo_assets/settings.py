@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from kommo_assets.scope import ScopeError, YearScope
+
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 FALSE_VALUES = frozenset({"0", "false", "no", "off", ""})
 
@@ -110,34 +112,19 @@ def schedule_timezone(env: Mapping[str, str] | None = None) -> str:
     return name
 
 
-# --- the Bookings-page button: which years requests may ask for, and how often ---------------------
+# --- the years in scope, and how often the Bookings-page button may ask for a refresh -----------------
 
-DEFAULT_REFRESH_YEARS = (2025,)
 DEFAULT_REQUEST_COOLDOWN_MINUTES = 10.0
 
 
-def refresh_years(env: Mapping[str, str] | None = None) -> tuple[int, ...]:
-    """``KOMMO_REFRESH_YEARS`` (comma-separated, default 2025): the years a refresh request may ask for;
-    the first is the default. The request sensor copies them into the database for the app."""
-    from kommo_assets.db.runs import window_for
-
+def refresh_scope(env: Mapping[str, str] | None = None) -> YearScope:
+    """``KOMMO_REFRESH_YEARS`` (default ``2025-``: from the seed's year through the current one): the years
+    in scope for the partitions, the schedules, the requests and the incremental sync."""
     env = os.environ if env is None else env
-    raw = env.get("KOMMO_REFRESH_YEARS", "")
-    if not raw.strip():
-        return DEFAULT_REFRESH_YEARS
-    years: list[int] = []
-    for item in raw.split(","):
-        try:
-            year = int(item.strip())
-            window_for(year)
-        except ValueError:
-            raise ConfigError(
-                f"KOMMO_REFRESH_YEARS must be comma-separated years between 2000 and 2100 such as "
-                f"'2025,2024', got {raw!r}"
-            ) from None
-        if year not in years:
-            years.append(year)
-    return tuple(years)
+    try:
+        return YearScope.parse(env.get("KOMMO_REFRESH_YEARS"))
+    except ScopeError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def request_cooldown_minutes(env: Mapping[str, str] | None = None) -> float:

@@ -38,9 +38,14 @@ def drop_database(admin_url: str, name: str) -> None:
 
 
 def run_job(name: str, *, instance: dg.DagsterInstance | None = None, tags: dict | None = None,
-            fast_retry: bool = False, resources: dict | None = None, **config) -> dg.ExecuteInProcessResult:
-    """``resources`` replace the code location's (e.g. a snapshot export resource built with a directory)."""
+            fast_retry: bool = False, resources: dict | None = None, partition: str | None = None,
+            **config) -> dg.ExecuteInProcessResult:
+    """``resources`` replace the code location's (e.g. a snapshot export resource built with a directory).
+    The full refresh and the dry run run ``partition`` (default: the simulator's dataset year, which holds
+    most of its leads); the sync has no partition."""
+    from kommo_assets.assets.common import INCREMENTAL_SYNC_JOB
     from kommo_assets.definitions import defs
+    from kommo_assets.dev.simulator import SimulatorConfig
 
     if fast_retry:
         defs = fast_retry_definitions(defs)
@@ -49,8 +54,10 @@ def run_job(name: str, *, instance: dg.DagsterInstance | None = None, tags: dict
     run_config: dict = {"ops": {"kommo_staging": {"config": config}}} if config else {}
     context = nullcontext(instance) if instance else dg.DagsterInstance.ephemeral()
     with context as inst:
+        if name != INCREMENTAL_SYNC_JOB and partition is None:
+            partition = str(SimulatorConfig.year)
         return defs.resolve_job_def(name).execute_in_process(
-            instance=inst, run_config=run_config, raise_on_error=False, tags=tags
+            instance=inst, run_config=run_config, raise_on_error=False, tags=tags, partition_key=partition
         )
 
 

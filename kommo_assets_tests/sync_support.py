@@ -11,9 +11,10 @@ import psycopg
 
 from kommo_assets.db import connect
 from kommo_assets.db.increment import record_sync_range, stage_increment
-from kommo_assets.db.runs import ImportRuns, window_for
+from kommo_assets.db.runs import ImportRuns
 from kommo_assets.db.staging import stage_snapshot
 from kommo_assets.kommo import KommoClient
+from kommo_assets.scope import YearScope, window_for
 
 YEAR = 2025
 
@@ -53,14 +54,12 @@ def increment(db: str | psycopg.Connection, sim, max_deactivations: int = 1_000_
         runs = ImportRuns(conn)
         runs.start(run_id=run_id, dagster_run_id=None, job_name="test", triggered_by=None, kind="increment",
                    max_drop_ratio=0)
-        cursor = runs.sync_cursor()
-        assert cursor is not None
-        result = stage_increment(conn, run_id, client, cursor, [window_for(y) for y in years])
+        result = stage_increment(conn, run_id, client, YearScope.parse(",".join(map(str, years))))
         with conn.transaction():
             runs.mark_staged(run_id, result.as_metadata())
             runs.set_kommo_clock(run_id, result.sync_to)
             record_sync_range(conn, run_id, result)
-        counts = runs.apply_increment(run_id, result.sync_to, max_deactivations)
+        counts = runs.apply_increment(run_id, result.sync_to, max_deactivations, result.windows)
     return {**counts, "run_id": run_id}
 
 

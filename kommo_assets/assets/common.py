@@ -34,20 +34,23 @@ log = logging.getLogger(__name__)
 
 
 class KommoRefreshConfig(dg.Config):
-    """Run config of the staging step (``ops: {kommo_staging: {config: ...}}``)."""
+    """Run config of the staging step (``ops: {kommo_staging: {config: ...}}``); the window is the run's
+    partition (a year)."""
 
-    year: int = Field(default=runs.DEFAULT_YEAR, description="Import leads created in this calendar year (UTC).")
-    created_from: str | None = Field(
-        default=None, description="ISO start of the creation window (inclusive); overrides year with created_to."
-    )
-    created_to: str | None = Field(default=None, description="ISO end of the creation window (exclusive).")
     max_drop_ratio: float = Field(
         default=runs.DEFAULT_MAX_DROP_RATIO,
         ge=0.0,
         le=1.0,
-        description="Largest accepted drop in leads against the last succeeded refresh (0.30 = 30%). "
-        "Raise it to accept a real drop.",
+        description="Largest accepted drop in leads against the last succeeded refresh of the year "
+        "(0.30 = 30%). Raise it to accept a real drop.",
     )
+
+
+def run_materializes(context: dg.AssetExecutionContext, keys) -> bool:
+    """Whether the run materializes any of ``keys``: from its asset selection (the job's, or the subset an
+    operator picked in the UI), never from the job's name."""
+    selected = context.run.asset_selection or context.job_def.asset_layer.selected_asset_keys
+    return any(key in selected for key in keys)
 
 
 def ensure_live() -> None:

@@ -7,13 +7,12 @@ it applied to, with its counts, so their history in the UI shows increments besi
 """
 
 from dataclasses import asdict, dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import dagster as dg
 
 from kommo_assets import settings
 from kommo_assets.assets.common import (
-    APPLY_COUNTS,
     CALENDAR_VIEW,
     KOMMO_API,
     KOMMO_POOL,
@@ -22,12 +21,12 @@ from kommo_assets.assets.common import (
     ensure_live,
     working_on_run,
 )
-from kommo_assets.db import increment
-from kommo_assets.db.runs import window_for
+from kommo_assets.db import increment, windows
 from kommo_assets.reporting import preview_markdown, preview_summary
 from kommo_assets.resources.kommo import KommoResource
 from kommo_assets.resources.postgres import PostgresResource, import_run_id
 from kommo_assets.resources.sync import KommoSyncResource
+from kommo_assets.scope import YearScope
 from kommo_assets.settings import ConfigError
 
 INCREMENT = dg.AssetKey("kommo_increment")
@@ -37,12 +36,17 @@ FRESHNESS_CHECK = "bookings_fresh"
 
 
 
-def sync_windows() -> list:
-    """The creation windows the sync covers: one per year of ``KOMMO_REFRESH_YEARS``."""
+def sync_scope() -> YearScope:
+    """The years the sync covers (``KOMMO_REFRESH_YEARS``); a value it cannot read fails the run naming it."""
     try:
-        return [window_for(year) for year in settings.refresh_years()]
+        return settings.refresh_scope()
     except ConfigError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
+
+
+def timestamp(moment: datetime | None) -> dg.MetadataValue:
+    """A moment as the UI plots it (a timestamp), or null: one type per metadata key."""
+    return dg.MetadataValue.null() if moment is None else dg.MetadataValue.timestamp(moment)
 
 
 @dg.asset(
@@ -50,10 +54,12 @@ def sync_windows() -> list:
     deps=[KOMMO_API],
     group_name=SYNC_GROUP,
     kinds={"postgres"},
-    description="What changed in Kommo since the sync cursor (leads of the KOMMO_REFRESH_YEARS windows, "
-    "deletions, contacts), staged and applied to vehicles / clients / sales_leads / bookings / "
-    "booking_vehicles in one transaction with the full refresh's rules; the cursor moves in the same "
-    "transaction. More than KOMMO_SYNC_MAX_DEACTIVATIONS deactivations stop it as needs_review.",
+    description="What changed in Kommo since each window's coverage (leads created in the years of "
+    "KOMMO_REFRESH_YEARS, their deletions and contacts; a year never read is read from its first second), "
+    "staged and applied to vehicles / clients / sales_leads / bookings / booking_vehicles in one transaction "
+    "with the full refresh's rules; the coverage moves in the same transaction. Each year it changed is "
+    "reported as a materialization of that partition of the production tables. More than "
+    "KOMMO_SYNC_MAX_DEACTIVATIONS deactivations stop it as needs_review.",
     # It reads Kommo: an ad-hoc materialization queues behind a refresh as the staging asset's does.
     pool=KOMMO_POOL,
 )
@@ -64,7 +70,7 @@ def kommo_increment(
     kommo_sync: KommoSyncResource,
 ) -> dg.MaterializeResult:
     ensure_live()
-    windows = sync_windows()
+    scope = sync_scope()
     run_id = import_run_id(context.run)
     with working_on_run(postgres, run_id, kommo.secrets()):
         with postgres.import_runs() as import_runs:
@@ -73,21 +79,18 @@ def kommo_increment(
                 triggered_by=context.run.tags.get(REQUESTED_BY_TAG), dry_run=False, window=None,
                 max_drop_ratio=0, kind="increment",
             )
-        with postgres.import_runs() as import_runs:
-            cursor = import_runs.sync_cursor()
-        if cursor is None:
-            raise dg.Failure(description="No full refresh has succeeded yet, so the sync has no starting point: "
-                             "run kommo_full_refresh_job first.", allow_retries=False)
-        context.log.info(f"Kommo increment {run_id}: changes since {cursor.isoformat()} (Kommo's clock)")
         with kommo.client() as client, postgres.connect() as conn:
-            result = increment.stage_increment(conn, run_id, client, cursor, windows)
+            result = increment.stage_increment(conn, run_id, client, scope)
             stats = {**result.as_metadata(), "client": asdict(client.stats)}
+        context.log.info(f"Kommo increment {run_id}: changes since {result.sync_from.isoformat()} (Kommo's clock) "
+                         f"to leads created in {', '.join(w.key for w in result.windows)}")
         with postgres.import_runs() as import_runs:
             import_runs.mark_staged(run_id, stats)
             import_runs.set_kommo_clock(run_id, result.sync_to)
             increment.record_sync_range(import_runs.conn, run_id, result)
         with postgres.import_runs() as import_runs:
-            counts = import_runs.apply_increment(run_id, result.sync_to, kommo_sync.max_deactivations)
+            counts = import_runs.apply_increment(run_id, result.sync_to, kommo_sync.max_deactivations,
+                                                 result.windows)
         with postgres.import_runs() as import_runs:
             record = import_runs.get(run_id) or {}
     preview = record.get("change_preview")
@@ -98,20 +101,12 @@ def kommo_increment(
             allow_retries=False,
         )
     context.log.info(f"Kommo increment {run_id} applied ({preview_summary(preview)}): {counts}")
-    common = {"import_run_id": run_id, "sync_from": result.sync_from.isoformat(),
-              "sync_to": result.sync_to.isoformat()}
-    for key in PRODUCTION_KEYS:
-        name = key.path[-1]
-        context.log_event(dg.AssetMaterialization(
-            asset_key=key,
-            description="Kommo incremental sync",
-            metadata={**common, "kind": "increment", **{c: counts.get(c, 0) for c in APPLY_COUNTS[name]}},
-        ))
-    context.log_event(dg.AssetMaterialization(
-        asset_key=CALENDAR_VIEW, description="Kommo incremental sync", metadata={**common, "kind": "increment"},
-    ))
+    _report_partitions(context, postgres, run_id, result)
     return dg.MaterializeResult(metadata={
-        **common,
+        "import_run_id": run_id,
+        "sync_from": timestamp(result.sync_from),
+        "sync_to": timestamp(result.sync_to),
+        "windows": dg.MetadataValue.json([w.key for w in result.windows]),
         "leads": result.leads,
         "removals": result.removals,
         "contacts": result.contacts,
@@ -121,6 +116,27 @@ def kommo_increment(
         "change_preview": dg.MetadataValue.md(preview_markdown(preview)),
         "apply": dg.MetadataValue.json({k: v for k, v in counts.items()}),
     })
+
+
+def _report_partitions(context: dg.AssetExecutionContext, postgres: PostgresResource, run_id: str,
+                       result: increment.IncrementResult) -> None:
+    """A materialization of each production table's partition for every year the increment changed, with what
+    changed in it and the same row count a refresh of that year reports."""
+    with postgres.connect() as conn:
+        changed = windows.increment_changes_by_window(conn, run_id, result.windows)
+        rows = {w.key: windows.window_row_counts(conn, w) for w in result.windows if w.key in changed}
+    for key, changes in changed.items():
+        for asset in PRODUCTION_KEYS:
+            context.log_event(dg.AssetMaterialization(
+                asset_key=asset, partition=key, description="Kommo incremental sync",
+                metadata={"import_run_id": run_id, "kind": "increment",
+                          "dagster/row_count": rows[key][asset.path[-1]], **changes},
+            ))
+    if changed:
+        context.log_event(dg.AssetMaterialization(
+            asset_key=CALENDAR_VIEW, description="Kommo incremental sync",
+            metadata={"import_run_id": run_id, "kind": "increment"},
+        ))
 
 
 @dataclass(frozen=True)
@@ -143,26 +159,32 @@ class Freshness:
         )
 
 
-def freshness(postgres: PostgresResource, minutes: float) -> Freshness:
-    """Whether a successful sync, an idle probe of the sensor or a full refresh covered the last ``minutes``
-    (the database's clock on both sides)."""
+def freshness(postgres: PostgresResource, minutes: float, scope: YearScope | None = None) -> Freshness:
+    """Whether every window in scope has been read at least once (its coverage), and a successful sync, an idle
+    probe of the sensor or a full refresh covered the last ``minutes`` (the database's clock on both sides)."""
+    scope = scope or sync_scope()
     with postgres.connect() as conn:
         covered = increment.covered_at(conn)
         now = conn.execute("SELECT now()").fetchone()[0]
+        uncovered = windows.uncovered_windows(conn, scope.windows())
     age = None if covered is None else now - covered
-    passed = age is not None and age <= timedelta(minutes=minutes)
+    passed = not uncovered and age is not None and age <= timedelta(minutes=minutes)
     metadata = {
-        "covered_at": covered.isoformat() if covered else "never",
-        "age_minutes": round(age.total_seconds() / 60, 2) if age is not None else -1,
+        "covered_at": timestamp(covered),
+        "age_minutes": dg.MetadataValue.null() if age is None else round(age.total_seconds() / 60, 2),
         "max_minutes": float(minutes),
+        "windows_not_covered": dg.MetadataValue.json([w.key for w in uncovered]),
     }
-    if passed:
+    if uncovered:
+        description = (f"year(s) {', '.join(w.key for w in uncovered)} of KOMMO_REFRESH_YEARS have never been "
+                       "read from Kommo: the incremental sync imports them whole on its next run")
+    elif passed:
         description = f"bookings are up to date with Kommo as of {covered.isoformat()}"
     elif covered is None:
         description = "no successful sync or refresh has covered bookings yet"
     else:
-        description = (f"bookings were last brought up to date {metadata['age_minutes']} minutes ago, more than "
-                       f"KOMMO_FRESHNESS_MINUTES={minutes:g}")
+        description = (f"bookings were last brought up to date {round(age.total_seconds() / 60, 2)} minutes ago, "
+                       f"more than KOMMO_FRESHNESS_MINUTES={minutes:g}")
     return Freshness(passed, description, metadata)
 
 

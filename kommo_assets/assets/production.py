@@ -11,6 +11,8 @@ from kommo_assets.assets.common import (
     ensure_live,
     working_on_run,
 )
+from kommo_assets.assets.partitions import YEARS, partition_window
+from kommo_assets.db.windows import window_row_counts
 from kommo_assets.resources.postgres import PostgresResource, import_run_id
 from kommo_assets.resources.snapshot import SnapshotExportResource
 
@@ -23,17 +25,18 @@ _DESCRIPTIONS = {
 }
 
 
-_TABLE_ROWS_SQL = """
-SELECT (SELECT count(*) FROM vehicles),
-       (SELECT count(*) FROM clients),
-       (SELECT count(*) FROM sales_leads WHERE source = 'Kommo' AND archived_at IS NULL),
-       (SELECT count(*) FROM bookings WHERE channel = 'Kommo' AND is_active),
-       (SELECT count(*) FROM booking_vehicles)
-"""
+SWAP_ALONE = (
+    "kommo_swap (vehicles, clients, sales_leads, bookings, booking_vehicles) applies the staging that the "
+    "same run made, and run {run_id} staged nothing, so nothing was done. Materialize the whole kommo group "
+    "for the year (or launch kommo_full_refresh_job with that partition); to only look, materialize the "
+    "staging assets alone (a dry run)."
+)
 
 
 @dg.multi_asset(
     name="kommo_swap",
+    partitions_def=YEARS,
+    backfill_policy=dg.BackfillPolicy.multi_run(1),
     specs=[
         dg.AssetSpec(key, deps=list(STAGING_KEYS), group_name=KOMMO_GROUP, kinds={"postgres"},
                      description=_DESCRIPTIONS[key.path[-1]])
@@ -43,7 +46,14 @@ SELECT (SELECT count(*) FROM vehicles),
 def kommo_swap(context: dg.AssetExecutionContext, postgres: PostgresResource,
                snapshot_export: SnapshotExportResource):
     """Runs ``run_kommo_full_refresh(run_id)``: one transaction; any error leaves production as it was."""
+    window = partition_window(context)
     run_id = import_run_id(context.run)
+    with postgres.import_runs() as import_runs:
+        staged = import_runs.get(run_id)
+    if staged is None:
+        # Selected without the staging (the UI lets an operator pick bookings alone): refused before any
+        # work, and without opening an import record that would then be left failed.
+        raise dg.Failure(description=SWAP_ALONE.format(run_id=run_id), allow_retries=False)
     extra: dict = {}
     with working_on_run(postgres, run_id):
         ensure_live()
@@ -62,14 +72,14 @@ def kommo_swap(context: dg.AssetExecutionContext, postgres: PostgresResource,
         context.log.info(f"Pruned the staging of {pruned['runs']} old runs ({pruned['leads']} leads)")
     extra["staging_pruned_runs"] = pruned["runs"]
     with postgres.connect() as conn:
-        live_rows = conn.execute(_TABLE_ROWS_SQL).fetchone()
-    for key, rows in zip(PRODUCTION_KEYS, live_rows, strict=True):
+        live_rows = window_row_counts(conn, window)
+    for key in PRODUCTION_KEYS:
         name = key.path[-1]
         yield dg.MaterializeResult(
             asset_key=key,
             metadata={
                 "import_run_id": run_id,
-                "dagster/row_count": rows,
+                "dagster/row_count": live_rows[name],
                 **{counter: counts[counter] for counter in APPLY_COUNTS[name]},
                 "swap_seconds": float(counts["swap_seconds"]),
                 **(extra if name == "bookings" else {}),

@@ -6,20 +6,21 @@ from dataclasses import asdict
 import dagster as dg
 
 from kommo_assets.assets.common import (
-    DRY_RUN_JOB,
     KOMMO_API,
     KOMMO_GROUP,
     KOMMO_POOL,
+    PRODUCTION_KEYS,
     REQUESTED_BY_TAG,
     STG_BOOKING_VEHICLES,
     STG_CONTACTS,
     STG_LEADS,
     KommoRefreshConfig,
     ensure_live,
+    run_materializes,
     working_on_run,
 )
+from kommo_assets.assets.partitions import YEARS, partition_window
 from kommo_assets.db.increment import record_drift
-from kommo_assets.db.runs import window_for
 from kommo_assets.db.staging import stage_snapshot
 from kommo_assets.reporting import drift_count, preview_markdown, preview_summary
 from kommo_assets.resources.kommo import KommoResource
@@ -38,6 +39,9 @@ kommo_api = dg.AssetSpec(
 @dg.multi_asset(
     name="kommo_staging",
     pool=KOMMO_POOL,
+    partitions_def=YEARS,
+    # A backfill of several years runs one year per run, one run at a time in the kommo pool.
+    backfill_policy=dg.BackfillPolicy.multi_run(1),
     specs=[
         dg.AssetSpec(STG_LEADS, deps=[KOMMO_API], group_name=KOMMO_GROUP, kinds={"postgres"},
                      description="Leads of the window (status 143 excluded), raw payload plus typed columns."),
@@ -54,16 +58,15 @@ def kommo_staging(
     kommo: KommoResource,
 ):
     ensure_live()
-    try:
-        window = window_for(config.year, config.created_from, config.created_to)
-    except ValueError as exc:
-        raise dg.Failure(description=f"invalid run config: {exc}", allow_retries=False) from None
+    window = partition_window(context)
+    # What the run is comes from what it materializes: without the production tables it is a dry run.
+    dry_run = not run_materializes(context, PRODUCTION_KEYS)
     run_id = import_run_id(context.run)
     with working_on_run(postgres, run_id, kommo.secrets()):
         with postgres.import_runs() as import_runs:
             record = import_runs.start(
                 run_id=run_id, dagster_run_id=context.run_id, job_name=context.job_name,
-                triggered_by=context.run.tags.get(REQUESTED_BY_TAG), dry_run=context.job_name == DRY_RUN_JOB,
+                triggered_by=context.run.tags.get(REQUESTED_BY_TAG), dry_run=dry_run,
                 window=window, max_drop_ratio=config.max_drop_ratio,
             )
         context.log.info(

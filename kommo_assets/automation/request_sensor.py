@@ -13,11 +13,12 @@ from kommo_assets.assets.common import REQUEST_ID_TAG, REQUESTED_BY_TAG
 from kommo_assets.automation import request_table
 from kommo_assets.jobs import kommo_full_refresh_job
 from kommo_assets.resources.postgres import PostgresResource
+from kommo_assets.scope import current_year
 from kommo_assets.settings import (
     LIVE_DISABLED_REASON,
     ConfigError,
     live_enabled,
-    refresh_years,
+    refresh_scope,
     request_cooldown_minutes,
 )
 
@@ -29,11 +30,9 @@ def request_run_key(request_id: int) -> str:
     return f"{RUN_KEY_PREFIX}{request_id}"
 
 
-def request_run_config(row: dict) -> dict:
-    """The staging step's config for a request: its year (none on requests made before years existed)."""
-    if row.get("year") is None:
-        return {}
-    return {"ops": {"kommo_staging": {"config": {"year": row["year"]}}}}
+def request_partition(row: dict) -> str:
+    """The partition (year) a request asks for; a request made before years existed means the current one."""
+    return str(row["year"] if row.get("year") is not None else current_year())
 
 
 def _ids(rows: list[dict]) -> str:
@@ -42,12 +41,13 @@ def _ids(rows: list[dict]) -> str:
 
 @dg.sensor(
     name="kommo_refresh_request_sensor",
-    job=kommo_full_refresh_job,
+    target=kommo_full_refresh_job,
     minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Copies KOMMO_ENABLE_LIVE into kommo_runtime_flags and KOMMO_REFRESH_YEARS and "
     "KOMMO_REQUEST_COOLDOWN_MINUTES into kommo_runtime_settings, then starts one kommo_full_refresh_job "
-    "run per pending kommo_refresh_requests row for the year it asks (run key kommo-refresh-request-<id>), "
+    "run per pending kommo_refresh_requests row, of the partition (year) it asks (run key "
+    "kommo-refresh-request-<id>), "
     "or refuses the pending requests while the flag is off. Cursor: the highest request id handled.",
 )
 def kommo_refresh_request_sensor(
@@ -64,7 +64,7 @@ def kommo_refresh_request_sensor(
     request_table.sync_flag(url, request_table.LIVE_FLAG, live)
     # An unreadable value fails the tick naming the variable; the copies keep their last good values.
     request_table.sync_settings(url, {
-        request_table.YEARS_SETTING: list(refresh_years()),
+        request_table.YEARS_SETTING: refresh_scope().as_json(),
         request_table.COOLDOWN_SETTING: request_cooldown_minutes(),
     })
 
@@ -89,7 +89,7 @@ def kommo_refresh_request_sensor(
         run_requests=[
             dg.RunRequest(
                 run_key=request_run_key(row["id"]),
-                run_config=request_run_config(row),
+                partition_key=request_partition(row),
                 tags={REQUESTED_BY_TAG: str(row["requested_by"]), REQUEST_ID_TAG: str(row["id"])},
             )
             for row in claimed

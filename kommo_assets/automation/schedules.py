@@ -1,5 +1,6 @@
 """The nightly schedules: a dry run that is on by default (drift shows up as a needs_review alert) and a
-full refresh that is defined but off until an operator turns it on.
+full refresh that is defined but off until an operator turns it on. Each tick runs every year in scope
+(``KOMMO_REFRESH_YEARS``), one run per partition; the kommo pool runs them one at a time, oldest first.
 
 Cron and timezone come from the environment when the code location loads; a value Dagster cannot read
 stops the load with a ConfigError naming the variable. While KOMMO_ENABLE_LIVE is off a tick is skipped
@@ -17,10 +18,15 @@ from kommo_assets.settings import LIVE_DISABLED_REASON, ConfigError
 
 def _nightly(name: str, job, cron_variable: str, cron: str, timezone: str,
              default_status: dg.DefaultScheduleStatus, description: str) -> dg.ScheduleDefinition:
-    def evaluate(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+    def evaluate(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
         if not settings.live_enabled():
             return dg.SkipReason(LIVE_DISABLED_REASON)
-        return dg.RunRequest()
+        night = context.scheduled_execution_time
+        years = settings.refresh_scope().years(night)
+        if not years:
+            return dg.SkipReason(f"No year of KOMMO_REFRESH_YEARS={settings.refresh_scope()} has begun.")
+        stamp = night.strftime("%Y-%m-%dT%H:%M") if night else "now"
+        return [dg.RunRequest(run_key=f"{name}-{stamp}-{year}", partition_key=str(year)) for year in years]
 
     try:
         return dg.ScheduleDefinition(

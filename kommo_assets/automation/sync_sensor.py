@@ -16,8 +16,7 @@ import dagster as dg
 from kommo_assets import settings
 from kommo_assets.assets.common import REFRESH_TAG
 from kommo_assets.assets.increment import freshness
-from kommo_assets.db import increment
-from kommo_assets.db.runs import ImportRuns
+from kommo_assets.db import increment, windows
 from kommo_assets.jobs import kommo_incremental_sync_job
 from kommo_assets.resources.kommo import KommoResource
 from kommo_assets.resources.postgres import PostgresResource
@@ -56,7 +55,7 @@ def _freshness_events(postgres: PostgresResource, minutes: float, state: dict, n
 
 @dg.sensor(
     name=SENSOR_NAME,
-    job=kommo_incremental_sync_job,
+    target=kommo_incremental_sync_job,
     minimum_interval_seconds=settings.sync_interval_seconds(),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Every KOMMO_SYNC_INTERVAL_SECONDS (default 60): unless the live flag is off or a Kommo run is "
@@ -83,16 +82,24 @@ def kommo_incremental_sync_sensor(
     busy = active_kommo_run(context.instance)
     if busy is not None:
         return result(f"run {busy.run_id} of {busy.job_name} is {busy.status.value}: Kommo is not asked meanwhile")
+    in_scope = settings.refresh_scope().windows()
+    if not in_scope:
+        return result(f"No year of KOMMO_REFRESH_YEARS={settings.refresh_scope()} has begun: nothing to sync.")
     with postgres.connect() as conn:
         running = increment.import_running(conn)
         hold = None if running else increment.sync_hold(conn, float(settings.sync_interval_seconds()))
-        cursor = ImportRuns(conn).sync_cursor()
+        uncovered = windows.uncovered_windows(conn, in_scope)
+        cursor = windows.sync_cursor(conn, in_scope)
     if running:
         return result(f"Kommo import {running} is running: Kommo is not asked meanwhile")
     if hold:
         return result(f"Not syncing: {hold}.")
-    if cursor is None:
-        return result("No full refresh has succeeded yet: run a full refresh first (kommo_full_refresh_job).")
+    if uncovered:
+        # A year that joined the scope (a new year at its first second, or a wider KOMMO_REFRESH_YEARS) has
+        # never been read: the sync imports it whole, from its first second, without asking first.
+        keys = ", ".join(w.key for w in uncovered)
+        context.log.info(f"Year(s) {keys} never read from Kommo: starting a sync that imports them whole")
+        return result(runs=[dg.RunRequest(run_key=sync_run_key(int(cursor.timestamp()), int(now)))])
     with kommo.client() as client:
         probe = increment.probe_changes(client, cursor)
     if not probe.anything:

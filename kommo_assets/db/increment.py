@@ -6,13 +6,17 @@ refresh stages; ``run_kommo_increment`` then applies them with the swap's own st
 
 What an increment stages:
 
-* every lead updated since the cursor whose Kommo ``created_at`` lies in one of the configured windows
-  (``KOMMO_REFRESH_YEARS``), whatever its status (a lead moved to 143 is archived by the apply);
+* every lead updated since the cursor whose Kommo ``created_at`` lies in one of the windows in scope
+  (``KOMMO_REFRESH_YEARS``, resolved on Kommo's clock), whatever its status (a lead moved to 143 is archived
+  by the apply);
 * the leads deleted since the cursor, from the events feed, into ``stg_kommo_lead_removals``;
 * the contacts updated since the cursor that are clients already, or main contacts of staged leads;
 * the main contacts of staged leads that are not clients yet, fetched by id;
 * the vehicle and source options (their labels name new vehicles and sources).
 
+The cursor is per window (``kommo_window_coverage``): the increment reads from the oldest coverage among the
+windows in scope, a window never read from its first second, so a window that joins the scope (a new year,
+a wider ``KOMMO_REFRESH_YEARS``) is imported whole; the apply moves every one of them to the increment's end.
 The range read starts ``SYNC_OVERLAP_S`` before the cursor: Kommo stamps changes on more than one server,
 and a change stamped a moment late must not fall between two syncs. Reading it again is harmless: staging
 keeps the newest version and applying the same state twice changes nothing.
@@ -27,11 +31,12 @@ from datetime import datetime, timedelta
 
 import psycopg
 
-from kommo_assets.db.runs import Window
 from kommo_assets.db.staging import StagingWriter
+from kommo_assets.db.windows import sync_cursor
 from kommo_assets.kommo import KommoClient
 from kommo_assets.kommo.changes import LEAD_DELETED, Probe
 from kommo_assets.kommo.fields import SOURCE_FIELD_ID, VEHICLE_FIELD_ID, extract_kommo_epoch, positive_int
+from kommo_assets.scope import Window, YearScope
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +74,9 @@ _CLIENT_CONTACTS = "SELECT kommo_contact_id FROM clients WHERE kommo_contact_id 
 class IncrementResult:
     """What staging an increment did, and the range of Kommo's clock it covers: ``[sync_from, sync_to)``."""
 
-    sync_from: datetime
+    sync_from: datetime | None = None
     sync_to: datetime | None = None  # Kommo's clock at the run's first answer: the next cursor
+    windows: tuple[Window, ...] = ()  # the windows in scope on Kommo's clock, each covered up to sync_to
     leads: int = 0
     removals: int = 0
     restored: int = 0  # leads whose newest event is a restoration (they come back as changed leads)
@@ -84,8 +90,9 @@ class IncrementResult:
 
     def as_metadata(self) -> dict:
         return {
-            "sync_from": self.sync_from.isoformat(),
+            "sync_from": self.sync_from.isoformat() if self.sync_from else None,
             "sync_to": self.sync_to.isoformat() if self.sync_to else None,
+            "windows": [w.key for w in self.windows],
             "leads": self.leads,
             "removals": self.removals,
             "restored": self.restored,
@@ -109,21 +116,20 @@ def stage_increment(
     conn: psycopg.Connection,
     run_id: str,
     client: KommoClient,
-    cursor: datetime,
-    windows: Sequence[Window],
+    scope: YearScope,
     *,
     on_progress: Callable[[str, IncrementResult], None] | None = None,
 ) -> IncrementResult:
-    """Stages what changed since ``cursor`` (less the overlap) into run ``run_id``, on ``conn``.
+    """Stages what changed in the windows of ``scope`` since their coverage (less the overlap) into run
+    ``run_id``, on ``conn``.
 
-    ``client`` must be fresh: the ``Date`` of its first answer becomes ``sync_to``, the cursor the apply
-    stores (every change stamped before it is in this increment). Leads are read before the events feed,
-    so a lead listed and then deleted ends up removed, and one deleted and restored meanwhile is listed."""
-    if not windows:
-        raise ValueError("an increment needs at least one window of lead creation times")
+    ``client`` must be fresh: the ``Date`` of its first answer becomes ``sync_to``, the coverage the apply
+    stores (every change stamped before it is in this increment), and the moment the scope is resolved at
+    (a new year is in scope from its first second on Kommo's clock). Leads are read before the events
+    feed, so a lead listed and then deleted ends up removed, and one deleted and restored meanwhile is
+    listed."""
     started = time.monotonic()
-    since = cursor - timedelta(seconds=SYNC_OVERLAP_S)
-    result = IncrementResult(sync_from=since)
+    result = IncrementResult()
     tracker = client.changes()
     writer = StagingWriter(conn, run_id)
     # First request: its Date is the increment's end on Kommo's clock.
@@ -134,6 +140,13 @@ def stage_increment(
     if result.sync_to is None:
         raise RuntimeError("Kommo's answers carry no readable Date header: the sync has no clock to "
                            "take its cursor from, so it cannot run.")
+    windows = scope.windows(result.sync_to)
+    if not windows:
+        raise ValueError(f"no year of KOMMO_REFRESH_YEARS={scope} has begun on Kommo's clock "
+                         f"({result.sync_to.isoformat()}): nothing to sync yet")
+    result.windows = windows
+    since = sync_cursor(conn, windows) - timedelta(seconds=SYNC_OVERLAP_S)
+    result.sync_from = since
 
     lead_contacts = _stage_changed_leads(writer, tracker, since, windows, result, on_progress)
     _stage_removals(conn, run_id, tracker, since, windows, result)

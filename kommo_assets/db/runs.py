@@ -6,10 +6,9 @@ tests; the assets and sensors go through the Postgres resource.
 """
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -18,45 +17,10 @@ from psycopg.types.json import Jsonb
 
 from kommo_assets.db import APPLICATION_NAME, connect
 from kommo_assets.kommo.errors import redact
+from kommo_assets.scope import Window
 
-DEFAULT_YEAR = 2025
 DEFAULT_MAX_DROP_RATIO = 0.30
 ERROR_MAX_CHARS = 4000
-
-
-@dataclass(frozen=True)
-class Window:
-    """The half-open ``[created_from, created_to)`` range of lead creation times."""
-
-    created_from: datetime
-    created_to: datetime
-
-
-def _parse_instant(text: str, name: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{name} must be an ISO date or datetime such as 2025-01-01, got {text!r}") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def window_for(year: int | None = DEFAULT_YEAR, created_from: str | None = None,
-               created_to: str | None = None) -> Window:
-    """An explicit ``created_from``/``created_to`` wins over ``year``; both ends are required together."""
-    if created_from or created_to:
-        if not (created_from and created_to):
-            raise ValueError("created_from and created_to must be given together")
-        start = _parse_instant(created_from, "created_from")
-        end = _parse_instant(created_to, "created_to")
-    else:
-        year = DEFAULT_YEAR if year is None else year
-        if not 2000 <= year <= 2100:
-            raise ValueError(f"year must be between 2000 and 2100, got {year}")
-        start = datetime(year, 1, 1, tzinfo=UTC)
-        end = datetime(year + 1, 1, 1, tzinfo=UTC)
-    if start >= end:
-        raise ValueError(f"created_from ({start.isoformat()}) must be before created_to ({end.isoformat()})")
-    return Window(start, end)
 
 
 def safe_error(exc: BaseException | str, secrets: str | Iterable[str | None] | None = None) -> str:
@@ -107,11 +71,6 @@ class ImportRuns:
         self.conn.execute("UPDATE kommo_import_runs SET kommo_clock_at = coalesce(kommo_clock_at, %s) WHERE id = %s",
                           (ts, run_id))
 
-    def sync_cursor(self) -> datetime | None:
-        """Where the next increment reads from, on Kommo's clock (``kommo_sync_cursor``); None before the first
-        full refresh with a Kommo clock."""
-        return self.conn.execute("SELECT kommo_sync_cursor()").fetchone()[0]
-
     def increment_preview(self, run_id: str, sample: int = 10) -> dict[str, Any]:
         """What the increment would change now (``kommo_increment_preview``), stored on the run."""
         with self.conn.transaction():
@@ -121,12 +80,17 @@ class ImportRuns:
                               (Jsonb(result), run_id))
         return result
 
-    def apply_increment(self, run_id: str, cursor: datetime, max_deactivations: int) -> dict[str, Any]:
-        """Runs ``run_kommo_increment`` in one transaction: the changes, the cursor and the run's record
-        commit together. Its ``status`` is 'succeeded' or 'needs_review' (nothing applied, cursor kept)."""
+    def apply_increment(self, run_id: str, cursor: datetime, max_deactivations: int,
+                        windows: Sequence[Window]) -> dict[str, Any]:
+        """Runs ``run_kommo_increment`` in one transaction: the changes, the coverage of ``windows`` (up to
+        ``cursor``) and the run's record commit together. Its ``status`` is 'succeeded' or 'needs_review'
+        (nothing applied, coverage kept)."""
         with self.conn.transaction():
-            return self.conn.execute("SELECT run_kommo_increment(%s::uuid, %s, %s)",
-                                     (run_id, cursor, max_deactivations)).fetchone()[0]
+            return self.conn.execute(
+                "SELECT run_kommo_increment(%s::uuid, %s, %s, %s::timestamptz[], %s::timestamptz[])",
+                (run_id, cursor, max_deactivations, [w.created_from for w in windows],
+                 [w.created_to for w in windows]),
+            ).fetchone()[0]
 
     def mark_staged(self, run_id: str, stats: dict[str, Any]) -> None:
         with self.conn.transaction():

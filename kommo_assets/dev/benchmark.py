@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kommo_assets.dev import benchmark_incremental as incremental
 from kommo_assets.kommo import DEFAULT_MAX_RPS, MAX_PAGE_SIZE
+from kommo_assets.scope import window_for
 from kommo_assets.settings import refresh_years
 
 TOKEN = "benchmark-token"
@@ -126,7 +127,7 @@ def _worker_naive(args: argparse.Namespace) -> dict:
 
     insert_lead, insert_contact = insert("stg_kommo_leads", LEAD_COLUMNS), insert("stg_kommo_contacts", CONTACT_COLUMNS)
     run_id = str(uuid.uuid4())
-    window = runs.window_for(_year())
+    window = window_for(_year())
     started = time.perf_counter()
     runs.start_run(args.database_url, run_id=run_id, dagster_run_id=None, job_name="baseline", triggered_by=None,
                    dry_run=False, window=window, max_drop_ratio=1.0)

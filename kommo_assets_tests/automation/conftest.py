@@ -10,7 +10,7 @@ import pytest
 from kommo_assets.automation import request_table
 from kommo_assets.definitions import defs
 from kommo_assets.resources import build_resources
-from kommo_assets.settings import refresh_years, request_cooldown_minutes
+from kommo_assets.settings import refresh_scope, request_cooldown_minutes
 from kommo_assets_tests.automation.fake_slack import FakeSlack
 from kommo_assets_tests.helpers import fetch_one
 
@@ -60,7 +60,7 @@ def staff(database_url) -> uuid.UUID:
 def live_synced(database_url):
     """The copies as the request sensor leaves them while KOMMO_ENABLE_LIVE is on (other settings unset)."""
     request_table.sync_flag(database_url, request_table.LIVE_FLAG, True)
-    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: list(refresh_years({})),
+    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: refresh_scope({}).as_json(),
                                                request_table.COOLDOWN_SETTING: request_cooldown_minutes({})})
 
 

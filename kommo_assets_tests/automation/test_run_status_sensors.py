@@ -10,6 +10,7 @@ from kommo_assets.automation import request_table
 from kommo_assets.automation.run_status_sensors import kommo_run_canceled_sensor
 from kommo_assets.db import runs
 from kommo_assets.resources.postgres import PostgresResource
+from kommo_assets.scope import window_for
 from kommo_assets_tests.automation.conftest import RUN_STATUS_SENSORS, SLACK_CHANNEL, SLACK_TOKEN
 from kommo_assets_tests.helpers import fetch_all, fetch_one, run_job
 
@@ -173,7 +174,7 @@ def test_run_that_ended_with_its_import_open_closes_it(automation_env, database_
     ticker.prime(*RUN_STATUS_SENSORS)
     failed = run_job(FULL, instance=instance, tags=tags)
     assert not failed.success
-    window = runs.window_for(2025)
+    window = window_for(2025)
     runs.start_run(database_url, run_id=failed.run_id, dagster_run_id=failed.run_id, job_name=FULL,
                    triggered_by=None, dry_run=False, window=window, max_drop_ratio=0.3)
 

@@ -13,6 +13,7 @@ import pytest
 from kommo_assets.db import runs
 from kommo_assets.db.export import export_snapshot, prune_exports, snapshot_path
 from kommo_assets.resources.snapshot import SnapshotExportResource
+from kommo_assets.scope import window_for
 from kommo_assets_tests.helpers import fetch_all, fetch_one, run_job
 
 
@@ -59,7 +60,7 @@ def test_old_exports_are_removed_by_retention(database_url, tmp_path):
 def test_export_streams_a_run_without_rows(database_url, tmp_path):
     run_id = "00000000-0000-0000-0000-000000000001"
     runs.start_run(database_url, run_id=run_id, dagster_run_id=None, job_name="t", triggered_by=None,
-                   dry_run=True, window=runs.window_for(2025), max_drop_ratio=0.3)
+                   dry_run=True, window=window_for(2025), max_drop_ratio=0.3)
     export = export_snapshot(database_url, run_id, tmp_path)
     assert export.rows == {"leads": 0, "contacts": 0}
 
@@ -87,7 +88,7 @@ def test_staging_retention_prunes_old_succeeded_and_keeps_recent_and_failed(data
 def _run_with_a_lead(url) -> str:
     run_id = str(fetch_one(url, "SELECT gen_random_uuid()")[0])
     runs.start_run(url, run_id=run_id, dagster_run_id=None, job_name="t", triggered_by=None,
-                   dry_run=True, window=runs.window_for(2025), max_drop_ratio=0.3)
+                   dry_run=True, window=window_for(2025), max_drop_ratio=0.3)
     with psycopg.connect(url) as conn:
         conn.execute("INSERT INTO stg_kommo_leads (run_id, lead_id, payload) VALUES (%s, 1, %s)",
                      (run_id, json.dumps({"id": 1, "name": "Ana Silva", "phone": "+351 912 345"})))

@@ -11,6 +11,7 @@ from kommo_assets.db import runs
 from kommo_assets.db.staging import stage_snapshot
 from kommo_assets.kommo.pacing import PROMPT_SWITCH_INTERVAL_S
 from kommo_assets.resources.kommo import KommoResource
+from kommo_assets.scope import window_for
 
 
 def test_while_a_run_streams_the_collector_skips_old_objects_and_threads_switch_promptly(kommo_env, database_url):
@@ -20,7 +21,7 @@ def test_while_a_run_streams_the_collector_skips_old_objects_and_threads_switch_
     assert before[0] == 0
     seen = []
     run_id = str(uuid.uuid4())
-    window = runs.window_for(2025)
+    window = window_for(2025)
     runs.start_run(database_url, run_id=run_id, dagster_run_id=None, job_name="test", triggered_by=None,
                    dry_run=True, window=window, max_drop_ratio=1.0)
     kommo = KommoResource(base_url=kommo_env.base_url, access_token=kommo_env.config.token, max_rps=200.0)

@@ -9,18 +9,19 @@ import pytest
 from psycopg import sql
 
 from kommo_assets.db import runs
+from kommo_assets.scope import Window, window_for
 from kommo_assets_tests.helpers import fetch_all, fetch_one, production_checksum
 
 T0 = datetime(2025, 3, 1, 10, tzinfo=UTC)
 
 
 def stage_run(url, leads, contacts=((900, "Ana", "+1", "ana@x"),), *, dry_run=False, guard=True,
-              max_drop_ratio=1.0, window: runs.Window | None = None) -> str:
+              max_drop_ratio=1.0, window: Window | None = None) -> str:
     """Opens a run of ``window`` (default: the year 2025) and stages ``leads`` =
     [(lead_id, contact_id, status_id, vehicle_enum_id[, created_at])]; created_at defaults to March 1st,
     10:00 of the window's first year."""
     run_id = str(uuid.uuid4())
-    window = window or runs.window_for(2025)
+    window = window or window_for(2025)
     runs.start_run(url, run_id=run_id, dagster_run_id=None, job_name="test", triggered_by=None, dry_run=dry_run,
                    window=window, max_drop_ratio=max_drop_ratio)
     default_created = T0.replace(year=window.created_from.year)
@@ -127,7 +128,7 @@ def test_a_running_import_whose_owner_is_alive_is_never_closed(database_url):
     first = str(uuid.uuid4())
     with runs.owning(database_url, first):
         runs.start_run(database_url, run_id=first, dagster_run_id=None, job_name="t", triggered_by=None,
-                       dry_run=False, window=runs.window_for(2025), max_drop_ratio=0.3)
+                       dry_run=False, window=window_for(2025), max_drop_ratio=0.3)
         with psycopg.connect(database_url) as conn:
             conn.execute("UPDATE kommo_import_runs SET heartbeat_at = now() - interval '1 day' WHERE id = %s",
                          (first,))
@@ -142,7 +143,7 @@ def test_the_next_start_closes_an_import_as_soon_as_its_owner_is_gone(database_u
     first = str(uuid.uuid4())
     with runs.owning(database_url, first):
         runs.start_run(database_url, run_id=first, dagster_run_id=None, job_name="t", triggered_by=None,
-                       dry_run=False, window=runs.window_for(2025), max_drop_ratio=0.3)
+                       dry_run=False, window=window_for(2025), max_drop_ratio=0.3)
     # the owner let go (its process ended without closing the run): the very next start closes it
     second = stage_run(database_url, [(1, 900, 79790637, 11)])
     closed = runs.get_run(database_url, first)

@@ -10,11 +10,12 @@ import psycopg
 
 from kommo_assets.db import runs
 from kommo_assets.db.migrate import migrate, sql_dir
+from kommo_assets.scope import window_for
 from kommo_assets_tests.db.test_swap import stage_run
 from kommo_assets_tests.helpers import fetch_all, fetch_one
 
-Y2025, Y2026 = runs.window_for(2025), runs.window_for(2026)
-MARCH_2025 = runs.window_for(created_from="2025-03-01T00:00:00Z", created_to="2025-04-01T00:00:00Z")
+Y2025, Y2026 = window_for(2025), window_for(2026)
+MARCH_2025 = window_for(created_from="2025-03-01T00:00:00Z", created_to="2025-04-01T00:00:00Z")
 
 # swap counter -> (preview section, preview count)
 PREVIEWED = {

@@ -684,10 +684,11 @@ def test_staging_skips_a_record_nested_beyond_the_recursion_limit(database_url):
     and counted, and the page's other records are staged."""
     from kommo_assets.db import runs
     from kommo_assets.db.staging import StagingWriter
+    from kommo_assets.scope import window_for
 
     run_id = str(uuid.uuid4())
     runs.start_run(database_url, run_id=run_id, dagster_run_id=None, job_name="t", triggered_by=None,
-                   dry_run=True, window=runs.window_for(2025), max_drop_ratio=0.3)
+                   dry_run=True, window=window_for(2025), max_drop_ratio=0.3)
     lead_deep = good_lead(900, notes=[nested(1999), "\x00"])
     skipped: Counter = Counter()
     with psycopg.connect(database_url) as conn:

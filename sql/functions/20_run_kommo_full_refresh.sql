@@ -287,6 +287,10 @@ BEGIN
 
     PERFORM set_config('kommo.suppress_outbox', 'on', true);
     v_counts := kommo_apply_snapshot(p_run_id, v_run.created_from, v_run.created_to, NULL);
+    -- Every change Kommo stamped before the run's first answer, to a lead of the window, is now in
+    -- production: the window is covered from there (a refresh that predates Kommo's clock proves nothing).
+    PERFORM kommo_cover_windows(ARRAY[v_run.created_from], ARRAY[v_run.created_to], v_run.kommo_clock_at,
+                                p_run_id);
 
     UPDATE kommo_import_runs
        SET status = 'succeeded', finished_at = now(), swap_started_at = v_started,

@@ -57,9 +57,25 @@ BEGIN
 END;
 $$;
 
+-- The years in scope now (UTC, the database's clock), ascending, from the KOMMO_REFRESH_YEARS the request
+-- sensor copied: a JSON array of [first, last] ranges, last null for an open range (through the current
+-- year; no year before its first second), so a new year is in scope from its first second without
+-- waiting for a tick. Plain years (the
+-- form copied before ranges existed) are read too.
+CREATE OR REPLACE FUNCTION kommo_years_in_scope() RETURNS integer[]
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(array_agg(DISTINCT y ORDER BY y), '{}')
+      FROM jsonb_array_elements(kommo_runtime_setting('KOMMO_REFRESH_YEARS')) AS e(item)
+     CROSS JOIN LATERAL generate_series(
+           (CASE jsonb_typeof(e.item) WHEN 'array' THEN e.item ->> 0 ELSE e.item #>> '{}' END)::integer,
+           least(coalesce((CASE jsonb_typeof(e.item) WHEN 'array' THEN e.item ->> 1 ELSE e.item #>> '{}' END)::integer,
+                          extract(year FROM now() AT TIME ZONE 'UTC')::integer),
+                 extract(year FROM now() AT TIME ZONE 'UTC')::integer)) AS y
+$$;
+
 -- The Bookings-page button. Refuses (SQLSTATE 42501 insufficient_privilege, with the reason as message)
 -- a user who is not staff and any request while the live flag is off, and (22023) a year outside
--- KOMMO_REFRESH_YEARS; year NULL is the first configured year. Otherwise it queues a request, unless one
+-- KOMMO_REFRESH_YEARS (kommo_years_in_scope); year NULL is the current year (UTC). Otherwise it queues a request, unless one
 -- is already waiting or running, or the last one finished less than KOMMO_REQUEST_COOLDOWN_MINUTES ago:
 -- then it answers with that request and says why (accepted false, retry_after when the cooldown ends).
 -- A double click never queues two refreshes, and the button cannot keep refreshes running back to back
@@ -100,12 +116,11 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege';
     END IF;
 
-    SELECT array_agg(e.value::integer ORDER BY e.ordinality) INTO v_years
-      FROM jsonb_array_elements_text(kommo_runtime_setting('KOMMO_REFRESH_YEARS')) WITH ORDINALITY AS e;
-    v_year := coalesce(request_kommo_refresh.year, v_years[1]);
-    IF v_year IS NULL OR NOT v_year = ANY (v_years) THEN
+    v_years := kommo_years_in_scope();
+    v_year := coalesce(request_kommo_refresh.year, extract(year FROM now() AT TIME ZONE 'UTC')::integer);
+    IF NOT v_year = ANY (v_years) THEN
         RAISE EXCEPTION 'Kommo refresh refused: year % is not one of the years requests may ask for (%)',
-                        v_year, array_to_string(v_years, ', ')
+                        v_year, coalesce(nullif(array_to_string(v_years, ', '), ''), 'none yet')
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'KOMMO_REFRESH_YEARS in the environment of the Dagster code location lists them';
     END IF;

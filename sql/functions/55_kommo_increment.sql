@@ -6,29 +6,20 @@
 -- staged or removes instead of a window (kommo_increment_scope), under the swap's lock: never beside a
 -- full refresh's swap, and start_kommo_import_run never lets two imports of any kind run at once.
 
--- Where the next increment reads from, on Kommo's clock: the stored cursor; before the first increment,
--- the Kommo clock of the oldest of the latest succeeded full refreshes of each window (every change
--- Kommo stamped before it is in production). A refresh that predates Kommo's clock (kommo_clock_at
--- NULL) is not counted. NULL when no full refresh with a Kommo clock ever succeeded: there is nothing to
--- increment from, run a full refresh first.
-CREATE OR REPLACE FUNCTION kommo_sync_cursor() RETURNS timestamptz
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce(
-        (SELECT s.cursor FROM kommo_sync_state s),
-        (SELECT min(w.kommo_clock_at)
-           FROM (SELECT DISTINCT ON (r.created_from, r.created_to) r.kommo_clock_at
-                   FROM kommo_import_runs r
-                  WHERE r.status = 'succeeded' AND r.kind = 'full_refresh'
-                  ORDER BY r.created_from, r.created_to, r.finished_at DESC) w))
-$$;
+-- Where an increment reads from: kommo_sync_cursor(windows) in 16_kommo_windows.sql. The cursor of one
+-- global row it replaced is dropped.
+DROP FUNCTION IF EXISTS kommo_sync_cursor();
 
 -- Applies the staged increment p_run_id in the caller's transaction (one transaction: the changes, the
 -- cursor and the run's record commit together, or none of them does) and returns the counts of
--- kommo_apply_snapshot plus "status". p_cursor is Kommo's clock up to which the run read every change;
--- the cursor moves to it, never back. The guard: when the increment would deactivate more than
+-- kommo_apply_snapshot plus "status". p_cursor is Kommo's clock up to which the run read every change
+-- of the leads created in the windows (p_froms[i], p_tos[i]); each window's coverage moves to it, never
+-- back. The guard: when the increment would deactivate more than
 -- p_max_deactivations bookings, nothing is applied, the cursor stays, and the run is closed as
 -- needs_review with its change preview, so the same changes are read again by the next sync.
-CREATE OR REPLACE FUNCTION run_kommo_increment(p_run_id uuid, p_cursor timestamptz, p_max_deactivations integer)
+DROP FUNCTION IF EXISTS run_kommo_increment(uuid, timestamptz, integer);
+CREATE OR REPLACE FUNCTION run_kommo_increment(p_run_id uuid, p_cursor timestamptz, p_max_deactivations integer,
+                                               p_froms timestamptz[], p_tos timestamptz[])
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -54,7 +45,11 @@ BEGIN
         RAISE EXCEPTION 'run_kommo_increment needs a cursor and a max_deactivations of 0 or more (got %, %)',
             p_cursor, p_max_deactivations;
     END IF;
-    v_from := kommo_sync_cursor();
+    IF coalesce(cardinality(p_froms), 0) = 0 OR cardinality(p_froms) <> cardinality(p_tos) THEN
+        RAISE EXCEPTION 'run_kommo_increment needs the windows it covers (got % starts and % ends)',
+            coalesce(cardinality(p_froms), 0), coalesce(cardinality(p_tos), 0);
+    END IF;
+    v_from := kommo_sync_cursor(p_froms, p_tos);
     UPDATE kommo_import_runs
        SET leads_count = (SELECT count(*) FROM stg_kommo_leads WHERE run_id = p_run_id),
            contacts_count = (SELECT count(*) FROM stg_kommo_contacts WHERE run_id = p_run_id),
@@ -88,10 +83,10 @@ BEGIN
     v_counts := kommo_apply_snapshot(p_run_id, '-infinity', 'infinity', kommo_increment_scope(p_run_id))
                 || jsonb_build_object('status', 'succeeded');
 
-    INSERT INTO kommo_sync_state AS s (cursor, run_id, updated_at)
-    VALUES (greatest(v_from, p_cursor), p_run_id, now())
-    ON CONFLICT (singleton) DO UPDATE
-       SET cursor = greatest(s.cursor, EXCLUDED.cursor), run_id = EXCLUDED.run_id, updated_at = EXCLUDED.updated_at;
+    PERFORM kommo_cover_windows(p_froms, p_tos, p_cursor, p_run_id);
+    INSERT INTO kommo_sync_state AS s (run_id, updated_at)
+    VALUES (p_run_id, now())
+    ON CONFLICT (singleton) DO UPDATE SET run_id = EXCLUDED.run_id, updated_at = EXCLUDED.updated_at;
 
     UPDATE kommo_import_runs
        SET status = 'succeeded', finished_at = now(), heartbeat_at = now(), swap_started_at = v_started,
