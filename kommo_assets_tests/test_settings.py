@@ -2,6 +2,7 @@
 built here with values (as the UI's resource page and ``build_resources`` build them), naming the variable."""
 
 import math
+from datetime import UTC, datetime
 
 import dagster as dg
 import pytest
@@ -17,7 +18,7 @@ from kommo_assets.settings import (
     ConfigError,
     parse_flag,
     positive_number,
-    refresh_years,
+    refresh_scope,
     request_cooldown_minutes,
     require_live,
 )
@@ -159,15 +160,19 @@ def test_a_bad_token_fails_the_run_at_resource_configuration_naming_the_variable
     assert "secret-tail" not in text
 
 
-def test_refresh_years_default_to_2025_and_keep_their_order():
-    assert refresh_years({}) == refresh_years({"KOMMO_REFRESH_YEARS": " "}) == (2025,)
-    assert refresh_years({"KOMMO_REFRESH_YEARS": " 2025, 2024,2025 "}) == (2025, 2024)
+def test_the_scope_defaults_to_the_seed_year_through_the_current_one():
+    this_year = datetime.now(UTC).year  # the real date
+    assert refresh_scope({}).years() == refresh_scope({"KOMMO_REFRESH_YEARS": " "}).years() == tuple(
+        range(2025, this_year + 1))
+    assert str(refresh_scope({})) == "2025-"
+    assert refresh_scope({"KOMMO_REFRESH_YEARS": " 2025, 2024,2025 "}).years(datetime(2026, 6, 1, tzinfo=UTC)) == (
+        2024, 2025)
 
 
-@pytest.mark.parametrize("raw", ["2025,", "next", "2025;2024", "1999", "2101", "25"])
+@pytest.mark.parametrize("raw", ["2025,", "next", "2025;2024", "1999", "2101", "25", "2026-2025", "-2025", "2025--"])
 def test_bad_refresh_years_are_a_config_error_naming_the_variable(raw):
-    with pytest.raises(ConfigError, match=f"KOMMO_REFRESH_YEARS must be comma-separated years .* got '{raw}'"):
-        refresh_years({"KOMMO_REFRESH_YEARS": raw})
+    with pytest.raises(ConfigError, match=f"KOMMO_REFRESH_YEARS must be years and ranges .* got '{raw}'"):
+        refresh_scope({"KOMMO_REFRESH_YEARS": raw})
 
 
 def test_the_request_cooldown_defaults_to_10_minutes():

@@ -7,7 +7,7 @@ stops the load with a ConfigError naming the variable. While KOMMO_ENABLE_LIVE i
 with that reason instead of starting a run that can only fail.
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import dagster as dg
 
@@ -18,15 +18,17 @@ from kommo_assets.settings import LIVE_DISABLED_REASON, ConfigError
 
 def _nightly(name: str, job, cron_variable: str, cron: str, timezone: str,
              default_status: dg.DefaultScheduleStatus, description: str) -> dg.ScheduleDefinition:
-    def evaluate(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
+    def evaluate(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
         if not settings.live_enabled():
-            return dg.SkipReason(LIVE_DISABLED_REASON)
+            yield dg.SkipReason(LIVE_DISABLED_REASON)
+            return
         night = context.scheduled_execution_time
         years = settings.refresh_scope().years(night)
         if not years:
-            return dg.SkipReason(f"No year of KOMMO_REFRESH_YEARS={settings.refresh_scope()} has begun.")
-        stamp = night.strftime("%Y-%m-%dT%H:%M") if night else "now"
-        return [dg.RunRequest(run_key=f"{name}-{stamp}-{year}", partition_key=str(year)) for year in years]
+            yield dg.SkipReason(f"No year of KOMMO_REFRESH_YEARS={settings.refresh_scope()} has begun.")
+        stamp = night.strftime("%Y-%m-%dT%H:%M")
+        for year in years:
+            yield dg.RunRequest(run_key=f"{name}-{stamp}-{year}", partition_key=str(year))
 
     try:
         return dg.ScheduleDefinition(

@@ -249,18 +249,15 @@ def record_drift(conn: psycopg.Connection, run_id: str, drift: int) -> None:
 
 
 def record_idle_tick(conn: psycopg.Connection, probe: Probe) -> bool:
-    """A probe that found nothing changed since the cursor proves production was up to date when it asked:
-    that is recorded as ``kommo_sync_state.updated_at`` (what keeps an idle day fresh). The cursor stays
-    where it is, so a change a spurious empty answer hid is found by the next tick. False when the probe
-    found a change."""
+    """A probe that found nothing changed since the windows' coverage proves production was up to date when it
+    asked: that is recorded as ``kommo_sync_state.updated_at`` (what keeps an idle day fresh). The coverage
+    stays where it is, so a change a spurious empty answer hid is found by the next tick. False when the
+    probe found a change."""
     if probe.anything:
         return False
     with conn.transaction():
-        conn.execute(
-            "INSERT INTO kommo_sync_state AS s (cursor, updated_at) VALUES (%s, now()) ON CONFLICT (singleton)"
-            " DO UPDATE SET updated_at = EXCLUDED.updated_at",
-            (probe.since,),
-        )
+        conn.execute("INSERT INTO kommo_sync_state AS s (updated_at) VALUES (now()) ON CONFLICT (singleton)"
+                     " DO UPDATE SET updated_at = EXCLUDED.updated_at")
     return True
 
 

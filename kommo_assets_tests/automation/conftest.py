@@ -79,6 +79,7 @@ class SensorTicker:
             cursor=cursor if cursor is not None else self.cursors.get(name),
             sensor_name=name,
             resources={key: resources[key] for key in sensor.required_resource_keys},
+            definitions=defs,  # resolves the partition of a partitioned run request, as the daemon does
         )
         with context:
             result = sensor.evaluate_tick(context)

@@ -8,6 +8,7 @@ import pytest
 from kommo_assets.assets.common import REQUEST_ID_TAG, REQUESTED_BY_TAG
 from kommo_assets.automation import request_table
 from kommo_assets.definitions import defs
+from kommo_assets.scope import current_year
 from kommo_assets.settings import ConfigError
 from kommo_assets_tests.helpers import fetch_all, fetch_one
 
@@ -38,7 +39,8 @@ def test_staff_request_starts_one_run_and_a_repeat_tick_none(automation_env, dat
     tags = result.run_requests[0].tags
     assert tags[REQUESTED_BY_TAG] == str(staff) and tags[REQUEST_ID_TAG] == str(request_id)
     assert result.cursor == str(request_id)
-    assert result.run_requests[0].run_config == {"ops": {"kommo_staging": {"config": {"year": 2025}}}}
+    # no year asked: the current one, as a partition of the full refresh
+    assert result.run_requests[0].partition_key == str(current_year())
     assert _status(database_url, request_id) == ("queued", None)
 
     repeat = ticker.tick(SENSOR)
@@ -92,31 +94,35 @@ def _settings(url: str) -> dict:
 def test_the_tick_copies_years_and_cooldown_and_runs_the_year_asked_for(automation_env, database_url, staff,
                                                                         ticker, monkeypatch):
     ticker.tick(SENSOR)
-    assert _settings(database_url) == {"KOMMO_REFRESH_YEARS": [2025], "KOMMO_REQUEST_COOLDOWN_MINUTES": 10}
+    # the default scope: from the seed's year through the current one, resolved by the database itself
+    assert _settings(database_url) == {"KOMMO_REFRESH_YEARS": [[2025, None]], "KOMMO_REQUEST_COOLDOWN_MINUTES": 10}
     monkeypatch.setenv("KOMMO_REFRESH_YEARS", "2025, 2024")
     monkeypatch.setenv("KOMMO_REQUEST_COOLDOWN_MINUTES", "0")
     ticker.tick(SENSOR)
-    assert _settings(database_url) == {"KOMMO_REFRESH_YEARS": [2025, 2024], "KOMMO_REQUEST_COOLDOWN_MINUTES": 0}
+    assert _settings(database_url) == {"KOMMO_REFRESH_YEARS": [[2024, 2024], [2025, 2025]],
+                                       "KOMMO_REQUEST_COOLDOWN_MINUTES": 0}
 
-    request_id = _request(database_url, staff, 2024)
+    # a year that is not the current one (the code location's partitions were loaded with the default
+    # scope: a new KOMMO_REFRESH_YEARS takes a reload, so the test asks for a year both hold)
+    request_id = _request(database_url, staff, 2025)
     (run_request,) = ticker.tick(SENSOR).run_requests
-    assert run_request.run_config == {"ops": {"kommo_staging": {"config": {"year": 2024}}}}
+    assert run_request.partition_key == "2025" and run_request.run_config == {}
     assert request_id == int(run_request.tags["kommo/request_id"])
-    # the config is one the job accepts, and it is the window a run imports (the dry run shares the step)
-    dg.validate_run_config(defs.resolve_job_def("kommo_full_refresh_job"), run_request.run_config)
+    # the partition is the window a run imports (the dry run shares the step)
     result = defs.resolve_job_def("kommo_dry_run_job").execute_in_process(
-        run_config=run_request.run_config, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+        partition_key=run_request.partition_key, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
     assert result.success
     assert fetch_one(database_url, "SELECT created_from::date::text, created_to::date::text FROM kommo_import_runs "
-                                   "WHERE id = %s", (result.run_id,)) == ("2024-01-01", "2025-01-01")
+                                   "WHERE id = %s", (result.run_id,)) == ("2025-01-01", "2026-01-01")
 
 
-def test_a_request_made_before_years_runs_the_default_config(automation_env, database_url, staff, ticker):
+def test_a_request_made_before_years_runs_the_current_year(automation_env, database_url, staff, ticker):
     ticker.tick(SENSOR)
     request_id = fetch_one(database_url, "INSERT INTO kommo_refresh_requests (requested_by) VALUES (%s) RETURNING id",
                            (staff,))[0]
     (run_request,) = ticker.tick(SENSOR).run_requests
-    assert run_request.run_key == f"kommo-refresh-request-{request_id}" and run_request.run_config == {}
+    assert run_request.run_key == f"kommo-refresh-request-{request_id}"
+    assert run_request.partition_key == str(current_year())
 
 
 @pytest.mark.parametrize("name, raw", [("KOMMO_REFRESH_YEARS", "2025,next"), ("KOMMO_REFRESH_YEARS", "1999"),

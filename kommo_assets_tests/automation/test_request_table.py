@@ -9,8 +9,10 @@ import psycopg
 import pytest
 
 from kommo_assets.automation import request_table
+from kommo_assets.scope import YearScope, current_year
 from kommo_assets_tests.helpers import fetch_one
 
+THIS_YEAR = current_year()  # the real date: no request names a year, so they are all for this one
 PAYLOAD_KEYS = {"request_id", "run_id", "status", "year", "leads", "contacts", "vehicles", "error", "requested_at",
                 "updated_at", "finished_at"}
 
@@ -49,11 +51,11 @@ def _requests(url: str) -> int:
 
 def test_staff_request_is_pending_and_polls_as_the_202_payload(database_url, staff, live_synced):
     request = _request(database_url, staff)
-    assert request["status"] == "pending" and request["accepted"] is True and request["year"] == 2025
-    assert request["message"] == f"Kommo refresh of 2025 requested (request #{request['id']})."
+    assert request["status"] == "pending" and request["accepted"] is True and request["year"] == THIS_YEAR
+    assert request["message"] == f"Kommo refresh of {THIS_YEAR} requested (request #{request['id']})."
     assert "requested_by" not in request
     assert fetch_one(database_url, "SELECT requested_by, year FROM kommo_refresh_requests WHERE id = %s",
-                     (request["id"],)) == (staff, 2025)
+                     (request["id"],)) == (staff, THIS_YEAR)
     status = request_table.request_status(database_url, request["id"])
     assert set(status) == PAYLOAD_KEYS  # nothing about who asked
     assert {k: status[k] for k in ("request_id", "run_id", "status", "leads", "contacts", "vehicles", "error")} == {
@@ -107,26 +109,42 @@ def test_an_anonymous_postgrest_request_is_nobody_even_with_a_staff_id(database_
     assert _requests(database_url) == 0
 
 
-def test_the_year_defaults_to_the_first_configured_and_others_are_refused(database_url, staff, live_synced):
-    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: [2024, 2025]})
+def test_the_year_defaults_to_the_current_one_and_years_outside_the_scope_are_refused(database_url, staff,
+                                                                                      live_synced):
+    two_ago = THIS_YEAR - 2
+    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: YearScope.parse(
+        f"{two_ago},{THIS_YEAR}-").as_json()})
     first = _request(database_url, staff)
-    assert first["year"] == 2024
+    assert first["year"] == THIS_YEAR
     _finish(database_url, first["id"], timedelta(hours=1))
-    assert _request(database_url, staff, 2025)["year"] == 2025
-    for year in (2023, 2026):
+    assert _request(database_url, staff, two_ago)["year"] == two_ago
+    # the gap, a year before the scope, and a year that has not begun
+    for year in (THIS_YEAR - 1, two_ago - 1, THIS_YEAR + 1):
         with pytest.raises(psycopg.errors.InvalidParameterValue,
-                           match=f"year {year} is not one of the years requests may ask for \\(2024, 2025\\)") as no:
+                           match=f"year {year} is not one of the years requests may ask for "
+                                 f"\\({two_ago}, {THIS_YEAR}\\)") as no:
             _request(database_url, staff, year)
         assert "KOMMO_REFRESH_YEARS" in no.value.diag.message_hint
     assert [r for r in fetch_one(database_url, "SELECT array_agg(year ORDER BY id) FROM kommo_refresh_requests")] == [
-        [2024, 2025]]
+        [THIS_YEAR, two_ago]]
+
+
+@pytest.mark.parametrize("raw", ["", "2025", "2025-", "2024,2026", "2023-2024,2026-", "2025-2030", "2030-",
+                                 "2024-2025,2025-"])
+def test_the_database_reads_the_scope_as_the_code_location_does(database_url, raw):
+    """One definition of the years in scope: the request sensor copies KOMMO_REFRESH_YEARS, and the database
+    resolves it on its own clock to the same years as the Python side (the real date: an open range runs
+    through the current year, a range never past it)."""
+    scope = YearScope.parse(raw)
+    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: scope.as_json()})
+    assert fetch_one(database_url, "SELECT kommo_years_in_scope()")[0] == list(scope.years())
 
 
 def test_settings_never_synced_refuse_naming_the_variable(database_url, staff):
     request_table.sync_flag(database_url, request_table.LIVE_FLAG, True)
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="KOMMO_REFRESH_YEARS has not been synced"):
         _request(database_url, staff)
-    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: [2025]})
+    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: YearScope.parse("").as_json()})
     with pytest.raises(psycopg.errors.InsufficientPrivilege,
                        match="KOMMO_REQUEST_COOLDOWN_MINUTES has not been synced"):
         _request(database_url, staff)
@@ -137,7 +155,7 @@ def test_double_click_and_a_running_refresh_return_the_same_request(database_url
     first = _request(database_url, staff)
     again = _request(database_url, staff)
     assert again["id"] == first["id"] and again["accepted"] is False
-    assert again["message"] == (f"A Kommo refresh is already waiting to start (request #{first['id']}, 2025); "
+    assert again["message"] == (f"A Kommo refresh is already waiting to start (request #{first['id']}, {THIS_YEAR}); "
                                 "a new one can be requested 10 minutes after it ends.")
     # another staff member pressing while it waits gets the same request too
     assert _request(database_url, _add_staff(database_url))["id"] == first["id"]
@@ -148,7 +166,7 @@ def test_double_click_and_a_running_refresh_return_the_same_request(database_url
     running = _request(database_url, staff)
     assert (running["id"], running["status"], running["run_id"], running["accepted"]) == (
         first["id"], "running", "run-1", False)
-    assert running["message"].startswith(f"A Kommo refresh is running (request #{first['id']}, 2025)")
+    assert running["message"].startswith(f"A Kommo refresh is running (request #{first['id']}, {THIS_YEAR})")
     assert _requests(database_url) == 1
 
 

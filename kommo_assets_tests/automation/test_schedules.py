@@ -1,11 +1,13 @@
 """The nightly schedules: crons and timezone from the environment, clear errors, skipped while live is off."""
 
 import re
+from datetime import UTC, datetime
 
 import dagster as dg
 import pytest
 
 from kommo_assets.automation.schedules import build_schedules
+from kommo_assets.scope import FIRST_SEED_YEAR
 from kommo_assets.settings import LIVE_DISABLED_REASON, ConfigError
 
 
@@ -37,12 +39,26 @@ def test_invalid_timezone_names_the_variable():
         build_schedules({"KOMMO_SCHEDULE_TIMEZONE": "Mars/Olympus"})
 
 
-def test_a_tick_runs_when_live_and_skips_with_the_reason_when_not(monkeypatch):
+def _tick(schedule: dg.ScheduleDefinition, at: datetime):
+    from kommo_assets.definitions import defs
+
+    context = dg.build_schedule_context(scheduled_execution_time=at, repository_def=defs.get_repository_def())
+    return schedule.evaluate_tick(context)
+
+
+def test_a_tick_runs_every_year_in_scope_when_live_and_skips_with_the_reason_when_not(monkeypatch):
     dry, full = build_schedules({})
     monkeypatch.setenv("KOMMO_ENABLE_LIVE", "1")
+    now = datetime.now(UTC)
+    in_scope = [str(year) for year in range(FIRST_SEED_YEAR, now.year + 1)]  # the default 2025-, the real date
     for schedule in (dry, full):
-        data = schedule.evaluate_tick(dg.build_schedule_context())
-        assert [r.tags["dagster/schedule_name"] for r in data.run_requests] == [schedule.name]
+        data = _tick(schedule, now)
+        assert [r.partition_key for r in data.run_requests] == in_scope
+        assert [r.tags["dagster/schedule_name"] for r in data.run_requests] == [schedule.name] * len(in_scope)
+        assert len({r.run_key for r in data.run_requests}) == len(in_scope)
+    # a night in the seed's year had only that year in scope
+    assert [r.partition_key for r in _tick(dry, datetime(FIRST_SEED_YEAR, 6, 1, 2, tzinfo=UTC)).run_requests] == [
+        str(FIRST_SEED_YEAR)]
     monkeypatch.setenv("KOMMO_ENABLE_LIVE", "0")
-    data = dry.evaluate_tick(dg.build_schedule_context())
+    data = _tick(dry, now)
     assert data.run_requests == [] and data.skip_message == LIVE_DISABLED_REASON

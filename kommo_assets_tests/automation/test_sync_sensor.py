@@ -13,8 +13,10 @@ from kommo_assets.assets.common import REFRESH_TAG
 from kommo_assets.assets.increment import BOOKINGS, FRESHNESS_CHECK
 from kommo_assets.db import runs
 from kommo_assets.resources import build_resources
+from kommo_assets.settings import refresh_scope
 from kommo_assets_tests.automation.conftest import RUN_STATUS_SENSORS
 from kommo_assets_tests.helpers import fetch_one, production_checksum, run_job
+from kommo_assets_tests.sync_support import production_rows
 from kommo_assets_tests.test_full_refresh import WINDOW
 
 SENSOR = "kommo_incremental_sync_sensor"
@@ -39,17 +41,29 @@ def _in_window_lead(sim) -> dict:
 
 @pytest.fixture
 def refreshed(automation_env, instance):
-    assert run_job("kommo_full_refresh_job", instance=instance).success
+    """Every year in scope (the default, 2025 through the current year) refreshed: every window covered."""
+    for year in refresh_scope().years():
+        assert run_job("kommo_full_refresh_job", instance=instance, partition=str(year)).success
     automation_env.reset_stats()
     return automation_env
 
 
-def test_before_any_refresh_the_sensor_says_so_and_bookings_are_not_fresh(automation_env, ticker):
+def test_before_any_refresh_the_sensor_starts_a_sync_that_imports_every_year_whole(automation_env, ticker,
+                                                                                   instance, database_url):
     result = ticker.tick(SENSOR)
-    assert not result.run_requests
-    assert "full refresh first" in result.skip_message
+    (request,) = result.run_requests  # nothing read yet: no probe needed, every window is read whole
+    assert _kommo_requests(automation_env) == 0
     (verdict,) = _freshness(result)
-    assert not verdict.passed
+    assert not verdict.passed and "never been read" in verdict.description
+    assert run_job(SYNC, instance=instance, tags=dict(request.tags or {})).success
+    # what the sync imported is what the refreshes of every year in scope import
+    synced = production_rows(database_url)
+    for year in refresh_scope().years():
+        assert run_job("kommo_full_refresh_job", instance=instance, partition=str(year)).success
+    assert production_rows(database_url) == synced
+    assert synced["bookings"], "the simulator's leads were imported"
+    after = ticker.tick(SENSOR, cursor="{}")
+    assert not after.run_requests and _freshness(after)[0].passed
 
 
 def test_idle_tick_asks_at_most_three_requests_and_keeps_bookings_fresh(refreshed, ticker, database_url):

@@ -1,7 +1,10 @@
 """The incremental sync's database side on hand-made staging rows: ``run_kommo_increment`` applies the
 staged changed leads, contacts and removals with the full swap's rules, touches nothing outside the leads
 it staged, guards against mass deactivation, and moves the cursor (Kommo's clock) forward in the same
-transaction. Every increment here is preceded by its preview, whose counts must be what it then does."""
+transaction. Every increment here is preceded by its preview, whose counts must be what it then does.
+
+The cursor is per window (``kommo_window_coverage``): these tests sync the 2025 window unless they say
+otherwise."""
 
 import uuid
 from collections.abc import Iterator
@@ -14,8 +17,10 @@ import pytest
 from kommo_assets.automation import request_table
 from kommo_assets.db import connect, runs
 from kommo_assets.db.runs import ImportRuns
+from kommo_assets.db.windows import sync_cursor
+from kommo_assets.settings import refresh_scope
 from kommo_assets_tests.db.test_swap import stage_run
-from kommo_assets_tests.db.test_windows import PREVIEWED, Y2026, codes, live, rows_of
+from kommo_assets_tests.db.test_windows import PREVIEWED, Y2025, Y2026, codes, live, rows_of
 from kommo_assets_tests.helpers import fetch_all, fetch_one, production_checksum
 
 CLOCK = datetime(2025, 6, 1, 12, tzinfo=UTC)  # Kommo's clock at the full refresh
@@ -67,11 +72,11 @@ def stage_increment(url: str, leads=(), contacts=(), removals=(), *, staged: boo
     return run_id
 
 
-def apply(url: str, run_id: str, cursor: datetime, max_deactivations: int = 50) -> dict:
+def apply(url: str, run_id: str, cursor: datetime, max_deactivations: int = 50, windows=(Y2025,)) -> dict:
     """The increment's preview, then the increment: its counts, after checking the preview said them."""
     with records(url) as record:
         preview = record.increment_preview(run_id)
-        counts = record.apply_increment(run_id, cursor, max_deactivations)
+        counts = record.apply_increment(run_id, cursor, max_deactivations, windows)
     assert {k: preview[section][n] for k, (section, n) in PREVIEWED.items()} == {k: counts[k] for k in PREVIEWED}
     return counts
 
@@ -81,9 +86,10 @@ def increment(url: str, leads=(), contacts=(), removals=(), *, cursor: datetime 
                  **kwargs)
 
 
-def cursor(url: str) -> datetime | None:
-    with records(url) as record:
-        return record.sync_cursor()
+def cursor(url: str, windows=(Y2025,)) -> datetime:
+    """Where an increment of ``windows`` reads from."""
+    with connect(url, autocommit=True) as conn:
+        return sync_cursor(conn, windows)
 
 
 def outbox(url: str) -> int:
@@ -223,7 +229,7 @@ def test_more_deactivations_than_allowed_stop_for_review_and_change_nothing(data
     before, position = production_checksum(url), cursor(url)
     run_id = stage_increment(url, [(1, 900, 143, 11)], removals=[3])
     with records(url) as record:
-        counts = record.apply_increment(run_id, CLOCK + timedelta(minutes=5), 1)
+        counts = record.apply_increment(run_id, CLOCK + timedelta(minutes=5), 1, (Y2025,))
     assert counts["status"] == "needs_review" and counts["bookings_deactivated"] == 2
     assert production_checksum(url) == before and cursor(url) == position
     run = runs.get_run(url, run_id)
@@ -242,21 +248,24 @@ def test_more_deactivations_than_allowed_stop_for_review_and_change_nothing(data
 
 def test_the_cursor_moves_only_forward_and_only_with_the_changes(database_url):
     url = database_url
-    assert cursor(url) is None
+    assert cursor(url) == Y2025.created_from  # never read: from the window's first second
     full_refresh(url)
     assert cursor(url) == CLOCK
     increment(url, [(1, 900, 79790640, 11)], cursor=CLOCK + timedelta(minutes=10))
     assert cursor(url) == CLOCK + timedelta(minutes=10)
     run_id = counts_run(url)
-    assert fetch_one(url, "SELECT cursor, run_id FROM kommo_sync_state") == (CLOCK + timedelta(minutes=10),
-                                                                           uuid.UUID(run_id))
+    assert fetch_one(url, "SELECT covered_to, run_id FROM kommo_window_coverage") == (
+        CLOCK + timedelta(minutes=10), uuid.UUID(run_id))
+    assert fetch_one(url, "SELECT run_id FROM kommo_sync_state") == (uuid.UUID(run_id),)
     # an older cursor (a slow run overtaken by a faster one) applies its changes, the cursor stays
     increment(url, [(2, 900, 79790637, 12)], cursor=CLOCK + timedelta(minutes=3))
     assert cursor(url) == CLOCK + timedelta(minutes=10)
     assert fetch_one(url, "SELECT kommo_status_id FROM bookings WHERE source_payload_id = 'kommo:2'")[0] == 79790637
-    # a later full refresh does not move a stored cursor
-    full_refresh(url, clock=CLOCK + timedelta(hours=1))
+    # a full refresh that read Kommo earlier does not move it back; one that read it later moves it on
+    full_refresh(url, clock=CLOCK + timedelta(minutes=5))
     assert cursor(url) == CLOCK + timedelta(minutes=10)
+    full_refresh(url, clock=CLOCK + timedelta(hours=1))
+    assert cursor(url) == CLOCK + timedelta(hours=1)
 
 
 def test_a_failure_inside_the_transaction_leaves_production_and_the_cursor_as_they_were(database_url):
@@ -272,30 +281,36 @@ def test_a_failure_inside_the_transaction_leaves_production_and_the_cursor_as_th
     # the failing statement comes after vehicles, clients and sales leads were written
     run_id = stage_increment(url, [(1, 900, 79790640, 14), (8, 905, 79790637, 11)], [(905, "New", None, None)])
     with records(url) as record, pytest.raises(psycopg.errors.RaiseException, match="boom"):
-        record.apply_increment(run_id, CLOCK + timedelta(minutes=9), 50)
+        record.apply_increment(run_id, CLOCK + timedelta(minutes=9), 50, (Y2025,))
     assert production_checksum(url) == before and cursor(url) == position
     run = runs.get_run(url, run_id)
     assert (run["status"], run["swap_counts"], run["sync_to"]) == ("running", None, None)
 
 
-def test_the_fallback_cursor_is_the_oldest_latest_full_refresh_of_each_window(database_url):
+def test_each_window_has_its_own_coverage_and_a_sync_reads_from_the_oldest(database_url):
     url = database_url
     dry = stage_run(url, LEADS, CONTACTS, dry_run=True)
     with records(url) as record:
         record.set_kommo_clock(dry, CLOCK - timedelta(days=9))
-    assert cursor(url) is None  # a dry run is no starting point
+    assert cursor(url) == Y2025.created_from  # a dry run covers nothing
     full_refresh(url, clock=CLOCK)
+    # 2026 has never been read: a sync of both windows reads it from its first second, which comes later
+    # than 2025's coverage, so the sync reads from 2025's
+    assert cursor(url, (Y2025, Y2026)) == CLOCK
+    assert cursor(url, (Y2026,)) == Y2026.created_from
     full_refresh(url, [(21, 920, 79790637, 11, datetime(2026, 2, 1, tzinfo=UTC))], [(920, "Cy", None, None)],
-                 clock=CLOCK + timedelta(hours=2), window=Y2026)
-    assert cursor(url) == CLOCK
-    full_refresh(url, clock=CLOCK + timedelta(hours=3))
-    assert cursor(url) == CLOCK + timedelta(hours=2)
-    # a failed refresh is no starting point either
+                 clock=datetime(2026, 3, 1, tzinfo=UTC), window=Y2026)
+    assert cursor(url, (Y2026,)) == datetime(2026, 3, 1, tzinfo=UTC)
+    assert cursor(url, (Y2025, Y2026)) == CLOCK
+    # an increment of both moves both
+    increment(url, [(1, 900, 79790640, 11)], cursor=datetime(2026, 4, 1, tzinfo=UTC), windows=(Y2025, Y2026))
+    assert cursor(url, (Y2025,)) == cursor(url, (Y2026,)) == datetime(2026, 4, 1, tzinfo=UTC)
+    # a failed refresh covers nothing
     failed = stage_run(url, LEADS, CONTACTS)
     with records(url) as record:
-        record.set_kommo_clock(failed, CLOCK + timedelta(hours=9))
+        record.set_kommo_clock(failed, datetime(2026, 9, 1, tzinfo=UTC))
     runs.close_run(url, failed, "failed", "test")
-    assert cursor(url) == CLOCK + timedelta(hours=2)
+    assert cursor(url) == datetime(2026, 4, 1, tzinfo=UTC)
 
 
 def test_the_first_kommo_clock_of_a_run_stays(database_url):
@@ -330,7 +345,7 @@ def test_each_kind_is_applied_only_by_its_own_function(database_url):
     refresh = stage_run(url, LEADS, CONTACTS)
     with records(url) as record:
         with pytest.raises(psycopg.errors.RaiseException, match="is a full refresh, not an increment"):
-            record.apply_increment(refresh, CLOCK, 50)
+            record.apply_increment(refresh, CLOCK, 50, (Y2025,))
         with pytest.raises(psycopg.errors.RaiseException, match="kommo_change_preview previews it"):
             record.increment_preview(refresh)
     runs.swap(url, refresh)
@@ -344,7 +359,7 @@ def test_each_kind_is_applied_only_by_its_own_function(database_url):
     runs.close_run(url, inc, "failed", "test")
     unstaged = stage_increment(url, [(1, 900, 79790640, 11)], staged=False)
     with records(url) as record, pytest.raises(psycopg.errors.RaiseException, match="has not finished staging"):
-        record.apply_increment(unstaged, CLOCK, 50)
+        record.apply_increment(unstaged, CLOCK, 50, (Y2025,))
     with psycopg.connect(url) as conn, pytest.raises(psycopg.errors.CheckViolation):
         conn.execute("UPDATE kommo_import_runs SET created_from = '2025-01-01Z', created_to = '2026-01-01Z'"
                      " WHERE id = %s", (unstaged,))
@@ -365,7 +380,7 @@ def test_the_refresh_button_is_not_held_by_an_increment(database_url):
     staff = uuid.uuid4()
     fetch_one(database_url, "INSERT INTO kommo_refresh_staff (user_id) VALUES (%s) RETURNING 1", (staff,))
     request_table.sync_flag(database_url, request_table.LIVE_FLAG, True)
-    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: [2025],
+    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: refresh_scope({}).as_json(),
                                                request_table.COOLDOWN_SETTING: 10})
     stage_increment(database_url)  # running
     with psycopg.connect(database_url) as conn:

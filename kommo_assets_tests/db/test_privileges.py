@@ -10,6 +10,7 @@ from psycopg import sql
 
 from kommo_assets.automation import request_table
 from kommo_assets.db.migrate import migrate
+from kommo_assets.settings import refresh_scope
 from kommo_assets_tests.helpers import PRODUCTION_TABLES, fetch_all, fetch_one
 
 APP_GROUP = "kommo_app"
@@ -114,7 +115,7 @@ def app(roles, database_url, staff_user):
     assert fetch_one(database_url, "SELECT rolsuper, rolcreaterole, rolbypassrls FROM pg_roles WHERE rolname = %s",
                      (role,)) == (False, False, False)
     request_table.sync_flag(database_url, request_table.LIVE_FLAG, True)
-    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: [2025],
+    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: refresh_scope({}).as_json(),
                                                request_table.COOLDOWN_SETTING: 10})
     conn = psycopg.connect(psycopg.conninfo.make_conninfo(database_url, user=role), autocommit=True)
     assert conn.execute("SELECT current_user").fetchone()[0] == role
