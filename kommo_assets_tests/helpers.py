@@ -39,13 +39,18 @@ def drop_database(admin_url: str, name: str) -> None:
 
 def run_job(name: str, *, instance: dg.DagsterInstance | None = None, tags: dict | None = None,
             fast_retry: bool = False, resources: dict | None = None, partition: str | None = None,
-            **config) -> dg.ExecuteInProcessResult:
-    """``resources`` replace the code location's (e.g. a snapshot export resource built with a directory).
+            definitions: dg.Definitions | None = None, **config) -> dg.ExecuteInProcessResult:
+    """Runs ``name`` of the code location's Definitions (or ``definitions``) in process; errors are results.
+    ``resources`` replace the code location's (e.g. a snapshot export resource built with a directory).
     The full refresh and the dry run run ``partition`` (default: the simulator's dataset year, which holds
     most of its leads); the sync has no partition."""
     from kommo_assets.assets.common import INCREMENTAL_SYNC_JOB
-    from kommo_assets.definitions import defs
     from kommo_assets.dev.simulator import SimulatorConfig
+
+    if definitions is None:
+        from kommo_assets.definitions import defs
+    else:
+        defs = definitions
 
     if fast_retry:
         defs = fast_retry_definitions(defs)

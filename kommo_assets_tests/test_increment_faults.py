@@ -8,6 +8,10 @@ import sys
 import psycopg
 import pytest
 
+from kommo_assets.db import connect
+from kommo_assets.db.windows import sync_cursor
+from kommo_assets.dev.simulator import SimulatorConfig
+from kommo_assets.scope import window_for
 from kommo_assets_tests.helpers import fetch_one, production_checksum, run_job
 from kommo_assets_tests.test_full_refresh import WINDOW
 from kommo_assets_tests.test_kill import (  # noqa: F401 - refresh_env is a fixture
@@ -29,7 +33,8 @@ def start_sync(env: dict) -> subprocess.Popen:
 
 
 def _cursor(url: str):
-    return fetch_one(url, "SELECT kommo_sync_cursor()")[0]
+    with connect(url) as conn:
+        return sync_cursor(conn, [window_for(SimulatorConfig.year)])
 
 
 def _changes(sim, count: int = 40) -> dict[int, int]:

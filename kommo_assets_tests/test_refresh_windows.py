@@ -17,7 +17,7 @@ def window_codes(sim, year: int) -> dict[str, datetime]:
 
 def refresh(year: int, database_url: str) -> dict:
     """A full refresh of ``year``; returns its run after checking its preview said what the swap did."""
-    result = run_job("kommo_full_refresh_job", year=year)
+    result = run_job("kommo_full_refresh_job", partition=str(year))
     assert result.success
     run = get_run(database_url, result.run_id)
     assert run["status"] == "succeeded"

@@ -36,8 +36,8 @@ STATUS_LOST, STATUS_FOLLOW_UP = 143, 91703923
 BOOKING_STATUSES = (STATUS_QUOTE_SENT, STATUS_CONFIRMED, STATUS_CAR_DELIVERED, STATUS_WON)
 VEHICLE_FIELD, DELIVERY_FIELD, COLLECT_FIELD = "1234163", "1218176", "1218178"
 DAY = 86_400
-# A creation lands in the sync's window (KOMMO_REFRESH_YEARS, default 2025: 2025-01-01 .. 2026-01-01), with
-# its delivery a few weeks later.
+# A creation lands in the sync's window (the benchmark's KOMMO_REFRESH_YEARS, the dataset's year: 2025-01-01 ..
+# 2026-01-01), with its delivery a few weeks later.
 WINDOW_FROM = 1_735_689_600
 CREATE_FROM, CREATE_TO = WINDOW_FROM + 30 * DAY, 1_767_225_600 - 30 * DAY  # deliveries 2025-01-31 .. 2025-12-02
 
@@ -288,7 +288,7 @@ def worker_incremental(args: argparse.Namespace) -> dict:
 
 
 class _CommitWatch(threading.Thread):
-    """Stamps the moment another connection first sees the sync's cursor row change: the commit of the
+    """Stamps the moment another connection first sees the sync's state row change: the commit of the
     increment (``kommo_sync_state`` is written in its transaction), not its statement's start."""
 
     def __init__(self, database_url: str) -> None:
@@ -299,7 +299,7 @@ class _CommitWatch(threading.Thread):
         self._halt = threading.Event()
 
     def _state(self):
-        return self.conn.execute("SELECT run_id, cursor FROM kommo_sync_state").fetchone()
+        return self.conn.execute("SELECT run_id, updated_at FROM kommo_sync_state").fetchone()
 
     def run(self) -> None:
         while not self._halt.is_set() and self.at is None:
@@ -316,13 +316,13 @@ class _CommitWatch(threading.Thread):
 # --- freshness with the daemon ----------------------------------------------------------------------
 
 def _daemon_env(database_url: str, base_url: str, dagster_url: str, args: argparse.Namespace) -> dict[str, str]:
-    from kommo_assets.dev.benchmark import TOKEN
+    from kommo_assets.dev.benchmark import TOKEN, _year
     from kommo_assets.kommo import DEFAULT_MAX_RPS
 
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("KOMMO_", "DAGSTER_", "SLACK_"))}
     env.update(KOMMO_DATABASE_URL=database_url, KOMMO_BASE_URL=base_url, KOMMO_ACCESS_TOKEN=TOKEN,
-               KOMMO_ENABLE_LIVE="1", DAGSTER_POSTGRES_URL=dagster_url)
+               KOMMO_ENABLE_LIVE="1", DAGSTER_POSTGRES_URL=dagster_url, KOMMO_REFRESH_YEARS=str(_year()))
     if args.sync_interval:
         env["KOMMO_SYNC_INTERVAL_SECONDS"] = str(args.sync_interval)
     if args.client_rps != DEFAULT_MAX_RPS:

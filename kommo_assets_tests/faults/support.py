@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from contextlib import nullcontext
 from typing import Any
 
 import dagster as dg
@@ -13,7 +12,7 @@ import psycopg
 from psycopg import sql
 
 from kommo_assets.resources.kommo import KommoResource
-from kommo_assets_tests.helpers import PRODUCTION_TABLES, with_resources
+from kommo_assets_tests.helpers import PRODUCTION_TABLES, run_job, with_resources
 
 LEADS, SEED = 600, 11  # the standard simulator of these tests (as kommo_env's)
 FULL_REFRESH = "kommo_full_refresh_job"
@@ -53,12 +52,8 @@ def definitions(*, timeout: float = 10.0, max_retries: int = 6, backoff: float =
 def run(job: str = FULL_REFRESH, *, instance: dg.DagsterInstance | None = None, timeout: float = 10.0,
         max_retries: int = 6, max_in_flight: int = 6, **config: Any) -> dg.ExecuteInProcessResult:
     """Runs ``job`` in process (errors are results, not exceptions)."""
-    defs = definitions(timeout=timeout, max_retries=max_retries, max_in_flight=max_in_flight)
-    run_config = {"ops": {"kommo_staging": {"config": config}}} if config else {}
-    context = nullcontext(instance) if instance else dg.DagsterInstance.ephemeral()
-    with context as inst:
-        return defs.resolve_job_def(job).execute_in_process(instance=inst, run_config=run_config,
-                                                             raise_on_error=False)
+    return run_job(job, instance=instance, definitions=definitions(timeout=timeout, max_retries=max_retries,
+                                                                   max_in_flight=max_in_flight), **config)
 
 
 def step_failure(result: dg.ExecuteInProcessResult, step: str = "kommo_staging") -> str:

@@ -24,7 +24,7 @@ from kommo_assets.db.runs import get_run
 from kommo_assets.definitions import defs
 from kommo_assets.dev.simulator import KommoSimulator, SimulatorConfig
 from kommo_assets.resources import build_resources
-from kommo_assets.settings import LIVE_DISABLED_REASON
+from kommo_assets.settings import LIVE_DISABLED_REASON, refresh_scope
 from kommo_assets_tests.faults.support import (
     DRY_RUN,
     FULL_REFRESH,
@@ -201,7 +201,8 @@ def _request(url: str, user) -> dict:
 def test_requests_from_non_staff_are_refused(fault_env):
     env = fault_env(start="empty")
     request_table.sync_flag(env.url, request_table.LIVE_FLAG, True)
-    request_table.sync_settings(env.url, {request_table.YEARS_SETTING: [2025], request_table.COOLDOWN_SETTING: 10})
+    request_table.sync_settings(env.url, {request_table.YEARS_SETTING: refresh_scope({}).as_json(),
+                                         request_table.COOLDOWN_SETTING: 10})
     staff = uuid.uuid4()
     fetch_one(env.url, "INSERT INTO kommo_refresh_staff (user_id) VALUES (%s) RETURNING 1", (staff,))
     for user in (uuid.uuid4(), None):
