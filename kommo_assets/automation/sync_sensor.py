@@ -3,7 +3,9 @@
 
 A tick asks nothing while the live flag is off, while any Kommo import (a refresh, a dry run or an
 increment) runs or waits in the queue, or while the last increment stopped as ``needs_review`` or keeps
-failing. Otherwise it probes with at most 3 one-item requests; a probe that finds nothing is recorded
+failing. Otherwise it probes with at most 3 requests, on a budget of its own (each request gives up after a
+few seconds, none is retried: a 429, 5xx or timeout skips the tick and says why); a probe that finds nothing
+is recorded
 (``kommo_sync_state.updated_at``) and so counts as a sync for the freshness check. Every tick also
 reports the ``bookings_fresh`` check when its verdict changes, and at least every half freshness period.
 """
@@ -19,6 +21,7 @@ from kommo_assets.assets.increment import freshness
 from kommo_assets.db import increment
 from kommo_assets.db.runs import ImportRuns
 from kommo_assets.jobs import kommo_incremental_sync_job
+from kommo_assets.kommo import KommoUnavailableError
 from kommo_assets.resources.kommo import KommoResource
 from kommo_assets.resources.postgres import PostgresResource
 from kommo_assets.resources.sync import KommoSyncResource
@@ -87,14 +90,18 @@ def kommo_incremental_sync_sensor(
         running = increment.import_running(conn)
         hold = None if running else increment.sync_hold(conn, float(settings.sync_interval_seconds()))
         cursor = ImportRuns(conn).sync_cursor()
+        seen = increment.margin_seen(conn)
     if running:
         return result(f"Kommo import {running} is running: Kommo is not asked meanwhile")
     if hold:
         return result(f"Not syncing: {hold}.")
     if cursor is None:
         return result("No full refresh has succeeded yet: run a full refresh first (kommo_full_refresh_job).")
-    with kommo.client() as client:
-        probe = increment.probe_changes(client, cursor)
+    try:
+        with kommo.probe_client() as client:
+            probe = increment.probe_changes(client, cursor, seen)
+    except KommoUnavailableError as exc:
+        return result(f"Kommo did not answer the probe within its budget, skipping this tick: {exc}")
     if not probe.anything:
         with postgres.connect() as conn:
             increment.record_idle_tick(conn, probe)

@@ -77,7 +77,6 @@ class _Counters:
         self._bytes = 0
         self._first_sent: float | None = None
         self._last_sent = 0.0
-        self.first_date: datetime | None = None
         self.earliest_date: datetime | None = None
         self.last_date: datetime | None = None
 
@@ -87,8 +86,6 @@ class _Counters:
         if moment is None:
             return
         with self._lock:
-            if self.first_date is None:
-                self.first_date = moment
             self.earliest_date = moment if self.earliest_date is None else min(self.earliest_date, moment)
             self.last_date = moment if self.last_date is None else max(self.last_date, moment)
 
@@ -202,11 +199,6 @@ class Transport:
     @property
     def stats(self) -> ClientStats:
         return self._counters.snapshot()
-
-    @property
-    def first_answer_date(self) -> datetime | None:
-        """Kommo's clock at its first answer to this transport (its ``Date`` header); None before any."""
-        return self._counters.first_date
 
     @property
     def earliest_answer_date(self) -> datetime | None:
