@@ -160,3 +160,19 @@ def test_a_record_stamped_in_the_future_costs_one_run_not_one_per_tick(refreshed
         assert not _probe(database_url, refreshed).anything
     refreshed.dataset.update_lead(lead, price=4002)  # changed again: stamped now, and found
     assert _probe(database_url, refreshed).changed == ["leads"]
+
+
+def test_a_deletion_stamped_before_the_cursor_by_a_clock_that_jumped_back_is_applied(refreshed, database_url):
+    first, gone = _leads(refreshed, 2)
+    refreshed.dataset.clock.advance(30)
+    refreshed.dataset.update_lead(first, price=5001)
+    refreshed.dataset.clock.advance(1)
+    increment(database_url, refreshed)
+    cursor = int(_cursor(database_url).timestamp())
+    refreshed.dataset.clock.set(cursor - 45)  # a server of Kommo's 45 s behind the others
+    refreshed.dataset.delete_leads([gone])
+    refreshed.dataset.clock.set(cursor + 10)
+    assert _probe(database_url, refreshed).changed == ["lead_events"]
+    increment(database_url, refreshed)
+    assert _archived(database_url, gone)
+    assert not _probe(database_url, refreshed).anything
