@@ -63,6 +63,15 @@ def _at(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
+def _synced_change(sim, url: str, lead: int, price: int) -> datetime:
+    """A lead changed 30 s after the refresh, a sync a second later; returns the cursor it left."""
+    sim.dataset.clock.advance(30)
+    sim.dataset.update_lead(lead, price=price)
+    sim.dataset.clock.advance(1)
+    increment(url, sim)
+    return _cursor(url)
+
+
 def test_a_spurious_204_on_the_events_feed_loses_no_deletion(refreshed, database_url):
     (lead,) = _leads(refreshed, 1)
     refreshed.dataset.clock.advance(10)
@@ -76,11 +85,7 @@ def test_a_spurious_204_on_the_events_feed_loses_no_deletion(refreshed, database
 
 def test_a_change_stamped_late_inside_the_margin_is_probed_and_applied(refreshed, database_url):
     first, late = _leads(refreshed, 2)
-    refreshed.dataset.clock.advance(30)
-    refreshed.dataset.update_lead(first, price=1001)
-    refreshed.dataset.clock.advance(1)
-    increment(database_url, refreshed)
-    cursor = _cursor(database_url)
+    cursor = _synced_change(refreshed, database_url, first, 1001)
     assert cursor == _at(T0 + 31)
     # What the sync read inside the margin does not start another run.
     idle = _probe(database_url, refreshed)
@@ -164,11 +169,7 @@ def test_a_record_stamped_in_the_future_costs_one_run_not_one_per_tick(refreshed
 
 def test_a_deletion_stamped_before_the_cursor_by_a_clock_that_jumped_back_is_applied(refreshed, database_url):
     first, gone = _leads(refreshed, 2)
-    refreshed.dataset.clock.advance(30)
-    refreshed.dataset.update_lead(first, price=5001)
-    refreshed.dataset.clock.advance(1)
-    increment(database_url, refreshed)
-    cursor = int(_cursor(database_url).timestamp())
+    cursor = int(_synced_change(refreshed, database_url, first, 5001).timestamp())
     refreshed.dataset.clock.set(cursor - 45)  # a server of Kommo's 45 s behind the others
     refreshed.dataset.delete_leads([gone])
     refreshed.dataset.clock.set(cursor + 10)
