@@ -3,11 +3,11 @@
 
 A tick asks nothing while the live flag is off, while any Kommo import (a refresh, a dry run or an
 increment) runs or waits in the queue, or while the last increment stopped as ``needs_review`` or keeps
-failing. Otherwise it probes with at most 3 requests, on a budget of its own (each request gives up after a
-few seconds, none is retried: a 429, 5xx or timeout skips the tick and says why); a probe that finds nothing
-is recorded
-(``kommo_sync_state.updated_at``) and so counts as a sync for the freshness check. Every tick also
-reports the ``bookings_fresh`` check when its verdict changes, and at least every half freshness period.
+failing; an import whose process is gone does not count as running. Otherwise it probes with at most 3
+requests, on a budget of its own (each request gives up after a few seconds, none is retried: a 429, 5xx or
+timeout skips the tick and says why); a probe that finds nothing is recorded (``kommo_sync_state.updated_at``)
+and so counts as a sync for the freshness check. Every tick also reports the ``bookings_fresh`` check when its
+verdict changes, and at least every half freshness period.
 """
 
 import json
