@@ -295,11 +295,12 @@ def _stamped_since(item: object, key: str, start: int) -> bool:
 
 
 def _counts(item: dict, name: str) -> bool:
-    """Whether a probed item is a change the sync would read (an event of another type, a lead marked
-    deleted in a list, are not)."""
+    """Whether a probed item is a change the sync would act on (an event of another type, a lead marked
+    deleted in a list, a record without a readable id, are not: the sync skips them, so they would start a run
+    on every tick)."""
     if name == "lead_events":
         return _lead_event(item) is not None
-    return item.get("is_deleted") is not True
+    return item.get("is_deleted") is not True and positive_int(item.get("id")) is not None
 
 
 def _lead_event(event: object) -> LeadEvent | None:
