@@ -3,9 +3,11 @@
 
 A tick asks nothing while the live flag is off, while any Kommo import (a refresh, a dry run or an
 increment) runs or waits in the queue, or while the last increment stopped as ``needs_review`` or keeps
-failing. Otherwise it probes with at most 3 one-item requests; a probe that finds nothing is recorded
-(``kommo_sync_state.updated_at``) and so counts as a sync for the freshness check. Every tick also
-reports the ``bookings_fresh`` check when its verdict changes, and at least every half freshness period.
+failing; an import whose process is gone does not count as running. Otherwise it probes with at most 3
+requests, on a budget of its own (each request gives up after a few seconds, none is retried: a 429, 5xx or
+timeout skips the tick and says why); a probe that finds nothing is recorded (``kommo_sync_state.updated_at``)
+and so counts as a sync for the freshness check. Every tick also reports the ``bookings_fresh`` check when its
+verdict changes, and at least every half freshness period.
 """
 
 import json
@@ -18,6 +20,7 @@ from kommo_assets.assets.common import REFRESH_TAG
 from kommo_assets.assets.increment import freshness
 from kommo_assets.db import increment, windows
 from kommo_assets.jobs import kommo_incremental_sync_job
+from kommo_assets.kommo import KommoUnavailableError
 from kommo_assets.resources.kommo import KommoResource
 from kommo_assets.resources.postgres import PostgresResource
 from kommo_assets.resources.sync import KommoSyncResource
@@ -90,6 +93,7 @@ def kommo_incremental_sync_sensor(
         hold = None if running else increment.sync_hold(conn, float(settings.sync_interval_seconds()))
         uncovered = windows.uncovered_windows(conn, in_scope)
         cursor = windows.sync_cursor(conn, in_scope)
+        seen = increment.margin_seen(conn)
     if running:
         return result(f"Kommo import {running} is running: Kommo is not asked meanwhile")
     if hold:
@@ -100,8 +104,11 @@ def kommo_incremental_sync_sensor(
         keys = ", ".join(w.key for w in uncovered)
         context.log.info(f"Year(s) {keys} never read from Kommo: starting a sync that imports them whole")
         return result(runs=[dg.RunRequest(run_key=sync_run_key(int(cursor.timestamp()), int(now)))])
-    with kommo.client() as client:
-        probe = increment.probe_changes(client, cursor)
+    try:
+        with kommo.probe_client() as client:
+            probe = increment.probe_changes(client, cursor, seen)
+    except KommoUnavailableError as exc:
+        return result(f"Kommo did not answer the probe within its budget, skipping this tick: {exc}")
     if not probe.anything:
         with postgres.connect() as conn:
             increment.record_idle_tick(conn, probe)

@@ -17,9 +17,15 @@ What an increment stages:
 The cursor is per window (``kommo_window_coverage``): the increment reads from the oldest coverage among the
 windows in scope, a window never read from its first second, so a window that joins the scope (a new year,
 a wider ``KOMMO_REFRESH_YEARS``) is imported whole; the apply moves every one of them to the increment's end.
-The range read starts ``SYNC_OVERLAP_S`` before the cursor: Kommo stamps changes on more than one server,
-and a change stamped a moment late must not fall between two syncs. Reading it again is harmless: staging
-keeps the newest version and applying the same state twice changes nothing.
+The range read starts ``SYNC_MARGIN_S`` before the cursor: Kommo stamps changes on more than one server and
+its list indexes lag, so a change can become visible a while after the second it is stamped with; it must
+not fall between two syncs. Reading it again is harmless: staging keeps the newest version and applying the
+same state twice changes nothing. What the run read in that margin is recorded (:class:`Seen`), so the
+sensor's probe, which asks from the cursor less the margin too, starts a run only for what no sync read.
+
+The cursor the run stores is Kommo's clock when it started reading (the earliest ``Date`` of its answers),
+and never more than ``SYNC_MARGIN_S`` past the newest stamp the run actually read: a ``Date`` from a proxy
+ahead of Kommo's servers cannot carry it past changes the next sync would not re-read.
 """
 
 import logging
@@ -27,20 +33,24 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 
 from kommo_assets.db.staging import StagingWriter
 from kommo_assets.db.windows import sync_cursor
 from kommo_assets.kommo import KommoClient
-from kommo_assets.kommo.changes import LEAD_DELETED, Probe
+from kommo_assets.kommo.changes import LEAD_DELETED, LeadEvent, Probe, Seen, latest_by_lead
 from kommo_assets.kommo.fields import SOURCE_FIELD_ID, VEHICLE_FIELD_ID, extract_kommo_epoch, positive_int
+from kommo_assets.kommo.paging import ceil_epoch
 from kommo_assets.scope import Window, YearScope
 
 log = logging.getLogger(__name__)
 
-SYNC_OVERLAP_S = 5
+# How far behind the cursor every sync re-reads, and the probe asks: wide enough for the late stamps Kommo
+# is known to produce (servers' clocks, lagging list indexes); see docs/incremental.md for the choice and its
+# cost. A change stamped earlier than this before it became visible is left to the nightly drift check.
+SYNC_MARGIN_S = 120
 
 # Leads found deleted leave the run's staging (listed before the events said so), and those production
 # holds become removals.
@@ -87,6 +97,7 @@ class IncrementResult:
     contacts_fetched: int = 0
     skipped: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    seen: Seen | None = None  # what the run read from the next cursor less the margin on (for the probe)
 
     def as_metadata(self) -> dict:
         return {
@@ -103,6 +114,7 @@ class IncrementResult:
             "contacts_fetched": self.contacts_fetched,
             "skipped": dict(self.skipped),
             "seconds": round(self.seconds, 3),
+            "margin_seen": self.seen.as_json() if self.seen else None,
         }
 
 
@@ -120,37 +132,39 @@ def stage_increment(
     *,
     on_progress: Callable[[str, IncrementResult], None] | None = None,
 ) -> IncrementResult:
-    """Stages what changed in the windows of ``scope`` since their coverage (less the overlap) into run
+    """Stages what changed in the windows of ``scope`` since their coverage (less the margin) into run
     ``run_id``, on ``conn``.
 
-    ``client`` must be fresh: the ``Date`` of its first answer becomes ``sync_to``, the coverage the apply
-    stores (every change stamped before it is in this increment), and the moment the scope is resolved at
-    (a new year is in scope from its first second on Kommo's clock). Leads are read before the events
-    feed, so a lead listed and then deleted ends up removed, and one deleted and restored meanwhile is
-    listed."""
+    ``client`` must be fresh: Kommo's clock at its first answer is the moment the scope is resolved at (a new
+    year is in scope from its first second on Kommo's clock) and, cross-checked (:func:`next_cursor`),
+    becomes ``sync_to``, the coverage the apply stores for every window (every change stamped before it is in
+    this increment). Leads are read before the events feed, so a lead listed and then deleted ends up
+    removed, and one deleted and restored meanwhile is listed."""
     started = time.monotonic()
     result = IncrementResult()
     tracker = client.changes()
     writer = StagingWriter(conn, run_id)
-    # First request: its Date is the increment's end on Kommo's clock.
+    # First requests: their Date is the increment's end on Kommo's clock.
     for field_id in (VEHICLE_FIELD_ID, SOURCE_FIELD_ID):
         options = client.field_options(field_id)
         writer.write_field_options(options.field_id, options.options)
-    result.sync_to = client.kommo_clock
-    if result.sync_to is None:
+    if client.kommo_clock is None:
         raise RuntimeError("Kommo's answers carry no readable Date header: the sync has no clock to "
                            "take its cursor from, so it cannot run.")
-    windows = scope.windows(result.sync_to)
+    windows = scope.windows(client.kommo_clock)
     if not windows:
         raise ValueError(f"no year of KOMMO_REFRESH_YEARS={scope} has begun on Kommo's clock "
-                         f"({result.sync_to.isoformat()}): nothing to sync yet")
+                         f"({client.kommo_clock.isoformat()}): nothing to sync yet")
     result.windows = windows
-    since = sync_cursor(conn, windows) - timedelta(seconds=SYNC_OVERLAP_S)
+    cursor = sync_cursor(conn, windows)
+    since = cursor - timedelta(seconds=SYNC_MARGIN_S)
     result.sync_from = since
 
-    lead_contacts = _stage_changed_leads(writer, tracker, since, windows, result, on_progress)
-    _stage_removals(conn, run_id, tracker, since, windows, result)
-    _stage_contacts(conn, writer, client, tracker, since, lead_contacts, result)
+    read = Seen(ceil_epoch(since))
+    lead_contacts = _stage_changed_leads(writer, tracker, since, windows, result, on_progress, read)
+    _stage_removals(conn, run_id, tracker, since, windows, result, read)
+    _stage_contacts(conn, writer, client, tracker, since, lead_contacts, result, read)
+    result.sync_to, result.seen = next_cursor(cursor, client.kommo_clock, client.latest_kommo_clock, read)
     if on_progress:
         on_progress("contacts", result)
     _, result.contacts, result.vehicle_links = writer.finish(keep_unreferenced_contacts=True)
@@ -162,13 +176,55 @@ def stage_increment(
     return result
 
 
+def next_cursor(cursor: datetime, earliest: datetime, latest: datetime | None, read: Seen
+                ) -> tuple[datetime, Seen]:
+    """The cursor a run that read ``read`` (from ``cursor`` less the margin on) may store, and what it read
+    from that cursor less the margin on, for the probe.
+
+    The cursor is Kommo's clock when the run began reading (``earliest``: the earliest ``Date`` of its
+    answers, so one ``Date`` ahead is outvoted by the others), but never more than ``SYNC_MARGIN_S`` past the
+    newest stamp the run read (a proxy whose every ``Date`` is ahead cannot carry it further than the next
+    sync re-reads), never without such a stamp (nothing read, nothing proven), and never back."""
+    stamps = [*read.leads.values(), *read.contacts.values(), *read.events.values()]
+    moved = min(earliest, _at(max(stamps) + SYNC_MARGIN_S)) if stamps else cursor
+    sync_to = max(cursor, moved)
+    first = int(earliest.timestamp())
+    last = int((latest or earliest).timestamp())
+
+    def settled(stamp: int) -> bool:
+        # Stamped before the second of the first read, or after the last answer (in the future).
+        return stamp < first or stamp > last
+
+    bound = ceil_epoch(sync_to) - SYNC_MARGIN_S
+    seen = Seen(bound,
+                {i: t for i, t in read.leads.items() if t >= bound and settled(t)},
+                {i: t for i, t in read.contacts.items() if t >= bound and settled(t)},
+                {e: t for e, t in read.events.items() if t >= bound})
+    return sync_to, seen
+
+
+def _at(epoch: int) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def _note(read: dict[int, int], record: dict) -> None:
+    """Notes the ``updated_at`` of a record a feed listed (the newest if listed twice)."""
+    record_id = positive_int(record.get("id"))
+    moment = extract_kommo_epoch(record.get("updated_at"))
+    if record_id is not None and moment is not None:
+        stamp = int(moment.timestamp())
+        read[record_id] = max(stamp, read.get(record_id, stamp))
+
+
 def _stage_changed_leads(writer: StagingWriter, tracker, since: datetime, windows: Sequence[Window],
-                         result: IncrementResult, on_progress) -> set[int]:
+                         result: IncrementResult, on_progress, read: Seen) -> set[int]:
     """Every lead changed since ``since`` whose creation lies in a window; returns their new contact ids."""
     lead_contacts: set[int] = set()
     for page in tracker.changed_lead_pages(since):
         result.leads_received += page.received
         result.skipped.update(page.skipped)
+        for lead in page.leads:
+            _note(read.leads, lead)
         kept = [lead for lead in page.leads if in_windows(lead, windows)]
         result.skipped["outside_windows"] += len(page.leads) - len(kept)
         written = writer.write_leads(kept, result.skipped)
@@ -179,10 +235,12 @@ def _stage_changed_leads(writer: StagingWriter, tracker, since: datetime, window
 
 
 def _stage_removals(conn: psycopg.Connection, run_id: str, tracker, since: datetime,
-                    windows: Sequence[Window], result: IncrementResult) -> None:
-    """The leads deleted since ``since`` (each lead's newest event decides) leave the run's staging; those
-    production holds in a window become removals."""
-    events = tracker.lead_events(since)
+                    windows: Sequence[Window], result: IncrementResult, read: Seen) -> None:
+    """The leads deleted since ``since`` (each lead's newest event decides, ties by event id) leave the run's
+    staging; those production holds in a window become removals."""
+    listed: list[LeadEvent] = tracker.lead_events(since)
+    read.events.update((e.id, int(e.created_at.timestamp())) for e in listed)
+    events = latest_by_lead(listed)
     deleted = sorted(lead_id for lead_id, event in events.items() if event.type == LEAD_DELETED)
     result.restored = len(events) - len(deleted)
     removed = _removable(conn, deleted, windows)
@@ -194,7 +252,7 @@ def _stage_removals(conn: psycopg.Connection, run_id: str, tracker, since: datet
 
 
 def _stage_contacts(conn: psycopg.Connection, writer: StagingWriter, client: KommoClient, tracker,
-                    since: datetime, lead_contacts: set[int], result: IncrementResult) -> None:
+                    since: datetime, lead_contacts: set[int], result: IncrementResult, read: Seen) -> None:
     """Contacts changed since ``since`` that are clients (or main contacts of staged leads), and the main
     contacts of staged leads that are not clients yet, fetched by id."""
     changed_contacts: dict[int, dict] = {}
@@ -204,6 +262,7 @@ def _stage_contacts(conn: psycopg.Connection, writer: StagingWriter, client: Kom
             contact_id = positive_int(contact.get("id"))
             if contact_id is not None:
                 changed_contacts[contact_id] = contact
+                _note(read.contacts, contact)
     clients = _existing_clients(conn, [*changed_contacts, *lead_contacts])
     wanted = {cid for cid in changed_contacts if cid in clients or cid in lead_contacts}
     writer.write_contacts([changed_contacts[cid] for cid in sorted(wanted)], result.skipped)
@@ -229,9 +288,23 @@ def _existing_clients(conn: psycopg.Connection, contact_ids: list[int]) -> set[i
     return {row[0] for row in rows}
 
 
-def probe_changes(client: KommoClient, cursor: datetime) -> Probe:
-    """The sensor's question: did anything change at or after ``cursor``? At most 3 requests."""
-    return client.changes().probe(cursor)
+def probe_changes(client: KommoClient, cursor: datetime, seen: Seen | None = None) -> Probe:
+    """The sensor's question: did anything change that no sync has read, from ``cursor`` less the margin
+    (given what the last sync read there, ``seen``: :func:`margin_seen`)? At most 3 requests."""
+    return client.changes().probe(cursor, margin_s=SYNC_MARGIN_S, seen=seen)
+
+
+_LAST_SEEN = """
+SELECT stats -> 'margin_seen' FROM kommo_import_runs
+ WHERE kind = 'increment' AND status = 'succeeded' ORDER BY finished_at DESC LIMIT 1
+"""
+
+
+def margin_seen(conn: psycopg.Connection) -> Seen | None:
+    """What the last successful increment read from its cursor less the margin on; None before any."""
+    with conn.transaction():
+        row = conn.execute(_LAST_SEEN).fetchone()
+    return Seen.from_json(row[0]) if row else None
 
 
 # --- what the sensor and the freshness check read and record -----------------------------------------
@@ -313,7 +386,10 @@ def sync_hold(conn: psycopg.Connection, interval_s: float) -> str | None:
 
 
 def import_running(conn: psycopg.Connection) -> str | None:
-    """The id of a Kommo import the database says is running (a run launched outside this instance too)."""
+    """The id of a Kommo import the database says is running (a run launched outside this instance too) and
+    whose process is alive: one whose owner is gone (killed, host lost) holds no owner lock any more, and the
+    next run's start closes it (the test ``start_kommo_import_run`` applies, ``kommo_import_run_owner_alive``)."""
     with conn.transaction():
-        row = conn.execute("SELECT id FROM kommo_import_runs WHERE status = 'running' LIMIT 1").fetchone()
+        row = conn.execute("SELECT id FROM kommo_import_runs WHERE status = 'running'"
+                           " AND kommo_import_run_owner_alive(id) LIMIT 1").fetchone()
     return None if row is None else str(row[0])

@@ -113,8 +113,15 @@ class KommoClient:
 
     @property
     def kommo_clock(self) -> datetime | None:
-        """Kommo's clock at its first answer to this client (the HTTP ``Date`` header); None before any."""
-        return self._transport.first_answer_date
+        """Kommo's clock at its first answer to this client (the HTTP ``Date`` header), cross-checked with
+        the later ones: the earliest ``Date`` of its answers so far, so one answer from a proxy whose clock
+        is ahead of Kommo's servers cannot move a cursor taken from it past changes. None before any."""
+        return self._transport.earliest_answer_date
+
+    @property
+    def latest_kommo_clock(self) -> datetime | None:
+        """The latest ``Date`` of Kommo's answers to this client so far; None before any."""
+        return self._transport.last_answer_date
 
     # --- leads ------------------------------------------------------------------------------------
 

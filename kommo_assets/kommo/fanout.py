@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from kommo_assets.kommo.contacts import ContactBatch, ContactBatching
-from kommo_assets.kommo.paging import KeysetPaging, PageRequest, believed_answer
+from kommo_assets.kommo.paging import KeysetPaging, PageRequest
 from kommo_assets.kommo.responses import ListPage
+from kommo_assets.kommo.transport import confirmed
 
 # A snapshot stream pages leads with about this many pages in flight (at 400 ms a page and 6.9 requests/s
 # that is their share of the pace) and keeps this many full contact batches in reserve for the end.
@@ -105,7 +106,7 @@ class Plan:
     ) -> tuple[PageRequest, ListPage | None]:
         assert self.ask_leads is not None
         ask = self.ask_leads
-        return request, believed_answer(request, lambda: ask(request, cancel))
+        return request, confirmed(lambda: ask(request, cancel), f"keyset request {request.number}")
 
     def on_result(self, task: Task, result: Any) -> Any:
         """The item to hand over for a finished task (None: nothing to hand over)."""

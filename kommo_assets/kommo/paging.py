@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -111,18 +111,6 @@ class PageRequest:
     in_second: bool  # offset paging inside one second
 
 
-def believed_answer(request: PageRequest, ask: Callable[[], ListPage | None]) -> ListPage | None:
-    """The answer to ``request`` (None: it lists no leads), an empty one asked once more before it is
-    believed: a spurious 204 (a proxy, a hiccup) must not silently cut a slice short. Reads only the
-    request, so it may run on any thread."""
-    answer = ask()
-    if answer is None:
-        logger.info("Kommo sent no leads on GET %s (request %d); asking once more",
-                    LEADS_PATH, request.number)
-        answer = ask()
-    return answer
-
-
 def updated_at(lead: dict) -> float:
     moment = extract_kommo_epoch(lead.get("updated_at"))
     return float("-inf") if moment is None else moment.timestamp()
@@ -144,7 +132,7 @@ class KeysetPaging:
 
     After a full page the next answer cannot be empty (it starts with the leads of the cursor's second),
     unless those leads were deleted in between: an empty answer there (asked twice, see
-    :func:`believed_answer`) fails the export with a clear message instead of leaving a silent hole. A
+    :func:`~kommo_assets.kommo.transport.confirmed`) fails the export with a clear message instead of leaving a silent hole. A
     server that answers outside the requested range or out of order, or ignores ``page`` inside a crowded
     second, makes paging unsafe: that is a :class:`KommoResponseError` too.
 

@@ -165,6 +165,22 @@ def unexpected_status_error(
     return KommoResponseError(message, method="GET", path=path, page=page, status=status)
 
 
+_TITLE_RE = re.compile(r"<title>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def error_body(response: requests.Response, token: str) -> str:
+    """What an error's body says, for the log: ``: <title>; <detail>`` of problem+json, or ``: <title>``
+    of an HTML page that says more than its status (Kommo's 429 and its proxies' 5xx are nginx pages),
+    token-free, at most 200 characters; "" when it says nothing more."""
+    detail = _problem_detail(response)
+    if not detail and "html" in (response.headers.get("Content-Type") or ""):
+        found = _TITLE_RE.search(response.content[:4096].decode("utf-8", "replace"))
+        title = " ".join(found.group(1).split()) if found else ""
+        # nginx's own pages ("429 Too Many Requests") only restate the status
+        detail = f": {title[:200]}" if title and not title.startswith(str(response.status_code)) else ""
+    return redact(detail, token)
+
+
 def _problem_detail(response: requests.Response) -> str:
     """``: <title>; <detail>`` of a problem+json body, at most 200 characters; "" when there is none."""
     if "json" not in (response.headers.get("Content-Type") or ""):

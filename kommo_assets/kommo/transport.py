@@ -18,9 +18,10 @@ import math
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 
@@ -30,6 +31,7 @@ from kommo_assets.kommo.responses import (
     auth_error,
     decode_object,
     describe,
+    error_body,
     page_text,
     retry_after_seconds,
     unexpected_status_error,
@@ -75,7 +77,7 @@ class _Counters:
         self._bytes = 0
         self._first_sent: float | None = None
         self._last_sent = 0.0
-        self.first_date: datetime | None = None
+        self.earliest_date: datetime | None = None
         self.last_date: datetime | None = None
 
     def answered(self, date_header: str | None) -> None:
@@ -84,8 +86,7 @@ class _Counters:
         if moment is None:
             return
         with self._lock:
-            if self.first_date is None:
-                self.first_date = moment
+            self.earliest_date = moment if self.earliest_date is None else min(self.earliest_date, moment)
             self.last_date = moment if self.last_date is None else max(self.last_date, moment)
 
     def attempt(self, *, status: int | None, nbytes: int, sent_at: float | None) -> None:
@@ -133,6 +134,21 @@ def http_date(value: str | None) -> datetime | None:
     except (TypeError, ValueError, IndexError):
         return None
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+T = TypeVar("T")
+
+
+def confirmed(ask: Callable[[], T | None], what: str) -> T | None:
+    """The answer of ``ask`` (None: an answer of nothing, such as a 204 or an empty list), an empty one
+    asked once more before it is believed: Kommo (or a proxy in front of it) sometimes answers 204 where
+    there is data, and on a feed that would silently drop changes. The one way every feed confirms an
+    empty answer; ``what`` names the request in the log."""
+    answer = ask()
+    if answer is None:
+        logger.info("Kommo answered %s with nothing; asking once more before believing it", what)
+        answer = ask()
+    return answer
 
 
 @dataclass(frozen=True)
@@ -185,9 +201,10 @@ class Transport:
         return self._counters.snapshot()
 
     @property
-    def first_answer_date(self) -> datetime | None:
-        """Kommo's clock at its first answer to this transport (its ``Date`` header); None before any."""
-        return self._counters.first_date
+    def earliest_answer_date(self) -> datetime | None:
+        """The earliest ``Date`` Kommo has answered with so far: never later than its first answer's, unless
+        every answer so far was ahead (a Date ahead on one answer, from a proxy, cannot move it forward)."""
+        return self._counters.earliest_date
 
     @property
     def last_answer_date(self) -> datetime | None:
@@ -227,8 +244,7 @@ class Transport:
     def get_confirmed(self, path: str, params: list[tuple[str, str]], **options: Any) -> dict | None:
         """:meth:`get`, asking once more before believing an answer of nothing (204, or 404 with
         ``none_on_404``): where something is expected, a spurious empty answer would silently drop data."""
-        body = self.get(path, params, **options)
-        return body if body is not None else self.get(path, params, **options)
+        return confirmed(lambda: self.get(path, params, **options), f"GET {path}")
 
     def _attempt(self, path: str, params: list[tuple[str, str]], page: int | None, stop: threading.Event,
                  none_on_404: bool) -> dict | None | _Retry:
@@ -257,7 +273,7 @@ class Transport:
                 f"{RETRY_AFTER_CAP_S:.0f} s a run waits out; the run can be retried later.",
                 method="GET", path=path, page=page, status=status,
             )
-        return _Retry(f"HTTP {status}", status, retry_after)
+        return _Retry(f"HTTP {status}{error_body(response, self._token)}", status, retry_after)
 
     def _send(self, path: str, params: list[tuple[str, str]], page: int | None,
               stop: threading.Event) -> tuple[requests.Response | None, bytes, str]:
@@ -294,7 +310,10 @@ class Transport:
         if status < 400:
             # Only Kommo's own answers set its clock: a 429 or 5xx may come from a proxy in between.
             self._counters.answered(response.headers.get("Date"))
-            self._pacer.recover(RECOVER_FACTOR, quiet_s=RECOVER_QUIET_S)
+            before = self._pacer.rate
+            after = self._pacer.recover(RECOVER_FACTOR, quiet_s=RECOVER_QUIET_S)
+            if after > before:
+                logger.info("Kommo: no 429 for %.0f s; pacing up to %.2f requests/s", RECOVER_QUIET_S, after)
         return response, content, ""
 
     def _pause(self, outcome: _Retry, attempt: int, attempts: int, where: str, stop: threading.Event) -> None:

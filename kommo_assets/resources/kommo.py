@@ -6,6 +6,7 @@ from contextlib import ExitStack
 import dagster as dg
 from pydantic import Field, PrivateAttr, field_validator
 
+from kommo_assets.kommo.changes import PROBE_TIMEOUT_S
 from kommo_assets.kommo.client import DEFAULT_MAX_RPS, KommoClient
 from kommo_assets.kommo.pacing import prompt_threads
 from kommo_assets.resources.fields import HIDE_INPUTS, no_control_characters, positive, unresolved
@@ -78,3 +79,10 @@ class KommoResource(dg.ConfigurableResource):
             max_retries=self.max_retries,
             backoff_base=self.backoff_base_seconds,
         )
+
+    def probe_client(self) -> KommoClient:
+        """The sensor's client: its own small budget inside Dagster's sensor time limit. Each request gives up
+        after ``PROBE_TIMEOUT_S`` (or the run's timeout, if shorter) and is never retried, so no
+        ``Retry-After`` is waited out: a 429, a 5xx or a timeout ends the probe, and the tick is skipped."""
+        return KommoClient(self.base_url, self.access_token, max_rps=self.max_rps, max_in_flight=1,
+                           timeout=min(self.timeout_seconds, PROBE_TIMEOUT_S), max_retries=0)

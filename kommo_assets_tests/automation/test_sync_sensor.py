@@ -4,6 +4,7 @@ while the live flag is off or a Kommo run is active, the bookings freshness chec
 should, an increment over the deactivation limit stops as needs_review and alerts Slack, and a dry run's
 drift alerts Slack."""
 
+import time
 import uuid
 
 import dagster as dg
@@ -167,3 +168,38 @@ def test_dry_run_records_drift_and_alerts_slack_when_it_is_not_zero(refreshed, t
     ticker.tick("kommo_drift_alert_sensor")
     (message,) = [m.body["text"] for m in fake_slack.messages]
     assert "Kommo drift" in message
+
+
+def test_an_import_whose_owner_is_gone_does_not_hold_the_sensor(refreshed, ticker, database_url):
+    # A running import whose process died: nobody holds its owner lock.
+    orphan = str(uuid.uuid4())
+    runs.start_run(database_url, run_id=orphan, dagster_run_id=None, job_name="test", triggered_by=None,
+                   kind="increment", max_drop_ratio=0)
+    refreshed.dataset.update_lead(_in_window_lead(refreshed)["id"], price=5151)
+    (request,) = ticker.tick(SENSOR).run_requests  # the run's start will close the orphan
+    # One whose owner lives holds it.
+    live = str(uuid.uuid4())
+    with runs.owning(database_url, live):
+        runs.start_run(database_url, run_id=live, dagster_run_id=None, job_name="test", triggered_by=None,
+                       kind="increment", max_drop_ratio=0)
+        held = ticker.tick(SENSOR)
+    assert not held.run_requests and f"Kommo import {live} is running" in held.skip_message
+    assert runs.get_run(database_url, orphan)["status"] == "failed"
+
+
+@pytest.mark.parametrize("fault", [
+    {"kind": "slow", "delay_s": 20},
+    {"kind": "status", "status": 429, "headers": {"Retry-After": "300"}},
+    {"kind": "status", "status": 503},
+], ids=["slow", "429-retry-after", "503"])
+def test_the_probe_gives_up_within_its_budget_and_says_why(refreshed, ticker, fault):
+    refreshed.dataset.update_lead(_in_window_lead(refreshed)["id"], price=6161)
+    refreshed.add_fault(path="/api/v4/leads", times=1, **fault)
+    started = time.monotonic()
+    result = ticker.tick(SENSOR)
+    assert time.monotonic() - started < 10
+    assert not result.run_requests
+    assert "did not answer the probe within its budget" in result.skip_message
+    assert _kommo_requests(refreshed) == 1  # not retried, nothing else asked
+    (retried,) = ticker.tick(SENSOR).run_requests  # the next tick finds the change
+    assert retried.run_key.startswith("kommo-sync-")

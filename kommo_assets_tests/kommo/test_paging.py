@@ -17,10 +17,10 @@ from kommo_assets.kommo.paging import (
     KeysetPaging,
     LeadPage,
     PageRequest,
-    believed_answer,
     ceil_epoch,
 )
 from kommo_assets.kommo.responses import ListPage
+from kommo_assets.kommo.transport import confirmed
 
 LIMIT = 50
 START = 1_700_000_000
@@ -74,7 +74,7 @@ def drain(paging: KeysetPaging, server: FakeKommo) -> list[LeadPage]:
         while (request := paging.take()) is not None:
             in_flight.append(request)
         request = in_flight.popleft()
-        page = paging.feed(request, believed_answer(request, lambda: server.answer(request)))  # noqa: B023
+        page = paging.feed(request, confirmed(lambda: server.answer(request), 'test'))  # noqa: B023
         if page is not None:
             pages.append(page)
             paging.on_processed()
@@ -197,7 +197,7 @@ def test_a_spurious_empty_answer_is_asked_again_and_the_second_answer_believed()
     machine = paging(chains=1)
     request = machine.take()
     answers = iter([None, answer(request, [lead(1, START + 1)])])
-    got = believed_answer(request, lambda: next(answers))
+    got = confirmed(lambda: next(answers), 'test')
     assert [item["id"] for item in machine.feed(request, got).leads] == [1]
     assert machine.paging is False
 
@@ -216,7 +216,7 @@ def test_an_empty_answer_after_a_full_page_fails_instead_of_leaving_a_hole() -> 
     second = machine.take()
     assert second.after_full
     with pytest.raises(KommoResponseError) as caught:
-        machine.feed(second, None)  # None: empty twice, see believed_answer
+        machine.feed(second, None)  # None: empty twice, see transport.confirmed
     assert "the listing is inconsistent" in str(caught.value) and caught.value.page == 2
 
 

@@ -1,7 +1,8 @@
 """The account's events feed (``GET /api/v4/events``): what the simulator's mutations record.
 
 Events are appended by the dataset's mutations, stamped with the simulator clock, and served newest
-first (``created_at`` descending, then the reverse of the order they were recorded in). Ids are strings
+first (``created_at`` descending, then the reverse of the order they were recorded in; Kommo does not say
+how it orders the events of one second, so ``EventLog.ties_oldest_first`` serves those the other way). Ids are strings
 shaped like Kommo's (26 lowercase Crockford base32 characters, time first), unique and deterministic.
 """
 
@@ -110,6 +111,8 @@ class EventLog:
         self.account_id = account_id
         self._lock = threading.Lock()
         self._events: list[Event] = []
+        # Events of one second in the order they were recorded (oldest first) instead of the reverse.
+        self.ties_oldest_first = False
 
     def record(self, type_: str, entity_type: str, entity_id: int, created_at: int, created_by: int,
                value_after: Iterable[dict] = (), value_before: Iterable[dict] = ()) -> Event:
@@ -128,7 +131,8 @@ class EventLog:
         with self._lock:
             events = list(self._events)
         hits = [e for e in events if query.matches(e)]
-        hits.sort(key=lambda e: (e.created_at, e.seq), reverse=True)
+        tie = -1 if self.ties_oldest_first else 1
+        hits.sort(key=lambda e: (e.created_at, tie * e.seq), reverse=True)
         return hits[offset:offset + limit]
 
     def get(self, event_id_: str) -> Event | None:

@@ -46,11 +46,11 @@ HAL_JSON = "application/hal+json"
 PROBLEM_JSON = "application/problem+json"
 HTML = "text/html; charset=UTF-8"
 
-FAULT_KINDS = ("status", "reset", "truncate", "slow", "empty", "mutate")
+FAULT_KINDS = ("status", "reset", "truncate", "slow", "empty", "mutate", "date")
 # a single entity's path segment: a number, or an event id (26 lowercase base32 characters)
 _ENTITY_ID = re.compile(r"\d+|[0-9a-z]{26}")
 _RULE_KEYS = {"kind", "path", "path_exact", "query", "after", "times", "status", "body", "content_type",
-              "headers", "delay_s", "mode", "mutation", "op", "id"}
+              "headers", "delay_s", "mode", "mutation", "op", "id", "offset_s"}
 
 
 def _html_page(status: int, extra: str = "") -> bytes:
@@ -96,6 +96,7 @@ class FaultRule:
     delay_s: float = 1.0
     mode: str = "full_length"  # truncate: "full_length" (header promises everything) or "honest"
     mutation: dict | None = None
+    offset_s: float = 0.0  # date: how far the answer's Date header is ahead of the servers' clock
     id: int = 0
     seen: int = 0
     fired: int = 0
@@ -121,6 +122,7 @@ class FaultRule:
         obj.times = int(obj.times)
         obj.status = int(obj.status)
         obj.delay_s = float(obj.delay_s)
+        obj.offset_s = float(obj.offset_s)
         if obj.mode not in ("full_length", "honest"):
             raise ValueError("truncate mode must be 'full_length' or 'honest'")
         if obj.query is not None:
@@ -148,7 +150,7 @@ class FaultRule:
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in (
             "id", "kind", "path", "path_exact", "query", "after", "times", "status", "body", "content_type",
-            "headers", "delay_s", "mode", "mutation", "seen", "fired")}
+            "headers", "delay_s", "mode", "mutation", "offset_s", "seen", "fired")}
 
 
 class _FaultBook:
@@ -451,9 +453,13 @@ class _Handler(BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return "nginx"
 
+    # A "date" fault: this answer's Date header comes from a clock that far ahead (a proxy or cache in front).
+    date_offset_s = 0.0
+
     def date_time_string(self, timestamp: float | None = None) -> str:
         # Kommo's Date header is its servers' clock: a change-tracking client may take its cursor from it
-        return super().date_time_string(self.server.sim.dataset.clock.time() if timestamp is None else timestamp)
+        moment = self.server.sim.dataset.clock.time() + self.date_offset_s if timestamp is None else timestamp
+        return super().date_time_string(moment)
 
     def setup(self) -> None:
         super().setup()
@@ -592,7 +598,9 @@ class KommoSimulator:
         (params that must be present with these values, e.g. {"page": "3"}), ``after`` (matching requests
         to let pass first, default 0), ``times`` (default 1, -1 forever); ``status``/``body``/
         ``content_type``/``headers`` (kind status), ``delay_s`` (slow), ``mode`` (truncate:
-        "full_length" or "honest"), ``op`` + mutation fields or ``mutation`` (mutate)."""
+        "full_length" or "honest"), ``op`` + mutation fields or ``mutation`` (mutate), ``offset_s`` (date:
+        the request is answered normally, but its ``Date`` header reads the clock plus ``offset_s``, as from
+        a proxy whose clock is ahead of Kommo's servers)."""
         return self._faults.add(rule).id
 
     def clear_faults(self) -> None:
@@ -639,6 +647,7 @@ class KommoSimulator:
             self._control(h, method, path, raw_body)
             return
         now = time.monotonic()
+        h.date_offset_s = 0.0  # a keep-alive connection's handler serves many requests
         self._stats.arrive(path, now)
         try:
             self._api(h, method, path, params, now)
@@ -686,7 +695,9 @@ class KommoSimulator:
             if rule.kind == "empty":
                 self._send(h, 204)
                 return
-            if rule.kind == "slow":
+            if rule.kind == "date":
+                h.date_offset_s = rule.offset_s
+            elif rule.kind == "slow":
                 time.sleep(rule.delay_s)
             elif rule.kind == "mutate":
                 self.dataset.apply_mutation(rule.mutation or {})

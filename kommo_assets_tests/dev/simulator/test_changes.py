@@ -615,3 +615,20 @@ def test_contact_date_index_after_changes_matches_a_full_scan():
         assert ds.find_contact_ids(None, 0, 10_000, order_field=field, order_desc=True) == want[::-1]
     assert ds.find_contact_ids(None, 0, 10, updated_from=T0 - 5, order_field="updated_at") == [
         CONTACT_ID_BASE + 10**6, every[10], added]
+
+
+def test_a_date_fault_puts_one_answer_ahead_of_the_servers_clock(sim, http):
+    sim.add_fault(kind="date", path="/api/v4/leads", offset_s=3600, times=1)
+    dates = [parsedate_to_datetime(http.get(f"{sim.base_url}/api/v4/leads", params={"limit": 1}).headers["Date"])
+             for _ in range(2)]
+    assert [d.timestamp() for d in dates] == [T0 + 3600, T0]  # the same connection, the next answer honest
+
+
+def test_events_of_one_second_can_be_served_oldest_first(sim, http):
+    lead_id = next(sim.dataset.lead_ids())
+    sim.dataset.delete_leads([lead_id])
+    sim.dataset.restore_leads([lead_id])
+    newest_first = [e["type"] for e in events(sim, http, **{"filter[entity]": "lead"})]
+    sim.dataset.events.ties_oldest_first = True
+    oldest_first = [e["type"] for e in events(sim, http, **{"filter[entity]": "lead"})]
+    assert newest_first == ["lead_restored", "lead_deleted"] and oldest_first == newest_first[::-1]
