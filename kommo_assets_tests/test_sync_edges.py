@@ -12,8 +12,8 @@ from kommo_assets.db.increment import SYNC_MARGIN_S, margin_seen, probe_changes
 from kommo_assets.db.windows import sync_cursor
 from kommo_assets.dev.simulator import KommoSimulator, SimulatorConfig
 from kommo_assets.kommo.changes import Probe
-from kommo_assets_tests.helpers import fetch_one
 from kommo_assets.scope import window_for
+from kommo_assets_tests.helpers import fetch_one
 from kommo_assets_tests.sync_support import YEAR, fast_client, full_refresh, increment
 
 T0 = 1_800_000_000  # after every generated date: nothing generated lies in the margin
