@@ -6,13 +6,30 @@ import os
 import sys
 from pathlib import Path
 
+from kommo_assets.kommo.errors import redact
 from kommo_assets.settings import ConfigError, database_url, refresh_years
+
+
+def _secrets() -> list[str]:
+    """What no message of the CLI may print: the database password (every form), the Kommo and Slack tokens."""
+    from kommo_assets.resources.postgres import database_secrets
+
+    url = os.environ.get("KOMMO_DATABASE_URL", "")
+    tokens = [os.environ.get(name, "").strip() for name in ("KOMMO_ACCESS_TOKEN", "SLACK_BOT_TOKEN")]
+    return [*database_secrets(url), *(token for token in tokens if token)]
+
+
+def _database_url() -> str:
+    """KOMMO_DATABASE_URL, checked as the code location's resource checks it."""
+    from kommo_assets.resources.postgres import validate_database_url
+
+    return validate_database_url(database_url())
 
 
 def _migrate(args: argparse.Namespace) -> int:
     from kommo_assets.db.migrate import migrate
 
-    result = migrate(database_url())
+    result = migrate(_database_url())
     print(f"applied {len(result.applied)} migrations {result.applied}; re-applied {len(result.functions)} function files")
     return 0
 
@@ -27,6 +44,8 @@ def _run(args: argparse.Namespace) -> int:
     from kommo_assets.dev.environment import start_local_environment
 
     year = refresh_years()[0] if args.year is None else args.year
+    if os.environ.get("KOMMO_DATABASE_URL", "").strip():
+        _database_url()
     home = Path(args.home).resolve()
     env = start_local_environment(home, leads=args.leads)
     for note in env.notes:
@@ -152,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as exc:
-        print(f"kommo-assets: {exc}", file=sys.stderr)
+        print(f"kommo-assets: {redact(str(exc), _secrets())}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - printed redacted, without the traceback that would quote it
+        print(f"kommo-assets: {args.command} failed: {redact(f'{type(exc).__name__}: {exc}', _secrets())}",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
