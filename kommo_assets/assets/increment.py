@@ -98,6 +98,7 @@ def kommo_increment(
             allow_retries=False,
         )
     context.log.info(f"Kommo increment {run_id} applied ({preview_summary(preview)}): {counts}")
+    postgres.prune_staging()  # staging and run records past their retention (an increment a minute adds up)
     common = {"import_run_id": run_id, "sync_from": result.sync_from.isoformat(),
               "sync_to": result.sync_to.isoformat()}
     for key in PRODUCTION_KEYS:

@@ -94,6 +94,16 @@ class PostgresResource(dg.ConfigurableResource):
         default=30,
         description="KOMMO_FAILED_STAGING_RETENTION_DAYS: days the staging of failed and needs_review runs is kept.",
     )
+    run_retention_days: float = Field(
+        default=365,
+        description="KOMMO_RUN_RETENTION_DAYS: days the records of closed runs are kept (the last succeeded "
+                    "refresh of each window always stays).",
+    )
+    noop_increment_retention_days: float = Field(
+        default=2,
+        description="KOMMO_NOOP_INCREMENT_RETENTION_DAYS: days the records of succeeded increments that changed "
+                    "nothing are kept.",
+    )
     # The owner lock of the run this resource was set up for (None outside a run: sensors, schedules).
     _owner: runs.OwnerLock | None = PrivateAttr(default=None)
 
@@ -113,6 +123,16 @@ class PostgresResource(dg.ConfigurableResource):
     @classmethod
     def _failed_days(cls, value):
         return positive("KOMMO_FAILED_STAGING_RETENTION_DAYS", value)
+
+    @field_validator("run_retention_days", mode="before")
+    @classmethod
+    def _run_days(cls, value):
+        return positive("KOMMO_RUN_RETENTION_DAYS", value)
+
+    @field_validator("noop_increment_retention_days", mode="before")
+    @classmethod
+    def _noop_days(cls, value):
+        return positive("KOMMO_NOOP_INCREMENT_RETENTION_DAYS", value)
 
     def secrets(self) -> list[str]:
         """What must never appear in a message: the database password."""
@@ -168,5 +188,9 @@ class PostgresResource(dg.ConfigurableResource):
         return runs.close_run(self.database_url, run_id, status, error, secrets, attempts=attempts, pause=pause)
 
     def prune_staging(self) -> dict:
+        """Staging retention, then run record retention; the staging counts plus ``records`` (what
+        ``prune_kommo_import_runs`` deleted)."""
         with self.import_runs() as import_runs:
-            return import_runs.prune_staging(self.staging_retention_days, self.failed_staging_retention_days)
+            pruned = import_runs.prune_staging(self.staging_retention_days, self.failed_staging_retention_days)
+            records = import_runs.prune_runs(self.noop_increment_retention_days, self.run_retention_days)
+        return {**pruned, "records": records}
