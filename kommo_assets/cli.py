@@ -6,14 +6,31 @@ import os
 import sys
 from pathlib import Path
 
+from kommo_assets.kommo.errors import redact
 from kommo_assets.scope import current_year
 from kommo_assets.settings import ConfigError, database_url, refresh_scope
+
+
+def _secrets() -> list[str]:
+    """What no message of the CLI may print: the database password (every form), the Kommo and Slack tokens."""
+    from kommo_assets.resources.postgres import database_secrets
+
+    url = os.environ.get("KOMMO_DATABASE_URL", "")
+    tokens = [os.environ.get(name, "").strip() for name in ("KOMMO_ACCESS_TOKEN", "SLACK_BOT_TOKEN")]
+    return [*database_secrets(url), *(token for token in tokens if token)]
+
+
+def _database_url() -> str:
+    """KOMMO_DATABASE_URL, checked as the code location's resource checks it."""
+    from kommo_assets.resources.postgres import validate_database_url
+
+    return validate_database_url(database_url())
 
 
 def _migrate(args: argparse.Namespace) -> int:
     from kommo_assets.db.migrate import migrate
 
-    result = migrate(database_url())
+    result = migrate(_database_url())
     print(f"applied {len(result.applied)} migrations {result.applied}; re-applied {len(result.functions)} function files")
     return 0
 
@@ -47,6 +64,8 @@ def _run(args: argparse.Namespace) -> int:
     if not scope.contains(year):
         raise ConfigError(f"year {year} is not in scope (KOMMO_REFRESH_YEARS={scope}): pick one of "
                           f"{', '.join(map(str, scope.years())) or 'none yet'}")
+    if os.environ.get("KOMMO_DATABASE_URL", "").strip():
+        _database_url()
     home = Path(args.home).resolve()
     env = start_local_environment(home, leads=args.leads)
     for note in env.notes:
@@ -194,8 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as exc:
-        print(f"kommo-assets: {exc}", file=sys.stderr)
+        print(f"kommo-assets: {redact(str(exc), _secrets())}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - printed redacted, without the traceback that would quote it
+        print(f"kommo-assets: {args.command} failed: {redact(f'{type(exc).__name__}: {exc}', _secrets())}",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

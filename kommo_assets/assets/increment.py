@@ -101,6 +101,7 @@ def kommo_increment(
             allow_retries=False,
         )
     context.log.info(f"Kommo increment {run_id} applied ({preview_summary(preview)}): {counts}")
+    postgres.prune_staging()  # staging and run records past their retention (an increment a minute adds up)
     _report_partitions(context, postgres, run_id, result)
     return dg.MaterializeResult(metadata={
         "import_run_id": run_id,

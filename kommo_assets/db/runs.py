@@ -123,6 +123,14 @@ class ImportRuns:
             (succeeded_days * 86400, failed_days * 86400),
         ).fetchone()[0]
 
+    def prune_runs(self, noop_increment_days: float, closed_days: float) -> dict[str, Any]:
+        """Deletes old run records (``prune_kommo_import_runs``): succeeded increments that changed nothing after
+        ``noop_increment_days``, every other closed run after ``closed_days`` but the ones later runs read."""
+        return self.conn.execute(
+            "SELECT prune_kommo_import_runs(make_interval(secs => %s), make_interval(secs => %s))",
+            (noop_increment_days * 86400, closed_days * 86400),
+        ).fetchone()[0]
+
     def close(self, run_id: str, status: str, error: str | None) -> bool:
         """Closes a running import with an already safe ``error``; False when it was already closed."""
         return self.conn.execute("SELECT finish_kommo_import_run(%s::uuid, %s::text, %s::text)",
@@ -235,6 +243,11 @@ def swap(database_url: str, run_id: str) -> dict[str, Any]:
 def prune_staging(database_url: str, succeeded_days: float, failed_days: float) -> dict[str, Any]:
     with connect(database_url) as conn:
         return ImportRuns(conn).prune_staging(succeeded_days, failed_days)
+
+
+def prune_runs(database_url: str, noop_increment_days: float, closed_days: float) -> dict[str, Any]:
+    with connect(database_url) as conn:
+        return ImportRuns(conn).prune_runs(noop_increment_days, closed_days)
 
 
 def get_run(database_url: str, run_id: str) -> dict[str, Any] | None:

@@ -35,7 +35,9 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
         "postgres": PostgresResource(
             database_url=dg.EnvVar("KOMMO_DATABASE_URL"),
             **_texts(staging_retention_days="KOMMO_STAGING_RETENTION_DAYS",
-                     failed_staging_retention_days="KOMMO_FAILED_STAGING_RETENTION_DAYS"),
+                     failed_staging_retention_days="KOMMO_FAILED_STAGING_RETENTION_DAYS",
+                     run_retention_days="KOMMO_RUN_RETENTION_DAYS",
+                     noop_increment_retention_days="KOMMO_NOOP_INCREMENT_RETENTION_DAYS"),
         ),
         "kommo": KommoResource(
             base_url=dg.EnvVar("KOMMO_BASE_URL"),

@@ -14,6 +14,17 @@ from kommo_assets.resources.fields import HIDE_INPUTS, positive, unresolved
 from kommo_assets.settings import ConfigError
 
 
+def _userinfo(url: str) -> str:
+    """What precedes the host in a URL (``user:password``), everything up to the last ``@``."""
+    if "://" not in url:
+        return ""
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        netloc = url.partition("://")[2].partition("/")[0]
+    return netloc.rpartition("@")[0]
+
+
 def database_password(url: str) -> str | None:
     """The password of a database URL or conninfo string, as written and (if different) decoded."""
     try:
@@ -21,9 +32,45 @@ def database_password(url: str) -> str | None:
     except psycopg.Error:
         password = None  # not parseable (a bare % in the password): read it off the URL below
     if password is None and "://" in url:
-        userinfo = urlsplit(url).netloc.rpartition("@")[0]
-        password = userinfo.partition(":")[2] or None
+        password = _userinfo(url).partition(":")[2] or None
     return str(password) if password else None
+
+
+def database_secrets(url: str) -> list[str]:
+    """Everything of a database URL that must never appear in a message: the password as psycopg reads it,
+    and the whole password part of the URL as written, decoded and, split at each ``@`` (an unencoded ``@``
+    makes psycopg read the rest as the host), piece by piece."""
+    found: list[str] = []
+    password = database_password(url)
+    written = _userinfo(url).partition(":")[2]
+    for secret in (password, written, *written.split("@")):
+        if secret:
+            found += [secret, unquote(secret)]
+    return list(dict.fromkeys(found))
+
+
+def validate_database_url(value: str) -> str:
+    """``KOMMO_DATABASE_URL`` as the code location and the CLI accept it; a ConfigError that never quotes it
+    otherwise (psycopg's own message would quote the password)."""
+    value = str(value).strip()
+    if not value:
+        raise ConfigError(
+            "KOMMO_DATABASE_URL is not set: point it at the target PostgreSQL database "
+            "(postgresql://user@host:port/dbname), or use `make run`, which starts a local one."
+        )
+    host = ""
+    try:
+        host = str(psycopg.conninfo.conninfo_to_dict(value).get("host") or "")
+        readable = True
+    except psycopg.Error:
+        readable = False  # raised outside this handler, without the password
+    if not readable:
+        raise ConfigError("KOMMO_DATABASE_URL is not a PostgreSQL URL psycopg can read: percent-encode "
+                          "special characters of the user and password (% as %25, @ as %40, : as %3A)")
+    if "@" in _userinfo(value) or "@" in host:
+        raise ConfigError("KOMMO_DATABASE_URL has an unencoded @ in its user or password (psycopg would take "
+                          "what follows it for the host): percent-encode it as %40")
+    return value
 
 
 def import_run_id(run: dg.DagsterRun) -> str:
@@ -47,6 +94,16 @@ class PostgresResource(dg.ConfigurableResource):
         default=30,
         description="KOMMO_FAILED_STAGING_RETENTION_DAYS: days the staging of failed and needs_review runs is kept.",
     )
+    run_retention_days: float = Field(
+        default=365,
+        description="KOMMO_RUN_RETENTION_DAYS: days the records of closed runs are kept (the last succeeded "
+                    "refresh of each window always stays).",
+    )
+    noop_increment_retention_days: float = Field(
+        default=2,
+        description="KOMMO_NOOP_INCREMENT_RETENTION_DAYS: days the records of succeeded increments that changed "
+                    "nothing are kept.",
+    )
     # The owner lock of the run this resource was set up for (None outside a run: sensors, schedules).
     _owner: runs.OwnerLock | None = PrivateAttr(default=None)
 
@@ -55,21 +112,7 @@ class PostgresResource(dg.ConfigurableResource):
     def _url(cls, value):
         if unresolved(value):
             return value
-        value = str(value).strip()
-        if not value:
-            raise ConfigError(
-                "KOMMO_DATABASE_URL is not set: point it at the target PostgreSQL database "
-                "(postgresql://user@host:port/dbname), or use `make run`, which starts a local one."
-            )
-        readable = True
-        try:
-            psycopg.conninfo.conninfo_to_dict(value)
-        except psycopg.Error:
-            readable = False  # psycopg's message quotes the password: raised outside this handler, without it
-        if not readable:
-            raise ConfigError("KOMMO_DATABASE_URL is not a PostgreSQL URL psycopg can read: percent-encode "
-                              "special characters of the user and password (% as %25, @ as %40, : as %3A)")
-        return value
+        return validate_database_url(value)
 
     @field_validator("staging_retention_days", mode="before")
     @classmethod
@@ -81,10 +124,19 @@ class PostgresResource(dg.ConfigurableResource):
     def _failed_days(cls, value):
         return positive("KOMMO_FAILED_STAGING_RETENTION_DAYS", value)
 
+    @field_validator("run_retention_days", mode="before")
+    @classmethod
+    def _run_days(cls, value):
+        return positive("KOMMO_RUN_RETENTION_DAYS", value)
+
+    @field_validator("noop_increment_retention_days", mode="before")
+    @classmethod
+    def _noop_days(cls, value):
+        return positive("KOMMO_NOOP_INCREMENT_RETENTION_DAYS", value)
+
     def secrets(self) -> list[str]:
         """What must never appear in a message: the database password."""
-        password = database_password(self.database_url)
-        return [password, unquote(password)] if password else []
+        return database_secrets(self.database_url)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """In a run, takes the import run's owner lock once, held until the run ends.
@@ -136,5 +188,9 @@ class PostgresResource(dg.ConfigurableResource):
         return runs.close_run(self.database_url, run_id, status, error, secrets, attempts=attempts, pause=pause)
 
     def prune_staging(self) -> dict:
+        """Staging retention, then run record retention; the staging counts plus ``records`` (what
+        ``prune_kommo_import_runs`` deleted)."""
         with self.import_runs() as import_runs:
-            return import_runs.prune_staging(self.staging_retention_days, self.failed_staging_retention_days)
+            pruned = import_runs.prune_staging(self.staging_retention_days, self.failed_staging_retention_days)
+            records = import_runs.prune_runs(self.noop_increment_retention_days, self.run_retention_days)
+        return {**pruned, "records": records}

@@ -2,6 +2,7 @@
 click and the cooldown, and the polling payload."""
 
 import threading
+import time
 import uuid
 from datetime import timedelta
 
@@ -157,8 +158,12 @@ def test_double_click_and_a_running_refresh_return_the_same_request(database_url
     assert again["id"] == first["id"] and again["accepted"] is False
     assert again["message"] == (f"A Kommo refresh is already waiting to start (request #{first['id']}, {THIS_YEAR}); "
                                 "a new one can be requested 10 minutes after it ends.")
-    # another staff member pressing while it waits gets the same request too
-    assert _request(database_url, _add_staff(database_url))["id"] == first["id"]
+    # another staff member pressing while it waits is refused too, and learns nothing of the request
+    other = _request(database_url, _add_staff(database_url))
+    assert (other["id"], other["run_id"], other["requested_at"], other["accepted"], other["status"]) == (
+        None, None, None, False, "pending")
+    assert other["message"] == ("A Kommo refresh requested by someone else is waiting to start; "
+                                "a new one can be requested 10 minutes after it ends.")
     # still the same once the sensor has queued it, and while its run runs
     assert [r["id"] for r in request_table.claim_pending(database_url, 0)] == [first["id"]]
     assert _request(database_url, staff)["id"] == first["id"]
@@ -219,13 +224,14 @@ def test_a_refresh_launched_from_dagster_holds_the_button_too(database_url, staf
     run_id = _import_run(database_url, dry_run=False)
     answer = _request(database_url, staff)
     assert not answer["accepted"] and answer["id"] is None and answer["status"] == "running"
-    assert answer["run_id"] == f"dagster-{run_id[:8]}"
-    assert answer["message"].startswith("A Kommo refresh started from Dagster is running (run dagster-")
+    assert answer["run_id"] is None and run_id[:8] not in answer["message"]  # not the caller's: no run id
+    assert answer["message"].startswith("A Kommo refresh started from Dagster is running; ")
     with psycopg.connect(database_url) as conn:
         conn.execute("UPDATE kommo_import_runs SET status = 'succeeded', finished_at = now() - interval '4 minutes'")
     cooling = _request(database_url, staff)
-    assert not cooling["accepted"] and cooling["status"] == "succeeded"
-    assert cooling["retry_after"] == cooling["finished_at"] + timedelta(minutes=10)
+    assert not cooling["accepted"] and cooling["status"] == "succeeded" and cooling["finished_at"] is None
+    finished = fetch_one(database_url, "SELECT finished_at FROM kommo_import_runs")[0]
+    assert cooling["retry_after"] == finished + timedelta(minutes=10)
     assert "KOMMO_REQUEST_COOLDOWN_MINUTES" in cooling["message"]
     assert _requests(database_url) == 0
     # A dry run reads Kommo too, but briefly and without a swap: it does not hold the button.
@@ -294,3 +300,61 @@ def test_setting_sync_moves_updated_at_only_on_change(database_url):
     request_table.sync_settings(database_url, {"KOMMO_REFRESH_YEARS": [2024]})
     assert fetch_one(database_url, "SELECT value, updated_at > %s FROM kommo_runtime_settings", (first[0],)) == (
         [2024], True)
+
+
+@pytest.mark.parametrize("level", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_a_caller_in_a_snapshot_transaction_is_refused(database_url, staff, live_synced, level):
+    # Its snapshot would predate the queue's lock: it could see no open request while one runs.
+    first = _request(database_url, staff)
+    request_table.claim_pending(database_url, 0)
+    request_table.mark_started(database_url, first["id"], "run-1")
+    with psycopg.connect(database_url) as conn:
+        conn.execute(f"BEGIN ISOLATION LEVEL {level}")
+        with pytest.raises(psycopg.errors.InvalidTransactionState, match="READ COMMITTED transaction"):
+            conn.execute("SELECT * FROM request_kommo_refresh(%s)", (staff,))
+    assert _requests(database_url) == 1
+
+
+def test_one_request_open_at_a_time_running_included(database_url, staff, live_synced):
+    first = _request(database_url, staff)
+    request_table.claim_pending(database_url, 0)
+    request_table.mark_started(database_url, first["id"], "run-1")
+    with pytest.raises(psycopg.errors.UniqueViolation, match="kommo_refresh_requests_one_open"):
+        fetch_one(database_url, "INSERT INTO kommo_refresh_requests (requested_by) VALUES (%s) RETURNING 1", (staff,))
+
+
+def test_a_session_holding_the_project_lock_keys_cannot_hang_the_button(database_url, staff, live_synced):
+    keys = fetch_one(database_url, "SELECT array_agg(kommo_lock_key(n)) FROM unnest(ARRAY['import_start', 'swap',"
+                                   " 'import_owner', 'refresh_request']) AS n")[0]
+    with psycopg.connect(database_url, autocommit=True) as holder:
+        for key in keys:  # any session may take any advisory key
+            holder.execute("SELECT pg_advisory_lock(%s)", (key,))
+        started = time.monotonic()
+        answer = _request(database_url, staff)
+        assert answer["accepted"] and time.monotonic() - started < 5
+    # Only the owner may lock the queue itself; even then the button answers within 5 s, and says why.
+    for mode, message in (("SHARE ROW EXCLUSIVE", "the request queue is busy"),  # another request's
+                          ("ACCESS EXCLUSIVE", "lock timeout")):  # a migration's
+        with psycopg.connect(database_url) as owner:
+            owner.execute(f"LOCK TABLE kommo_refresh_requests IN {mode} MODE")
+            started = time.monotonic()
+            with pytest.raises(psycopg.errors.LockNotAvailable, match=message):
+                _request(database_url, staff)
+            assert time.monotonic() - started < 5
+
+
+def test_an_advisory_key_held_by_a_stranger_does_not_keep_a_dead_import_alive(database_url, pg_admin_url):
+    import_id = _import_run(database_url, dry_run=False)  # running, its process gone
+    role = f"stranger_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        with psycopg.connect(psycopg.conninfo.make_conninfo(database_url, user=role), autocommit=True) as stranger:
+            stranger.execute("SELECT pg_advisory_lock(90903, hashtext(%s))", (import_id,))
+            assert not fetch_one(database_url, "SELECT kommo_import_run_owner_alive(%s)", (import_id,))[0]
+        with psycopg.connect(database_url, autocommit=True) as owner:
+            owner.execute("SELECT pg_advisory_lock(kommo_lock_key('import_owner'), hashtext(%s))", (import_id,))
+            assert fetch_one(database_url, "SELECT kommo_import_run_owner_alive(%s)", (import_id,))[0]
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP ROLE "{role}"')

@@ -45,19 +45,26 @@ def _functions(url: str) -> set[str]:
                             WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')""")}
 
 
+def _registered(url: str) -> set[str]:
+    """The functions the project created, as it recorded them (kommo_schema_objects)."""
+    return {r[0] for r in fetch_all(url, """
+        SELECT p.oid::regprocedure::text FROM kommo_schema_objects o JOIN pg_proc p ON p.oid = o.objid
+         WHERE o.classid = 'pg_proc'::regclass""")}
+
+
 def assert_least_privilege(url: str) -> None:
     """Generic over the catalog, so it covers functions added later too."""
     functions = _functions(url)
     assert len(functions) > 20 and ENTRY_POINTS <= functions
-    unnamed = {f for f in functions - APP_STAND_INS if "kommo" not in f.split("(")[0]}
-    assert unnamed == set(), "project functions carry kommo in their name (90_privileges.sql relies on it)"
+    assert _registered(url) == functions, "every function of a schema holding only the project's is registered"
     grants = {(function, role) for function, _, _, role in fetch_all(url, GRANTS)}
     assert {g for g in grants if g[1] == "PUBLIC"} == set()
     assert grants == {(function, APP_GROUP) for function in ENTRY_POINTS}
-    for function in ENTRY_POINTS:
-        definer, config = fetch_one(url, "SELECT prosecdef, proconfig FROM pg_proc WHERE oid = %s::regprocedure",
-                                    (function,))
-        assert definer and config == ["search_path=public, pg_temp"], function
+    for function, definer, config in fetch_all(url, """
+            SELECT p.oid::regprocedure::text, prosecdef, proconfig FROM pg_proc p
+             WHERE p.pronamespace = current_schema()::regnamespace"""):
+        assert definer == (function in ENTRY_POINTS), function
+        assert "search_path=public, pg_temp" in (config or []), function
 
 
 @pytest.fixture
@@ -80,9 +87,22 @@ def roles(pg_admin_url):
 
 def test_no_project_function_is_executable_by_public(database_url):
     assert_least_privilege(database_url)
-    # the role that migrated keeps creating functions without PUBLIC's EXECUTE
-    _execute(database_url, "CREATE FUNCTION kommo_added_later() RETURNS int LANGUAGE sql AS 'SELECT 1'")
-    assert ("kommo_added_later()", "PUBLIC") not in {(r[0], r[3]) for r in fetch_all(database_url, GRANTS)}
+
+
+def test_functions_the_owner_adds_later_keep_their_defaults_through_migrate(database_url):
+    # The project changes no default privilege and sweeps nothing by name: a function the migrating role
+    # creates afterwards (kommo in its name or not, in public or in a schema of its own) keeps PUBLIC's EXECUTE,
+    # and so do the grants the app makes on it, through every migrate.
+    _execute(database_url, "CREATE FUNCTION kommo_added_later() RETURNS int LANGUAGE sql AS 'SELECT 1';"
+                           "CREATE SCHEMA private;"
+                           "CREATE FUNCTION private.is_staff() RETURNS boolean LANGUAGE sql AS 'SELECT true'")
+    for _ in range(2):
+        assert ("kommo_added_later()", "PUBLIC") in {(r[0], r[3]) for r in fetch_all(database_url, GRANTS)}
+        assert fetch_one(database_url, "SELECT has_function_privilege('public', 'private.is_staff()', 'EXECUTE')"
+                         " AND has_function_privilege('public', 'kommo_added_later()', 'EXECUTE')")[0]
+        assert fetch_one(database_url, "SELECT proconfig FROM pg_proc WHERE proname = 'kommo_added_later'")[0] is None
+        assert migrate(database_url).applied == []
+    assert fetch_one(database_url, "SELECT count(*) FROM pg_default_acl")[0] == 0
 
 
 def test_the_catalog_check_sees_a_function_left_open(database_url):

@@ -7,6 +7,8 @@ Each secret is looked for in every form: as is, percent-encoded or decoded, esca
 import json
 import logging
 import os
+import subprocess
+import sys
 import uuid
 from urllib.parse import quote
 
@@ -98,7 +100,19 @@ def test_no_secret_reaches_any_output(fault_env, slack, monkeypatch, caplog, cap
         scan.add("sensor tick error", tick_error.to_string())
         assert "KOMMO_DATABASE_URL is not a PostgreSQL URL" in tick_error.to_string()
 
-        for result in (echoed, refused_token, refused_url):
+        # an unencoded @ in the password: psycopg would read the rest as the host name, which errors quote
+        first, second = f"Fi{uuid.uuid4().hex[:10]}", f"SecondHalf{uuid.uuid4().hex[:10]}"
+        monkeypatch.setenv("KOMMO_DATABASE_URL", _url_with_password(env.url, f"{first}@{second}"))
+        refused_at = run(instance=instance)
+        assert not refused_at.success
+        with pytest.raises(Exception) as tick_failed:
+            ticker.tick(FAILURE_SENSOR)
+        tick_errors.append(tick_failed.value)
+        tick_error = serializable_error_info_from_exc_info((tick_failed.type, tick_failed.value, tick_failed.tb))
+        scan.add("sensor tick error (@)", tick_error.to_string())
+        assert "unencoded @" in tick_error.to_string()
+
+        for result in (echoed, refused_token, refused_url, refused_at):
             scan.add_dagster_run(instance, result.run_id)
     scan.add_database(env.url)
     scan.add_exceptions(tick_errors)
@@ -107,9 +121,32 @@ def test_no_secret_reaches_any_output(fault_env, slack, monkeypatch, caplog, cap
 
     text = "\n".join(piece for _, piece in scan.pieces)
     for seen in ("db password <redacted>", "KOMMO_ACCESS_TOKEN contains a control character",
-                 "KOMMO_DATABASE_URL is not a PostgreSQL URL", "GET /api/v4/leads/custom_fields"):
+                 "KOMMO_DATABASE_URL is not a PostgreSQL URL", "unencoded @", "GET /api/v4/leads/custom_fields"):
         assert seen in text, seen  # the scan covered the failures
     assert env.sim.stats()["requests"] > 0  # the token was in use
-    for secret in (token, password, bare, slack_token):
+    for secret in (token, password, bare, first, second, f"{first}@{second}", slack_token):
         assert _leaks(scan, secret) == [], secret
     assert production_checksum(env.url) == env.before
+
+
+@pytest.mark.parametrize("command", ["migrate", "run"])
+def test_the_cli_prints_no_database_password(pg_admin_url, command, tmp_path):
+    """kommo-assets migrate and run check KOMMO_DATABASE_URL as the code location does, and every error they
+    print is redacted: a bare %, an unencoded @, and a readable URL whose server cannot be reached."""
+    parts = psycopg.conninfo.conninfo_to_dict(pg_admin_url)
+    secret = uuid.uuid4().hex[:12]
+    cases = {
+        "bare %": (f"pa%ss-{secret}", parts["port"], "is not a PostgreSQL URL psycopg can read"),
+        "unencoded @": (f"First{secret}@SecondHalf{secret}", parts["port"], "unencoded @"),
+        "unreachable": (f"Pw{secret}", 1, f"{command} failed"),  # port 1: nothing listens there
+    }
+    for name, (password, port, expected) in cases.items():
+        url = f"postgresql://postgres:{password}@{parts['host']}:{port}/postgres"
+        env = {**os.environ, "KOMMO_DATABASE_URL": url, "KOMMO_DEV_HOME": str(tmp_path),
+               "KOMMO_BASE_URL": "http://127.0.0.1:1", "KOMMO_ACCESS_TOKEN": f"tok-{secret}"}
+        done = subprocess.run([sys.executable, "-m", "kommo_assets.cli", command], env=env, capture_output=True,
+                              text=True, timeout=120)
+        output = done.stdout + done.stderr
+        assert done.returncode != 0 and expected in output, (name, output)
+        for piece in {password, *password.split("@"), f"tok-{secret}"}:
+            assert not {form for form in secret_forms(piece) if form in output}, (name, output)

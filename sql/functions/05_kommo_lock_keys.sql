@@ -3,8 +3,10 @@
 --   import_start     start_kommo_import_run: starters one at a time (transaction lock)
 --   swap             run_kommo_full_refresh and run_kommo_increment: one apply at a time (transaction lock)
 --   import_owner     the class of each run's owner lock, pg_advisory_lock(class, hashtext(run id)), held
---                    by the process running the import for the whole run (session lock)
---   refresh_request  request_kommo_refresh: the button's callers one at a time (transaction lock)
+--                    by the process running the import for the whole run (session lock); it counts only when
+--                    held by a role that may write the run log (kommo_import_run_owner_alive)
+--   refresh_request  reserved: request_kommo_refresh took it until it locked its table instead (any session
+--                    may hold any advisory key, only the owner may lock the table)
 -- An unknown name raises: pg_advisory_lock(NULL) would silently lock nothing.
 CREATE OR REPLACE FUNCTION kommo_lock_key(p_name text) RETURNS integer
 LANGUAGE plpgsql IMMUTABLE AS $$

@@ -2,16 +2,20 @@
 
 -- The process running a live import holds this session advisory lock (kommo_lock_key('import_owner'), hashtext(run id)) on a
 -- connection of its own from before the import starts until the run ends; a killed process or a lost host
--- drops its connections and so the lock.
+-- drops its connections and so the lock. Any session may take any advisory key, so the lock counts only
+-- when a session of a role that may write the run log holds it (the owner's, or one granted that by the
+-- operator): nobody else can keep a dead import looking alive.
 CREATE OR REPLACE FUNCTION kommo_import_run_owner_alive(p_id uuid) RETURNS boolean
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF pg_try_advisory_lock(kommo_lock_key('import_owner'), hashtext(p_id::text)) THEN
-        PERFORM pg_advisory_unlock(kommo_lock_key('import_owner'), hashtext(p_id::text));
-        RETURN false;
-    END IF;
-    RETURN true;
-END;
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (
+        SELECT 1
+          FROM pg_locks l
+          JOIN pg_stat_activity a ON a.pid = l.pid
+         WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg_database
+                                                                        WHERE datname = current_database())
+           AND l.classid = kommo_lock_key('import_owner')::oid AND l.objid = hashtext(p_id::text)::oid
+           AND l.objsubid = 2
+           AND has_table_privilege(a.usesysid, 'kommo_import_runs', 'UPDATE'))
 $$;
 
 DROP FUNCTION IF EXISTS start_kommo_import_run(uuid, text, text, text, boolean, timestamptz, timestamptz,

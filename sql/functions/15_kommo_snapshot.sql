@@ -24,7 +24,7 @@ RETURNS TABLE (
 )
 LANGUAGE sql STABLE AS $$
     SELECT l.lead_id,
-           kommo_lead_code(l.lead_id),
+           'kommo:' || l.lead_id,  -- kommo_lead_code, written out: pinned functions are not inlined
            l.contact_id,
            l.status_id,
            l.pipeline_id,
@@ -60,9 +60,10 @@ $$;
 -- deactivate: the swap and the change preview use it, and so can any later import ('-infinity' and
 -- 'infinity' for no window at all). sales_leads.source and bookings.channel play no part: the app may
 -- write 'Kommo' there itself, and a row the app writes never carries a 'kommo:' code.
--- A plain SQL expression on purpose: the planner inlines it into the caller's WHERE clause, where it
--- matches the partial indexes sales_leads_kommo_live / bookings_kommo_active and leaves the anti-joins
--- against the snapshot as they were. (Not STRICT, which would stop the inlining.)
+-- Every project function pins its search_path (docs/security.md), and PostgreSQL never inlines a function
+-- with a SET clause: the swap and the change preview therefore write this expression out in their WHERE
+-- clauses, where it matches the partial indexes sales_leads_kommo_live / bookings_kommo_active (as does
+-- kommo_lead_code's in kommo_snapshot). Change all of them together.
 CREATE OR REPLACE FUNCTION kommo_owned(p_code text, p_kommo_created_at timestamptz, p_from timestamptz,
                                        p_to timestamptz) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
@@ -76,9 +77,9 @@ $$;
 CREATE OR REPLACE FUNCTION kommo_increment_scope(p_run_id uuid) RETURNS text[]
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(array_agg(x.code ORDER BY x.code), '{}')
-      FROM (SELECT kommo_lead_code(l.lead_id) AS code FROM stg_kommo_leads l WHERE l.run_id = p_run_id
+      FROM (SELECT 'kommo:' || l.lead_id AS code FROM stg_kommo_leads l WHERE l.run_id = p_run_id  -- kommo_lead_code
             UNION
-            SELECT kommo_lead_code(r.lead_id) FROM stg_kommo_lead_removals r WHERE r.run_id = p_run_id) x
+            SELECT 'kommo:' || r.lead_id FROM stg_kommo_lead_removals r WHERE r.run_id = p_run_id) x
 $$;
 
 -- What a run's staged contacts make of the clients, one row per contact: the client it updates (NULL:

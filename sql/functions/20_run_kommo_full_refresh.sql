@@ -157,7 +157,8 @@ BEGIN
     -- The import's own live leads in scope that left the snapshot.
     UPDATE sales_leads sl
        SET archived_at = now(), updated_at = now()
-     WHERE kommo_owned(sl.lead_code, sl.kommo_created_at, p_from, p_to)
+     -- (kommo_owned, written out: a function with a pinned search_path is never inlined)
+     WHERE sl.lead_code LIKE 'kommo:%' AND sl.kommo_created_at >= p_from AND sl.kommo_created_at < p_to
        AND (p_codes IS NULL OR sl.lead_code = ANY (p_codes))
        AND sl.archived_at IS NULL
        AND NOT EXISTS (SELECT 1 FROM kommo_snapshot s WHERE s.code = sl.lead_code);
@@ -201,7 +202,8 @@ BEGIN
     -- The import's own active bookings in scope whose lead left the snapshot or its booking statuses.
     UPDATE bookings b
        SET is_active = false, updated_at = now()
-     WHERE kommo_owned(b.source_payload_id, b.kommo_created_at, p_from, p_to)
+     -- (kommo_owned, written out)
+     WHERE b.source_payload_id LIKE 'kommo:%' AND b.kommo_created_at >= p_from AND b.kommo_created_at < p_to
        AND (p_codes IS NULL OR b.source_payload_id = ANY (p_codes))
        AND b.is_active
        AND NOT EXISTS (SELECT 1 FROM kommo_snapshot s WHERE s.is_booking AND s.code = b.source_payload_id);

@@ -1,5 +1,7 @@
--- What the calendar UI reads: manual events plus active, dated Kommo bookings.
-CREATE OR REPLACE VIEW calendar_events_expanded AS
+-- What the calendar UI reads: manual events plus active, dated Kommo bookings. It runs as its reader
+-- (security_invoker): the row level security the app puts on calendar_events, bookings and sales_leads
+-- applies through it, and a reader without privileges on them reads nothing.
+CREATE OR REPLACE VIEW calendar_events_expanded WITH (security_invoker = true) AS
 SELECT 'manual'::text       AS kind,
        e.id                 AS id,
        e.id                 AS event_id,

@@ -96,6 +96,15 @@ DECLARE
     v_import kommo_import_runs;
     v_answer kommo_refresh_request_answer;
 BEGIN
+    -- The checks below read what other callers and the sensors committed, after taking the queue's lock:
+    -- a REPEATABLE READ or SERIALIZABLE transaction would read a snapshot older than the lock and could
+    -- queue a second refresh beside a running one.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'Kommo refresh refused: call request_kommo_refresh in a READ COMMITTED transaction '
+                        '(this one is %)', upper(current_setting('transaction_isolation'))
+            USING ERRCODE = 'invalid_transaction_state',
+                  HINT = 'PostgREST and most clients use READ COMMITTED, PostgreSQL''s default';
+    END IF;
     IF v_user IS NULL
        OR NOT EXISTS (SELECT 1 FROM kommo_refresh_staff s WHERE s.user_id = v_user) THEN
         RAISE EXCEPTION 'Kommo refresh refused: user % is not staff', coalesce(v_user::text, '(none)')
@@ -128,56 +137,78 @@ BEGIN
     v_cooldown := make_interval(secs => v_minutes * 60);
 
     -- Serialize callers so the look at waiting, running and recent requests and the insert see the same
-    -- picture; the unique index kommo_refresh_requests_one_waiting backs this up.
-    PERFORM pg_advisory_xact_lock(kommo_lock_key('refresh_request'));
+    -- picture (the caller's transaction is READ COMMITTED, checked above: each statement below sees what
+    -- the previous caller committed); the unique index kommo_refresh_requests_one_open backs this up. A
+    -- table lock rather than an advisory lock: only the owner may lock this table, whereas any session
+    -- can hold any advisory key. lock_timeout (set on this function, at the end of this file) bounds the
+    -- wait whoever holds it.
+    BEGIN
+        LOCK TABLE kommo_refresh_requests IN SHARE ROW EXCLUSIVE MODE;
+    EXCEPTION WHEN lock_not_available THEN
+        RAISE EXCEPTION 'Kommo refresh: the request queue is busy (another request is being answered); '
+                        'please try again in a moment'
+            USING ERRCODE = 'lock_not_available';
+    END;
+    -- What the answer may say about a request depends on whose it is: the caller's own in full, anyone
+    -- else's (another staff member's, a run launched from Dagster) only that one is waiting, running or
+    -- cooling down, and when the next request is possible; never its id, run id or times.
     SELECT * INTO v_request FROM kommo_refresh_requests r
      WHERE r.status IN ('pending', 'queued', 'running') ORDER BY r.id DESC LIMIT 1;
     IF FOUND THEN
         v_answer.accepted := false;
-        v_answer.message := format(
-            CASE WHEN v_request.status = 'running'
-                 THEN 'A Kommo refresh is running (request #%s, %s); a new one can be requested %s minutes after it ends.'
-                 ELSE 'A Kommo refresh is already waiting to start (request #%s, %s); '
-                      'a new one can be requested %s minutes after it ends.' END,
-            v_request.id, coalesce(v_request.year::text, 'default year'), trim_scale(v_minutes));
+        v_answer.message := CASE
+            WHEN v_request.requested_by IS DISTINCT FROM v_user THEN format(
+                CASE WHEN v_request.status = 'running' THEN 'A Kommo refresh requested by someone else is running; '
+                     ELSE 'A Kommo refresh requested by someone else is waiting to start; ' END
+                || 'a new one can be requested %s minutes after it ends.', trim_scale(v_minutes))
+            ELSE format(
+                CASE WHEN v_request.status = 'running'
+                     THEN 'A Kommo refresh is running (request #%s, %s); a new one can be requested %s minutes after it ends.'
+                     ELSE 'A Kommo refresh is already waiting to start (request #%s, %s); '
+                          'a new one can be requested %s minutes after it ends.' END,
+                v_request.id, coalesce(v_request.year::text, 'default year'), trim_scale(v_minutes)) END;
     ELSE
         SELECT * INTO v_request FROM kommo_refresh_requests r
          WHERE r.finished_at IS NOT NULL ORDER BY r.finished_at DESC, r.id DESC LIMIT 1;
         IF FOUND AND v_request.finished_at + v_cooldown > now() THEN
             v_answer.accepted := false;
             v_answer.retry_after := v_request.finished_at + v_cooldown;
-            v_answer.message := format(
-                'The last Kommo refresh (request #%s, %s) ended at %s; the next one can be requested from %s '
-                '(KOMMO_REQUEST_COOLDOWN_MINUTES).',
-                v_request.id, v_request.status,
-                to_char(v_request.finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'),
-                to_char(v_answer.retry_after AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'));
+            v_answer.message := CASE
+                WHEN v_request.requested_by IS DISTINCT FROM v_user THEN format(
+                    'A Kommo refresh ended less than %s minutes ago; the next one can be requested from %s '
+                    '(KOMMO_REQUEST_COOLDOWN_MINUTES).', trim_scale(v_minutes),
+                    to_char(v_answer.retry_after AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'))
+                ELSE format(
+                    'The last Kommo refresh (request #%s, %s) ended at %s; the next one can be requested from %s '
+                    '(KOMMO_REQUEST_COOLDOWN_MINUTES).',
+                    v_request.id, v_request.status,
+                    to_char(v_request.finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'),
+                    to_char(v_answer.retry_after AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"')) END;
         ELSE
             -- A refresh launched elsewhere (the Dagster UI, a schedule) holds the account's rate limit
             -- just the same: while it runs, and for the cooldown after it, the button waits too. Dry runs
-            -- and increments (a few requests each) do not hold it.
+            -- and increments (a few requests each) do not hold it. Two index lookups (the one running
+            -- import, kommo_import_runs_one_running; the last finished refresh,
+            -- kommo_import_runs_refresh_finished): increments add a row a minute to this table.
             SELECT * INTO v_import FROM kommo_import_runs r
-             WHERE NOT r.dry_run AND r.kind <> 'increment'
-               AND (r.status = 'running' OR r.finished_at + v_cooldown > now())
-             ORDER BY r.status = 'running' DESC, r.finished_at DESC NULLS LAST LIMIT 1;
+             WHERE r.status = 'running' AND NOT r.dry_run AND r.kind <> 'increment';
+            IF NOT FOUND THEN
+                SELECT * INTO v_import FROM kommo_import_runs r
+                 WHERE NOT r.dry_run AND r.kind <> 'increment' AND r.finished_at > now() - v_cooldown
+                 ORDER BY r.finished_at DESC LIMIT 1;
+            END IF;
             IF FOUND THEN
                 v_answer.accepted := false;
                 v_answer.status := v_import.status;
-                v_answer.run_id := v_import.dagster_run_id;
-                v_answer.finished_at := v_import.finished_at;
                 IF v_import.status = 'running' THEN
                     v_answer.message := format(
-                        'A Kommo refresh started from Dagster is running (run %s, since %s); a new one can be '
-                        'requested %s minutes after it ends.', coalesce(v_import.dagster_run_id, v_import.id::text),
-                        to_char(v_import.started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'),
-                        trim_scale(v_minutes));
+                        'A Kommo refresh started from Dagster is running; a new one can be requested %s minutes '
+                        'after it ends.', trim_scale(v_minutes));
                 ELSE
                     v_answer.retry_after := v_import.finished_at + v_cooldown;
                     v_answer.message := format(
-                        'The last Kommo refresh (run %s, %s) ended at %s; the next one can be requested from %s '
-                        '(KOMMO_REQUEST_COOLDOWN_MINUTES).', coalesce(v_import.dagster_run_id, v_import.id::text),
-                        v_import.status,
-                        to_char(v_import.finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'),
+                        'A Kommo refresh started from Dagster ended less than %s minutes ago; the next one can be '
+                        'requested from %s (KOMMO_REQUEST_COOLDOWN_MINUTES).', trim_scale(v_minutes),
                         to_char(v_answer.retry_after AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'));
                 END IF;
                 RETURN v_answer;
@@ -188,12 +219,14 @@ BEGIN
             v_answer.message := format('Kommo refresh of %s requested (request #%s).', v_year, v_request.id);
         END IF;
     END IF;
-    v_answer.id := v_request.id;
     v_answer.status := v_request.status;
-    v_answer.year := v_request.year;
-    v_answer.run_id := v_request.dagster_run_id;
-    v_answer.requested_at := v_request.requested_at;
-    v_answer.finished_at := v_request.finished_at;
+    IF v_request.requested_by IS NOT DISTINCT FROM v_user THEN
+        v_answer.id := v_request.id;
+        v_answer.year := v_request.year;
+        v_answer.run_id := v_request.dagster_run_id;
+        v_answer.requested_at := v_request.requested_at;
+        v_answer.finished_at := v_request.finished_at;
+    END IF;
     RETURN v_answer;
 END;
 $$;
@@ -314,6 +347,8 @@ DO $$
 BEGIN
     EXECUTE format('ALTER FUNCTION request_kommo_refresh(uuid, integer) SET search_path = %I, pg_temp',
                    current_schema());
+    -- The queue's lock is waited for 4 s at most: the button answers within 5 s whoever holds it.
+    ALTER FUNCTION request_kommo_refresh(uuid, integer) SET lock_timeout = '4s';
     EXECUTE format('ALTER FUNCTION kommo_refresh_request_status(bigint, uuid) SET search_path = %I, pg_temp',
                    current_schema());
 END;

@@ -70,7 +70,8 @@ BEGIN
     CREATE TEMP TABLE kommo_preview_deactivate ON COMMIT DROP AS
     SELECT b.source_payload_id AS code, b.status, b.start_at, b.end_at
       FROM bookings b
-     WHERE kommo_owned(b.source_payload_id, b.kommo_created_at, p_from, p_to)
+     -- (kommo_owned, written out: a function with a pinned search_path is never inlined)
+     WHERE b.source_payload_id LIKE 'kommo:%' AND b.kommo_created_at >= p_from AND b.kommo_created_at < p_to
        AND (p_codes IS NULL OR b.source_payload_id = ANY (p_codes))
        AND b.is_active
        AND NOT EXISTS (SELECT 1 FROM kommo_preview_snapshot s WHERE s.is_booking AND s.code = b.source_payload_id);
@@ -98,7 +99,8 @@ BEGIN
                          (s.linked_contact_id, s.name, s.status_id, s.pipeline_id, s.price::numeric(14, 2), s.owner_id,
                           s.closed_at, 'Kommo'::text, NULL::timestamptz, s.created_at, s.created_at, s.updated_at)),
                'archive', (SELECT count(*) FROM sales_leads x
-                            WHERE kommo_owned(x.lead_code, x.kommo_created_at, p_from, p_to)
+                            WHERE x.lead_code LIKE 'kommo:%' AND x.kommo_created_at >= p_from  -- kommo_owned
+                              AND x.kommo_created_at < p_to
                               AND (p_codes IS NULL OR x.lead_code = ANY (p_codes))
                               AND x.archived_at IS NULL
                               AND NOT EXISTS (SELECT 1 FROM kommo_preview_snapshot s2 WHERE s2.code = x.lead_code)))
