@@ -6,6 +6,7 @@
 import os
 import secrets
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from kommo_assets.db.migrate import migrate
@@ -50,12 +51,17 @@ def start_local_environment(home: Path = DEFAULT_HOME, *, leads: int = 3000, see
         from kommo_assets.dev.simulator import KommoSimulator, SimulatorConfig
 
         token = secrets.token_urlsafe(24)
-        simulator = KommoSimulator(SimulatorConfig(leads=leads, seed=seed, token=token, latency_ms=latency_ms))
+        # An account whose history runs up to today, most of it this year: what a first deployment sees. Cut
+        # at midnight (UTC), so `make run` and a later `make dev` of the same day serve the same leads.
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        simulator = KommoSimulator(SimulatorConfig(leads=leads, seed=seed, token=token, latency_ms=latency_ms,
+                                                   year=today.year, until=int(today.timestamp())))
         simulator.start()
         base_url = simulator.base_url
         os.environ["KOMMO_BASE_URL"] = base_url
         os.environ["KOMMO_ACCESS_TOKEN"] = token
         # The simulator is not a live account: the refresh may run against it unless told otherwise.
         os.environ.setdefault("KOMMO_ENABLE_LIVE", "1")
-        notes.append(f"Kommo simulator at {base_url} with {leads} generated leads (KOMMO_BASE_URL unset)")
+        notes.append(f"Kommo simulator at {base_url} with {leads} generated leads up to today, most of them "
+                     f"created this year (KOMMO_BASE_URL unset)")
     return LocalEnvironment(database_url, base_url, postgres, simulator, notes)

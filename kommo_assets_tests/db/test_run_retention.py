@@ -10,6 +10,7 @@ import pytest
 
 from kommo_assets.automation import request_table
 from kommo_assets.db import runs
+from kommo_assets.settings import refresh_scope
 from kommo_assets_tests.helpers import fetch_all, fetch_one
 
 CHANGED = '{"bookings_updated": 1, "clients_added": 0}'
@@ -37,7 +38,7 @@ def test_no_op_increments_go_first_and_what_later_runs_read_stays(database_url):
         failed_old = _run(conn, kind="full_refresh", status="failed", ago=timedelta(days=401), counts=None)
         other_year = _run(conn, kind="full_refresh", ago=timedelta(days=450), year=2024)
         cursor_run = _run(conn, ago=timedelta(days=30))
-        conn.execute("INSERT INTO kommo_sync_state (cursor, run_id) VALUES (now(), %s)", (cursor_run,))
+        conn.execute("INSERT INTO kommo_sync_state (run_id) VALUES (%s)", (cursor_run,))
         conn.execute("INSERT INTO stg_kommo_leads (run_id, lead_id, payload) VALUES (%s, 1, '{}')", (older,))
     assert runs.prune_runs(database_url, 2, 365) == {"noop_increments": 1, "closed_runs": 2}
     left = {r[0] for r in fetch_all(database_url, "SELECT id::text FROM kommo_import_runs")}
@@ -90,7 +91,7 @@ def test_the_buttons_checks_stay_in_low_milliseconds_at_a_year_of_increments(dat
             _run(conn, kind="dry_run", ago=timedelta(days=days - 1))
         conn.execute("ANALYZE kommo_import_runs")
     request_table.sync_flag(database_url, request_table.LIVE_FLAG, True)
-    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: [2025],
+    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: refresh_scope({}).as_json(),
                                                request_table.COOLDOWN_SETTING: 10})
     with psycopg.connect(database_url, autocommit=True) as conn:
         with_index = _time_request(conn, user)

@@ -26,6 +26,7 @@ from kommo_assets.automation import request_table
 from kommo_assets.db.migrate import migrate
 from kommo_assets.dev.local_postgres import LocalPostgres
 from kommo_assets.dev.simulator import KommoSimulator, SimulatorConfig
+from kommo_assets.settings import refresh_scope
 from kommo_assets_tests.helpers import run_job, url_for_database
 
 OWNER = "supa_owner"  # Supabase's "postgres": owns the app, migrates, is not a superuser
@@ -111,7 +112,7 @@ def supabase():
         assert env.owner("SELECT count(*) FROM bookings")[0][0] > 0
         env.owner("INSERT INTO calendar_events (title, start_at, end_at) VALUES ('private', now(), now())")
         request_table.sync_flag(env.owner_url, request_table.LIVE_FLAG, True)
-        request_table.sync_settings(env.owner_url, {request_table.YEARS_SETTING: [2025],
+        request_table.sync_settings(env.owner_url, {request_table.YEARS_SETTING: refresh_scope({}).as_json(),
                                                     request_table.COOLDOWN_SETTING: 10})
         yield env
     finally:

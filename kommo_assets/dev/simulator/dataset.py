@@ -157,6 +157,10 @@ class SimulatorConfig:
     latency_ms: float = 0.0
     ban_after_violations: int | None = None  # after that many 429s every request gets 403
     year: int = 2025
+    # The account's "today" (Unix seconds): when set, the history is cut there (no lead created later), the
+    # leads the window would have held after it moving into the window before it. `make run` / `make dev`
+    # set the current year and now, so the calendar has bookings around today as a live account does.
+    until: int | None = None
     host: str = "127.0.0.1"
     port: int = 0
 
@@ -252,9 +256,12 @@ class Dataset:
         self.window_end = _ts(y + 1, 1, 1)  # exclusive
         self.spread_start = _ts(y - 1, 11, 1)
         self.spread_end = _ts(y + 1, 3, 1)  # exclusive: the last lead is created on Feb 28
+        if config.until is not None:
+            self.spread_end = max(self.window_start + 1, min(self.spread_end, config.until))
+            self.window_end = min(self.window_end, self.spread_end)
         self.now = self.spread_end  # the account's "today": nothing is updated later than this
         n_pre = round(self.size * 0.10)
-        n_post = round(self.size * 0.10)
+        n_post = round(self.size * 0.10) if self.spread_end > self.window_end else 0
         n_win = self.size - n_pre - n_post
         self._segments: list[tuple[int, int, int, int, float]] = []  # (first index, count, start, end, step)
         first = 0
