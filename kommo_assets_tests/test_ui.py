@@ -19,8 +19,10 @@ import pytest
 import requests
 
 from kommo_assets.assets.common import DRY_RUN_JOB, FULL_REFRESH_JOB, REFRESH_TAG
+from kommo_assets.assets.production import SWAP_ALONE
 from kommo_assets.dev.dagster_dev import REPO_ROOT, DevServer, launch
 from kommo_assets.dev.local_postgres import LocalPostgres
+from kommo_assets.scope import current_year
 from kommo_assets_tests.ui_support import (
     CHROMIUM_ARGS,
     IN_PROGRESS,
@@ -36,6 +38,7 @@ pytestmark = [pytest.mark.ui, pytest.mark.timeout(360)]
 SCREENSHOTS = (REPO_ROOT / "docs" / "screenshots" if os.environ.get("KOMMO_UPDATE_SCREENSHOTS") == "1"
                else Path(tempfile.gettempdir()) / "kommo-ui-screenshots")
 LEADS = 800
+THIS_YEAR = str(current_year())  # the real date: `make run` and the UI's "Latest" partition
 ALL_KOMMO_ASSETS = ["stg_kommo_leads", "stg_kommo_contacts", "stg_kommo_booking_vehicles", "vehicles", "clients",
                     "sales_leads", "bookings", "booking_vehicles", "calendar_events_expanded"]
 
@@ -129,6 +132,26 @@ def _dismiss_community_modal(page) -> None:
     skip.click()
 
 
+def _launch_latest_partition(page) -> str:
+    """After a Materialize click: confirms what the UI asks first (a multi-asset materialized whole, upstream
+    assets never materialized), picks the latest partition (the current year) in the partition dialog and
+    launches; returns the launched run's id from the toast."""
+    dialog = page.get_by_role("dialog")
+    while True:
+        dialog.first.wait_for()
+        if dialog.get_by_text("Partition selection").count():
+            break
+        dialog.get_by_role("button", name="Confirm").click()
+        page.wait_for_timeout(500)
+    dialog.get_by_role("button", name="Latest", exact=True).click()
+    launch = dialog.get_by_role("button", name=re.compile(r"^Launch"))
+    launch.wait_for()
+    launch.click()
+    page.get_by_text("Launched run").wait_for()
+    view = page.get_by_role("link", name="View", exact=True)  # the toast's link to the new run
+    return view.get_attribute("href").rstrip("/").split("/runs/")[1]
+
+
 def _fetch_all(url: str, query: str, params=None):
     with psycopg.connect(url) as conn:
         return conn.execute(query, params).fetchall()
@@ -150,6 +173,8 @@ def test_the_run_of_make_run_is_in_the_ui_afterwards(cli_run, graphql, kommo_db)
         {"runId": cli_run.run_id},
     )["runOrError"]
     assert data["jobName"] == FULL_REFRESH_JOB
+    assert graphql.run_tags(cli_run.run_id).get("dagster/partition") == THIS_YEAR  # the current year by default
+    assert "years in scope" in cli_run.output and f"{THIS_YEAR}: read up to" in cli_run.output
     materialized = {"/".join(m["assetKey"]["path"]) for m in data["assetMaterializations"]}
     assert {"stg_kommo_leads", "bookings", "calendar_events_expanded"} <= materialized, materialized
     kinds = {e["__typename"] for e in data["assetCheckEvaluations"]["events"]}
@@ -170,10 +195,8 @@ def test_materialize_full_refresh_from_the_ui(dev_server, graphql, kommo_db, pag
 
     clicked_at = time.monotonic()
     materialize.click()
-    page.get_by_text("Launched run").wait_for()
-    view = page.get_by_role("link", name="View", exact=True)  # the toast's link to the new run
-    run_id = view.get_attribute("href").rstrip("/").split("/runs/")[1]
-    view.click()
+    run_id = _launch_latest_partition(page)
+    page.get_by_role("link", name="View", exact=True).click()
     page.wait_for_url(f"**/runs/{run_id}")
 
     # Queued first (QueuedRunCoordinator): only the daemon of `dagster dev` can move it on.
@@ -182,6 +205,7 @@ def test_materialize_full_refresh_from_the_ui(dev_server, graphql, kommo_db, pag
         f"run {run_id} ended {state.status}: {graphql.run_errors(run_id)}\n{dev_server.log_tail()}"
     )
     assert graphql.run_tags(run_id).get(REFRESH_TAG) == "kommo"
+    assert graphql.run_tags(run_id).get("dagster/partition") == THIS_YEAR
     print(f"click -> success in {time.monotonic() - clicked_at:.1f}s")
 
     page.goto(f"{dev_server.url}/runs/{run_id}")  # a fresh load: no launch toast over the screenshot
@@ -213,10 +237,10 @@ def _simulator_url(dev_server) -> str:
 
 def test_change_preview_is_shown_on_the_staging_asset(dev_server, graphql, kommo_db, page):
     """An operator reads what a refresh is about to change on stg_kommo_leads, without SQL: here a dry
-    run after five bookings were deleted in Kommo and one moved to another stage."""
+    run of the current year after five of its bookings were deleted in Kommo and one moved to another stage."""
     codes = [r[0] for r in _fetch_all(
         kommo_db, "SELECT source_payload_id FROM bookings WHERE is_active AND kommo_status_id = 79790637"
-                  " ORDER BY 1 LIMIT 6")]
+                  " AND kommo_created_at >= make_date(%s, 1, 1) ORDER BY 1 LIMIT 6", (int(THIS_YEAR),))]
     assert len(codes) == 6, "the first refresh did not leave enough bookings to change"
     lead_ids = [int(code.split(":")[1]) for code in codes]
     sim = _simulator_url(dev_server)
@@ -225,7 +249,7 @@ def test_change_preview_is_shown_on_the_staging_asset(dev_server, graphql, kommo
     requests.post(f"{sim}/_simulator/mutations", json={"op": "update_lead", "lead_id": lead_ids[5],
                   "status_id": 79790640}, timeout=10).raise_for_status()
 
-    run_id = graphql.launch_run(DRY_RUN_JOB, {})
+    run_id = graphql.launch_run(DRY_RUN_JOB, {}, partition=THIS_YEAR)
     state = graphql.wait_for_run(run_id)
     assert state.status == "SUCCESS", graphql.run_errors(run_id)
     page.goto(f"{dev_server.url}/assets/stg_kommo_leads?view=events")
@@ -273,7 +297,7 @@ def _assert_one_at_a_time(graphql: DagsterGraphQL, run_ids: list[str]) -> None:
 def test_second_refresh_waits_in_the_queue(dev_server, graphql, kommo_db):
     """dagster.yaml limits the kommo pool (and the kommo/refresh tag) to one run: of two refreshes
     submitted together, the second waits in the queue."""
-    run_ids = [graphql.launch_run(FULL_REFRESH_JOB, {}) for _ in range(2)]
+    run_ids = [graphql.launch_run(FULL_REFRESH_JOB, {}, partition=THIS_YEAR) for _ in range(2)]
     _assert_one_at_a_time(graphql, run_ids)
     succeeded = _fetch_one(
         kommo_db, "SELECT count(*) FROM kommo_import_runs WHERE status = 'succeeded' AND dagster_run_id = ANY(%s)",
@@ -286,13 +310,44 @@ def test_an_ad_hoc_materialization_waits_behind_a_refresh(dev_server, graphql, k
     """Materialize from the asset graph launches a run of the implicit asset job, which carries no job tag:
     the staging asset's pool is what queues it behind a running refresh (else the database would refuse
     it at once with "another Kommo import is running")."""
-    refresh = graphql.launch_run(FULL_REFRESH_JOB, {})
-    ad_hoc = graphql.launch_run("__ASSET_JOB", {}, asset_keys=ALL_KOMMO_ASSETS)
+    refresh = graphql.launch_run(FULL_REFRESH_JOB, {}, partition=THIS_YEAR)
+    ad_hoc = graphql.launch_run("__ASSET_JOB", {}, asset_keys=ALL_KOMMO_ASSETS, partition=THIS_YEAR)
     assert REFRESH_TAG not in graphql.run_tags(ad_hoc)
     _assert_one_at_a_time(graphql, [refresh, ad_hoc])
     rows = _fetch_all(kommo_db, "SELECT status FROM kommo_import_runs WHERE dagster_run_id = ANY(%s)",
                       ([refresh, ad_hoc],))
     assert rows == [("succeeded",), ("succeeded",)]
+
+
+def test_bookings_alone_is_refused_before_any_work_naming_what_to_run(dev_server, graphql, kommo_db, page):
+    """Materialize on bookings alone, clicked as an operator clicks it: the UI materializes the swap's five
+    tables together (a multi-asset it cannot split), the run has no staging of its own, and it is refused
+    before any work, with a message naming what to run instead; no import record is opened."""
+    before = _fetch_one(kommo_db, "SELECT count(*), max(finished_at) FROM kommo_import_runs")
+    page.goto(f"{dev_server.url}/assets/bookings")
+    _dismiss_community_modal(page)
+    page.locator("button", has_text="Materialize").first.click()
+    run_id = _launch_latest_partition(page)
+    state = graphql.wait_for_run(run_id)
+    assert state.status == "FAILURE"
+    errors = " ".join(graphql.run_errors(run_id))
+    assert SWAP_ALONE.format(run_id=run_id).split(",")[0] in errors, errors
+    assert "Materialize the whole kommo group" in errors and "kommo_full_refresh_job" in errors
+    assert _fetch_one(kommo_db, "SELECT count(*), max(finished_at) FROM kommo_import_runs") == before
+    assert _fetch_one(kommo_db, "SELECT count(*) FROM kommo_import_runs WHERE dagster_run_id = %s",
+                      (run_id,)) == (0,)
+
+
+def test_the_staging_assets_alone_are_a_dry_run(dev_server, graphql, kommo_db):
+    """The staging assets selected alone (the UI's Materialize on them): a dry run by what it materializes,
+    recorded as such and succeeded; production untouched."""
+    production = _fetch_one(kommo_db, "SELECT count(*), max(updated_at) FROM bookings")
+    run_id = graphql.launch_run("__ASSET_JOB", {}, asset_keys=ALL_KOMMO_ASSETS[:3], partition=THIS_YEAR)
+    state = graphql.wait_for_run(run_id)
+    assert state.status == "SUCCESS", graphql.run_errors(run_id)
+    assert _fetch_one(kommo_db, "SELECT kind, dry_run, status FROM kommo_import_runs WHERE dagster_run_id = %s",
+                      (run_id,)) == ("dry_run", True, "succeeded")
+    assert _fetch_one(kommo_db, "SELECT count(*), max(updated_at) FROM bookings") == production
 
 
 def test_dev_server_stops_cleanly(dev_server: DevServer):

@@ -75,9 +75,10 @@ class DagsterGraphQL:
         self.query("mutation { setNuxSeen }")
 
     def launch_run(self, job_name: str, run_config: dict | None = None,
-                   asset_keys: list[str] | None = None) -> str:
+                   asset_keys: list[str] | None = None, partition: str | None = None) -> str:
         """Launches ``job_name``; with ``asset_keys``, an ad-hoc run of those assets (and their checks), as
-        the asset graph's Materialize launches it (``job_name`` then being the implicit ``__ASSET_JOB``)."""
+        the asset graph's Materialize launches it (``job_name`` then being the implicit ``__ASSET_JOB``);
+        ``partition`` (a year) as the UI's partition dialog sets it."""
         selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "jobName": job_name}
         if asset_keys is not None:
             selector["assetSelection"] = [{"path": key.split("/")} for key in asset_keys]
@@ -92,7 +93,9 @@ class DagsterGraphQL:
                 ... on Error { message }
               }
             }""",
-            {"params": {"selector": selector, "runConfigData": run_config or {}}},
+            {"params": {"selector": selector, "runConfigData": run_config or {},
+                        "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}]
+                                              if partition else []}}},
         )
         result = data["launchRun"]
         if result["__typename"] != "LaunchRunSuccess":
@@ -123,18 +126,21 @@ class DagsterGraphQL:
         return {tag["key"]: tag["value"] for tag in data["runOrError"]["tags"]}
 
     def run_errors(self, run_id: str) -> list[str]:
-        """Messages of the run's failure events, for an assertion message that says why."""
+        """Messages of the run's failure events (a step failure's with its error), for an assertion message
+        that says why and for the refusals a run states."""
         data = self.query(
             """
             query Logs($runId: ID!) {
               logsForRun(runId: $runId) {
-                ... on EventConnection { events { __typename ... on MessageEvent { message level } } }
+                ... on EventConnection { events { __typename ... on MessageEvent { message level }
+                                                 ... on ExecutionStepFailureEvent { error { message } } } }
               }
             }""",
             {"runId": run_id},
         )
         events = data["logsForRun"].get("events", [])
-        return [e["message"] for e in events if e.get("level") in ("ERROR", "CRITICAL")][-10:]
+        return [f"{e['message']} {(e.get('error') or {}).get('message', '')}".strip()
+                for e in events if e.get("level") in ("ERROR", "CRITICAL")][-10:]
 
     def wait_for_run(self, run_id: str, timeout: float = 150.0) -> RunState:
         deadline = time.monotonic() + timeout
