@@ -227,6 +227,11 @@ def test_materialize_full_refresh_from_the_ui(dev_server, graphql, kommo_db, pag
         page.get_by_text(name, exact=True).first.wait_for()
     page.wait_for_timeout(1_000)  # the graph animates into place
     page.screenshot(path=str(SCREENSHOTS / "asset-graph.png"))
+    # the bookings page: its partitions (years), the row count of the current year's latest materialization
+    page.goto(f"{dev_server.url}/assets/bookings?view=partitions")
+    page.get_by_text(THIS_YEAR).first.wait_for()
+    page.wait_for_timeout(1_500)
+    page.screenshot(path=str(SCREENSHOTS / "bookings-partitions.png"))
 
 
 def _simulator_url(dev_server) -> str:
@@ -348,6 +353,26 @@ def test_the_staging_assets_alone_are_a_dry_run(dev_server, graphql, kommo_db):
     assert _fetch_one(kommo_db, "SELECT kind, dry_run, status FROM kommo_import_runs WHERE dagster_run_id = %s",
                       (run_id,)) == ("dry_run", True, "succeeded")
     assert _fetch_one(kommo_db, "SELECT count(*), max(updated_at) FROM bookings") == production
+
+
+def test_a_backfill_of_two_years_runs_one_year_per_run_one_at_a_time(dev_server, graphql, kommo_db, page):
+    """A backfill of the year before and the current one (the partition dialog's range): two runs, one
+    partition each, the second waiting in the kommo pool until the first has finished; both succeed."""
+    years = [str(int(THIS_YEAR) - 1), THIS_YEAR]
+    backfill = graphql.launch_backfill(FULL_REFRESH_JOB, years)
+    deadline = time.monotonic() + 120
+    while len(run_ids := graphql.backfill_runs(backfill)) < 2:
+        assert time.monotonic() < deadline, f"backfill {backfill} launched {run_ids}"
+        time.sleep(1.0)
+    assert sorted(graphql.run_tags(r)["dagster/partition"] for r in run_ids) == years
+    _assert_one_at_a_time(graphql, run_ids)
+    windows = _fetch_all(kommo_db, "SELECT extract(year FROM created_from)::int::text FROM kommo_import_runs "
+                                   "WHERE dagster_run_id = ANY(%s) AND status = 'succeeded' ORDER BY 1", (run_ids,))
+    assert [w[0] for w in windows] == years
+    page.goto(f"{dev_server.url}/runs/b/{backfill}")
+    page.get_by_text(backfill).first.wait_for()
+    page.wait_for_timeout(1_500)
+    page.screenshot(path=str(SCREENSHOTS / "backfill.png"))
 
 
 def test_dev_server_stops_cleanly(dev_server: DevServer):

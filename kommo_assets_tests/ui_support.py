@@ -102,6 +102,37 @@ class DagsterGraphQL:
             raise AssertionError(f"launchRun failed: {result}")
         return result["run"]["runId"]
 
+    def launch_backfill(self, job_name: str, partitions: list[str]) -> str:
+        """A backfill of ``job_name`` over ``partitions``, as the UI's partition dialog launches it."""
+        data = self.query(
+            """
+            mutation Backfill($params: LaunchBackfillParams!) {
+              launchPartitionBackfill(backfillParams: $params) {
+                __typename
+                ... on LaunchBackfillSuccess { backfillId }
+                ... on PythonError { message }
+                ... on Error { message }
+              }
+            }""",
+            {"params": {"selector": {"partitionSetName": f"{job_name}_partition_set",
+                                     "repositorySelector": {"repositoryLocationName": LOCATION,
+                                                            "repositoryName": REPOSITORY}},
+                        "partitionNames": partitions}},
+        )
+        result = data["launchPartitionBackfill"]
+        if result["__typename"] != "LaunchBackfillSuccess":
+            raise AssertionError(f"launchPartitionBackfill failed: {result}")
+        return result["backfillId"]
+
+    def backfill_runs(self, backfill_id: str) -> list[str]:
+        """The ids of the runs a backfill has launched so far."""
+        data = self.query(
+            """query Runs($tag: String!) { runsOrError(filter: {tags: [{key: "dagster/backfill", value: $tag}]}) {
+                 ... on Runs { results { runId } } } }""",
+            {"tag": backfill_id},
+        )
+        return [r["runId"] for r in data["runsOrError"]["results"]]
+
     def run(self, run_id: str) -> RunState:
         data = self.query(
             """

@@ -3,6 +3,7 @@
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 
 import dagster as dg
 from pydantic import Field
@@ -51,6 +52,11 @@ def run_materializes(context: dg.AssetExecutionContext, keys) -> bool:
     operator picked in the UI), never from the job's name."""
     selected = context.run.asset_selection or context.job_def.asset_layer.selected_asset_keys
     return any(key in selected for key in keys)
+
+
+def timestamp(moment: datetime | None) -> dg.MetadataValue:
+    """A moment as the UI plots it (a timestamp), or null: one type per metadata key."""
+    return dg.MetadataValue.null() if moment is None else dg.MetadataValue.timestamp(moment)
 
 
 def ensure_live() -> None:

@@ -7,7 +7,7 @@ it applied to, with its counts, so their history in the UI shows increments besi
 """
 
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import dagster as dg
 
@@ -19,8 +19,10 @@ from kommo_assets.assets.common import (
     PRODUCTION_KEYS,
     REQUESTED_BY_TAG,
     ensure_live,
+    timestamp,
     working_on_run,
 )
+from kommo_assets.assets.production import calendar_metadata
 from kommo_assets.db import increment, windows
 from kommo_assets.reporting import preview_markdown, preview_summary
 from kommo_assets.resources.kommo import KommoResource
@@ -42,11 +44,6 @@ def sync_scope() -> YearScope:
         return settings.refresh_scope()
     except ConfigError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
-
-
-def timestamp(moment: datetime | None) -> dg.MetadataValue:
-    """A moment as the UI plots it (a timestamp), or null: one type per metadata key."""
-    return dg.MetadataValue.null() if moment is None else dg.MetadataValue.timestamp(moment)
 
 
 @dg.asset(
@@ -131,12 +128,12 @@ def _report_partitions(context: dg.AssetExecutionContext, postgres: PostgresReso
             context.log_event(dg.AssetMaterialization(
                 asset_key=asset, partition=key, description="Kommo incremental sync",
                 metadata={"import_run_id": run_id, "kind": "increment",
-                          "dagster/row_count": rows[key][asset.path[-1]], **changes},
+                          "dagster/row_count": rows[key][asset.path[-1]],
+                          **changes},
             ))
     if changed:
         context.log_event(dg.AssetMaterialization(
-            asset_key=CALENDAR_VIEW, description="Kommo incremental sync",
-            metadata={"import_run_id": run_id, "kind": "increment"},
+            asset_key=CALENDAR_VIEW, description="Kommo incremental sync", metadata=calendar_metadata(postgres),
         ))
 
 

@@ -63,7 +63,7 @@ def kommo_swap(context: dg.AssetExecutionContext, postgres: PostgresResource,
             context.log.info(f"Raw snapshot exported: {export.rows} rows, {export.bytes_written} bytes")
             extra["raw_snapshot"] = dg.MetadataValue.json({k: str(p) for k, p in export.files.items()})
         else:
-            extra["raw_snapshot"] = "skipped: KOMMO_SNAPSHOT_DIR is not set"
+            extra["raw_snapshot"] = dg.MetadataValue.null()  # KOMMO_SNAPSHOT_DIR is not set
         with postgres.import_runs() as import_runs:
             counts = import_runs.swap(run_id)
     context.log.info(f"Swap of run {run_id} committed in {counts['swap_seconds']} s: {counts}")
@@ -79,7 +79,10 @@ def kommo_swap(context: dg.AssetExecutionContext, postgres: PostgresResource,
             asset_key=key,
             metadata={
                 "import_run_id": run_id,
+                "kind": "full_refresh",
                 "dagster/row_count": live_rows[name],
+                "leads_changed": counts["sales_leads_added"] + counts["sales_leads_updated"],
+                "leads_removed": counts["sales_leads_archived"],
                 **{counter: counts[counter] for counter in APPLY_COUNTS[name]},
                 "swap_seconds": float(counts["swap_seconds"]),
                 **(extra if name == "bookings" else {}),
@@ -95,12 +98,12 @@ def kommo_swap(context: dg.AssetExecutionContext, postgres: PostgresResource,
     description="View of manual calendar events plus active, dated Kommo bookings.",
 )
 def calendar_events_expanded(postgres: PostgresResource) -> dg.MaterializeResult:
+    return dg.MaterializeResult(metadata=calendar_metadata(postgres))
+
+
+def calendar_metadata(postgres: PostgresResource) -> dict:
+    """What the calendar view shows now: its materialization's metadata after a refresh or an increment."""
     with postgres.connect() as conn:
         rows = dict(conn.execute("SELECT kind, count(*) FROM calendar_events_expanded GROUP BY kind").fetchall())
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": sum(rows.values()),
-            "kommo_bookings": rows.get("kommo_booking", 0),
-            "manual_events": rows.get("manual", 0),
-        }
-    )
+    return {"dagster/row_count": sum(rows.values()), "kommo_bookings": rows.get("kommo_booking", 0),
+            "manual_events": rows.get("manual", 0)}

@@ -17,6 +17,7 @@ from kommo_assets.assets.common import (
     KommoRefreshConfig,
     ensure_live,
     run_materializes,
+    timestamp,
     working_on_run,
 )
 from kommo_assets.assets.partitions import YEARS, partition_window
@@ -108,8 +109,8 @@ def _materializations(run_id: str, window, result, stats: dict, preview: dict, d
     """The three staging tables' materializations: counts, the change preview and (dry runs) the drift."""
     common = {
         "import_run_id": run_id,
-        "window_from": window.created_from.isoformat(),
-        "window_to": window.created_to.isoformat(),
+        "window_from": timestamp(window.created_from),
+        "window_to": timestamp(window.created_to),
         "seconds": round(result.seconds, 2),
     }
     yield dg.MaterializeResult(
@@ -159,7 +160,7 @@ def leads_count_within_drop_guard(
     metadata = {
         "leads": verdict["leads"],
         "contacts": verdict["contacts"],
-        "previous_leads": verdict["previous_leads"] if verdict["previous_leads"] is not None else "none",
+        "previous_leads": dg.MetadataValue.null() if verdict["previous_leads"] is None else verdict["previous_leads"],
         "drop_ratio": float(verdict["drop_ratio"]),
         "max_drop_ratio": float(verdict["max_drop_ratio"]),
         "run_status": verdict["status"],
