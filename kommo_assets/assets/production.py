@@ -20,7 +20,8 @@ _DESCRIPTIONS = {
     "vehicles": "Vehicles; Kommo vehicle enums missing here are created by the swap.",
     "clients": "Clients upserted on kommo_contact_id; never deleted.",
     "sales_leads": "Every staged lead ('kommo:' || lead id); leads gone from Kommo are archived.",
-    "bookings": "Staged leads outside statuses 79790631/91703923/143; bookings gone from Kommo are deactivated.",
+    "bookings": "Staged leads except those in the stages Request bot answering, Follow up and Closed - lost "
+                "(docs/status-mapping.md); bookings gone from Kommo are deactivated.",
     "booking_vehicles": "The primary vehicle link of each Kommo booking.",
 }
 

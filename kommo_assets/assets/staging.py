@@ -31,7 +31,7 @@ PROGRESS_EVERY_S = 15.0
 
 kommo_api = dg.AssetSpec(
     KOMMO_API,
-    description="Kommo API v4 of the account: leads of the window, their main contacts, vehicle and source options.",
+    description="Kommo API v4 of the account: leads of the year, their main contacts, the vehicle and source options.",
     group_name=KOMMO_GROUP,
     kinds={"api"},
 )
@@ -45,11 +45,12 @@ kommo_api = dg.AssetSpec(
     backfill_policy=dg.BackfillPolicy.multi_run(1),
     specs=[
         dg.AssetSpec(STG_LEADS, deps=[KOMMO_API], group_name=KOMMO_GROUP, kinds={"postgres"},
-                     description="Leads of the window (status 143 excluded), raw payload plus typed columns."),
+                     description="Leads created in the year (partition), except those in the stage Closed - lost; raw payload plus "
+                                 "typed columns."),
         dg.AssetSpec(STG_CONTACTS, deps=[KOMMO_API], group_name=KOMMO_GROUP, kinds={"postgres"},
                      description="Distinct main contacts of the staged leads."),
         dg.AssetSpec(STG_BOOKING_VEHICLES, deps=[KOMMO_API], group_name=KOMMO_GROUP, kinds={"postgres"},
-                     description="Vehicle enum of each staged lead (field 1234163)."),
+                     description="The vehicle option of each staged lead (its Vehicle field)."),
     ],
 )
 def kommo_staging(
