@@ -120,7 +120,7 @@ def _staged_contacts(conn: psycopg.Connection, run_id: str) -> dict[int, tuple]:
 
 def _clients_agree(synced: list[tuple], refreshed: list[tuple], kommo: dict[int, tuple]) -> bool:
     """The same clients, and each field equal wherever Kommo holds a value for it. Where Kommo's field is
-    empty, a client keeps the value it held (sql/functions/15_kommo_snapshot.sql, kommo_snapshot_clients):
+    empty, a client keeps the value it held (kommo_assets/sql/functions/15_kommo_snapshot.sql, kommo_snapshot_clients):
     that value depends on the client's history (what a sync saw before Kommo emptied it, or what the
     starting state held), so it is not compared."""
     if [row[0] for row in synced] != [row[0] for row in refreshed]:

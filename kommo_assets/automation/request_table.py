@@ -1,6 +1,6 @@
 """The refresh request table (``kommo_refresh_requests``) and the flag copy, as the sensors use them.
 
-Each function is one call of ``sql/functions/40_refresh_requests.sql``; the rules live there.
+Each function is one call of ``kommo_assets/sql/functions/40_refresh_requests.sql``; the rules live there.
 """
 
 from typing import Any

@@ -1,5 +1,5 @@
 """Applies ``sql/`` to a database: numbered migrations once each, in order, then every function file, then the
-privileges of what the project created (``sql/privileges.sql``).
+privileges of what the project created (``kommo_assets/sql/privileges.sql``).
 
 Safe to run twice or from two processes at once: a session advisory lock serializes runners, each
 migration runs in its own transaction with its ledger row, and an edited migration is refused.
@@ -8,7 +8,7 @@ The project acts only on objects it created. Which ones those are is recorded as
 ``kommo_schema_objects``: after each migration, the relations and functions that did not exist before it and
 that its transaction wrote; after the function files, every relation and function their transaction wrote
 (each function file re-declares its objects on every migrate). Migration 0010 registered what earlier
-migrations had created. ``sql/privileges.sql`` then shuts what is registered, in the same transaction, so
+migrations had created. ``kommo_assets/sql/privileges.sql`` then shuts what is registered, in the same transaction, so
 nothing the project creates is ever committed with the privileges a platform grants by default.
 """
 
@@ -26,10 +26,14 @@ MIGRATE_LOCK_KEY = 90_900  # pg_advisory_lock key reserved for schema changes
 APP_ROLES_ENV = "KOMMO_APP_ROLES"
 
 
+# The SQL ships inside the package (package data), so an installed wheel migrates from anywhere.
+PACKAGE_SQL = Path(__file__).resolve().parents[1] / "sql"
+
+
 def sql_dir() -> Path:
-    """``KOMMO_SQL_DIR`` or the repository's ``sql/`` folder."""
+    """``KOMMO_SQL_DIR`` or the package's ``sql/`` folder."""
     explicit = os.environ.get("KOMMO_SQL_DIR")
-    return Path(explicit) if explicit else Path(__file__).resolve().parents[2] / "sql"
+    return Path(explicit) if explicit else PACKAGE_SQL
 
 
 class MigrationError(RuntimeError):
@@ -106,12 +110,12 @@ ON CONFLICT (classid, objid) DO UPDATE SET identity = EXCLUDED.identity
 def _privileges_sql(root: Path) -> str:
     path = root / "privileges.sql"
     if not path.exists():  # a partial tree (tests, KOMMO_SQL_DIR): the project's own rules still apply
-        path = Path(__file__).resolve().parents[2] / "sql" / "privileges.sql"
+        path = PACKAGE_SQL / "privileges.sql"
     return path.read_text()
 
 
 def _seal(conn: psycopg.Connection, privileges: str, roles: list[str]) -> None:
-    """Shuts what the project created (sql/privileges.sql), inside the caller's transaction."""
+    """Shuts what the project created (kommo_assets/sql/privileges.sql), inside the caller's transaction."""
     conn.execute("SELECT set_config('kommo.app_roles', %s, true)", (",".join(roles),))
     conn.execute(privileges)
 

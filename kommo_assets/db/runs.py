@@ -1,6 +1,6 @@
 """The import run record (``kommo_import_runs``): start, guard, swap and close, each one SQL call.
 
-The logic lives in ``sql/functions``; :class:`ImportRuns` only calls it on a connection it is given, and keeps
+The logic lives in ``kommo_assets/sql/functions``; :class:`ImportRuns` only calls it on a connection it is given, and keeps
 the error text safe. The module functions taking a database URL open a connection per call, for scripts and
 tests; the assets and sensors go through the Postgres resource.
 """

@@ -1,5 +1,5 @@
 """The windows' side of the database: how far Kommo has been read for each (``kommo_window_coverage``), and
-what production holds of each. One SQL call each, in ``sql/functions/16_kommo_windows.sql``."""
+what production holds of each. One SQL call each, in ``kommo_assets/sql/functions/16_kommo_windows.sql``."""
 
 from collections.abc import Sequence
 from datetime import datetime

@@ -151,7 +151,7 @@ def test_the_next_start_closes_an_import_as_soon_as_its_owner_is_gone(database_u
     assert runs.get_run(database_url, second)["status"] == "running"
 
 
-# --- foreign keys during a bulk load (sql/functions/17_kommo_bulk_load.sql) ------------------------------
+# --- foreign keys during a bulk load (kommo_assets/sql/functions/17_kommo_bulk_load.sql) ------------------------------
 
 FOREIGN_KEYS = """
     SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), convalidated,

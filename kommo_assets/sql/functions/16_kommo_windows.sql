@@ -1,4 +1,4 @@
--- Windows: how far Kommo has been read for each (kommo_window_coverage, sql/migrations/0012_window_coverage.sql)
+-- Windows: how far Kommo has been read for each (kommo_window_coverage, kommo_assets/sql/migrations/0012_window_coverage.sql)
 -- and what production holds of each. A window is a half-open range [created_from, created_to) of Kommo
 -- lead creation times; the windows of a call come as two arrays of the same length.
 

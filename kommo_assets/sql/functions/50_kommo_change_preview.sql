@@ -124,7 +124,7 @@ BEGIN
      WHERE s.is_booking AND s.vehicle_enum_id IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM vehicles v WHERE v.kommo_vehicle_id = s.vehicle_enum_id);
 
-    -- The counts of the non-blocking checks (sql/functions/55_kommo_staging_warnings.sql), stored with
+    -- The counts of the non-blocking checks (kommo_assets/sql/functions/55_kommo_staging_warnings.sql), stored with
     -- the preview for the checks to read.
     v_warnings := kommo_staging_warnings(p_run_id, (v_vehicles ->> 'create')::int);
 

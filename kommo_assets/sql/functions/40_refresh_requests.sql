@@ -1,9 +1,9 @@
 -- The refresh request table's interface: what the web app calls (request_kommo_refresh,
 -- kommo_refresh_request_status) and what the Dagster sensors call (flag and setting sync, claim, refuse,
--- started, finished). Tables: sql/migrations/0004_refresh_requests.sql, 0008_app_role_and_least_privilege.sql.
+-- started, finished). Tables: kommo_assets/sql/migrations/0004_refresh_requests.sql, 0008_app_role_and_least_privilege.sql.
 
 -- The web app's two entry points run as their owner (SECURITY DEFINER, search_path pinned at the end of
--- this file), so the app's role (kommo_app, sql/migrations/0008_app_role_and_least_privilege.sql) needs
+-- this file), so the app's role (kommo_app, kommo_assets/sql/migrations/0008_app_role_and_least_privilege.sql) needs
 -- no table privileges, and they decide whose request it is rather than trust the caller:
 --   * PostgREST / Supabase: the signed-in user of the request (the JWT's sub, what auth.uid() reads);
 --     a request without one (anonymous) is nobody's.

@@ -1,0 +1,69 @@
+"""The windows' side of the database: how far Kommo has been read for each (``kommo_window_coverage``), and
+what production holds of each. One SQL call each, in ``kommo_assets/sql/functions/16_kommo_windows.sql``."""
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import psycopg
+
+from kommo_assets.scope import Window
+
+
+def _window_arrays(windows: Sequence[Window]) -> dict:
+    return {"froms": [w.created_from for w in windows], "tos": [w.created_to for w in windows]}
+
+
+def sync_cursor(conn: psycopg.Connection, windows: Sequence[Window]) -> datetime:
+    """Where an increment covering ``windows`` reads from, on Kommo's clock: the oldest coverage among them,
+    a window never read from its first second (``kommo_sync_cursor``)."""
+    if not windows:
+        raise ValueError("an increment needs at least one window of lead creation times")
+    with conn.transaction():
+        return conn.execute("SELECT kommo_sync_cursor(%(froms)s::timestamptz[], %(tos)s::timestamptz[])",
+                            _window_arrays(windows)).fetchone()[0]
+
+
+def uncovered_windows(conn: psycopg.Connection, windows: Sequence[Window]) -> list[Window]:
+    """Those of ``windows`` that no refresh or increment has read yet."""
+    if not windows:
+        return []
+    with conn.transaction():
+        rows = conn.execute("SELECT * FROM kommo_uncovered_windows(%(froms)s::timestamptz[], %(tos)s::timestamptz[])",
+                            _window_arrays(windows)).fetchall()
+    return [Window(*row) for row in rows]
+
+
+
+def window_row_counts(conn: psycopg.Connection, window: Window) -> dict[str, int]:
+    """What production holds of ``window``, per production table (``kommo_window_row_counts``): the row count
+    of every materialization of the window's partition."""
+    with conn.transaction():
+        return conn.execute("SELECT kommo_window_row_counts(%s, %s)",
+                            (window.created_from, window.created_to)).fetchone()[0]
+
+
+def coverage(conn: psycopg.Connection, windows: Sequence[Window]) -> dict[str, datetime | None]:
+    """Each window's coverage on Kommo's clock (None: never read), by partition key."""
+    if not windows:
+        return {}
+    with conn.transaction():
+        rows = conn.execute(
+            "SELECT w.created_from, c.covered_to FROM unnest(%(froms)s::timestamptz[], %(tos)s::timestamptz[])"
+            " AS w(created_from, created_to) LEFT JOIN kommo_window_coverage c"
+            " ON c.created_from = w.created_from AND c.created_to = w.created_to",
+            _window_arrays(windows)).fetchall()
+    covered = dict(rows)
+    return {w.key: covered.get(w.created_from) for w in windows}
+
+
+def increment_changes_by_window(conn: psycopg.Connection, run_id: str,
+                                windows: Sequence[Window]) -> dict[str, dict[str, int]]:
+    """What increment ``run_id`` staged per window (leads changed, leads removed), for the windows with any
+    change, by partition key (``kommo_increment_changes_by_window``)."""
+    if not windows:
+        return {}
+    with conn.transaction():
+        rows = conn.execute("SELECT * FROM kommo_increment_changes_by_window(%(r)s::uuid, %(froms)s::timestamptz[],"
+                            " %(tos)s::timestamptz[])", {"r": run_id, **_window_arrays(windows)}).fetchall()
+    return {Window(start, end).key: {"leads_changed": leads, "leads_removed": removals}
+            for start, end, leads, removals in rows if leads or removals}

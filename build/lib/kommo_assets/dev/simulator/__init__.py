@@ -1,0 +1,73 @@
+"""Kommo API v4 simulator: a deterministic, seeded fake Kommo account served over real HTTP.
+
+Used by the tests, the demo and the benchmark instead of a live Kommo account.
+"""
+
+from .clock import Clock
+from .dataset import (
+    ACCOUNT_ID,
+    API_USER_ID,
+    CHILD_SEAT_FIELD_ID,
+    COLLECT_FIELD_ID,
+    CONTACT_EMAIL_FIELD_ID,
+    CONTACT_ID_BASE,
+    CONTACT_PHONE_FIELD_ID,
+    DELIVERY_FIELD_ID,
+    DEPOSIT_FIELD_ID,
+    LEAD_ID_BASE,
+    MAX_LEADS,
+    PIPELINE_CORPORATE,
+    PIPELINE_RENTAL,
+    RESPONSIBLE_USER_IDS,
+    SOURCE_FIELD_ID,
+    STATUS_BOT_ANSWERING,
+    STATUS_CAR_DELIVERED,
+    STATUS_CONFIRMED,
+    STATUS_CORPORATE_NEW,
+    STATUS_FOLLOW_UP,
+    STATUS_LOST,
+    STATUS_QUOTE_SENT,
+    STATUS_WON,
+    VEHICLE_FIELD_ID,
+    Dataset,
+    LeadQuery,
+    SimulatorConfig,
+)
+from .events import MAX_EVENTS_LIMIT, EventQuery
+from .server import DEFAULT_LIMIT, MAX_LIMIT, KommoSimulator
+
+__all__ = [
+    "ACCOUNT_ID",
+    "API_USER_ID",
+    "CHILD_SEAT_FIELD_ID",
+    "COLLECT_FIELD_ID",
+    "CONTACT_EMAIL_FIELD_ID",
+    "CONTACT_ID_BASE",
+    "CONTACT_PHONE_FIELD_ID",
+    "DEFAULT_LIMIT",
+    "DELIVERY_FIELD_ID",
+    "DEPOSIT_FIELD_ID",
+    "LEAD_ID_BASE",
+    "MAX_EVENTS_LIMIT",
+    "MAX_LEADS",
+    "MAX_LIMIT",
+    "PIPELINE_CORPORATE",
+    "PIPELINE_RENTAL",
+    "RESPONSIBLE_USER_IDS",
+    "SOURCE_FIELD_ID",
+    "STATUS_BOT_ANSWERING",
+    "STATUS_CAR_DELIVERED",
+    "STATUS_CONFIRMED",
+    "STATUS_CORPORATE_NEW",
+    "STATUS_FOLLOW_UP",
+    "STATUS_LOST",
+    "STATUS_QUOTE_SENT",
+    "STATUS_WON",
+    "VEHICLE_FIELD_ID",
+    "Clock",
+    "Dataset",
+    "EventQuery",
+    "KommoSimulator",
+    "LeadQuery",
+    "SimulatorConfig",
+]

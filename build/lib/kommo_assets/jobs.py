@@ -1,0 +1,42 @@
+"""The jobs: the full refresh and the dry run that operators run, and the incremental sync its sensor starts."""
+
+import dagster as dg
+
+from kommo_assets.assets.common import (
+    DRY_RUN_JOB,
+    FULL_REFRESH_JOB,
+    INCREMENTAL_SYNC_JOB,
+    KOMMO_GROUP,
+    REFRESH_TAG,
+    STAGING_KEYS,
+)
+from kommo_assets.assets.increment import INCREMENT
+
+# All three jobs run in the run's own process, the code location's default executor (see definitions.py).
+# They read Kommo under one account-wide rate limit, so they share one concurrency tag:
+# dagster.yaml's run queue lets one run with this tag run at a time and queues the rest.
+_TAGS = {REFRESH_TAG: "kommo"}
+
+kommo_full_refresh_job = dg.define_asset_job(
+    FULL_REFRESH_JOB,
+    selection=dg.AssetSelection.groups(KOMMO_GROUP),
+    description="Kommo -> staging -> drop guard -> transactional swap into production -> calendar view.",
+    tags=_TAGS,
+)
+
+kommo_dry_run_job = dg.define_asset_job(
+    DRY_RUN_JOB,
+    selection=dg.AssetSelection.assets(*STAGING_KEYS),
+    description="Kommo -> staging -> drop guard and warning checks; production is never touched.",
+    tags=_TAGS,
+)
+
+# The same tag: an increment and a refresh never run at once (the database's one-running-import rule and
+# the swap's advisory lock hold beside it for runs launched elsewhere).
+kommo_incremental_sync_job = dg.define_asset_job(
+    INCREMENTAL_SYNC_JOB,
+    selection=dg.AssetSelection.assets(INCREMENT),
+    description="Kommo changes since the sync cursor -> staging -> one transaction applying them to production "
+    "and moving the cursor. Started by kommo_incremental_sync_sensor; needs no run config.",
+    tags=_TAGS,
+)
