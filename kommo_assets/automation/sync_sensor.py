@@ -90,7 +90,7 @@ def kommo_incremental_sync_sensor(
         return result(f"No year of KOMMO_REFRESH_YEARS={settings.refresh_scope()} has begun: nothing to sync.")
     with postgres.connect() as conn:
         running = increment.import_running(conn)
-        hold = None if running else increment.sync_hold(conn, float(settings.sync_interval_seconds()))
+        hold = None if running else increment.sync_hold(conn, float(settings.sync_interval_seconds()), in_scope)
         uncovered = windows.uncovered_windows(conn, in_scope)
         cursor = windows.sync_cursor(conn, in_scope)
         seen = increment.margin_seen(conn)

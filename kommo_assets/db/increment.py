@@ -348,32 +348,51 @@ def covered_at(conn: psycopg.Connection) -> datetime | None:
 
 
 _LAST_INCREMENTS = """
-SELECT status, finished_at, error, now() AS now FROM kommo_import_runs
+SELECT id::text, status, finished_at, now() AS now,
+       finished_at > coalesce((SELECT max(finished_at) FROM kommo_import_runs
+                                WHERE kind = 'full_refresh' AND status = 'succeeded'), '-infinity') AS since_refresh
+  FROM kommo_import_runs
  WHERE kind = 'increment' AND status <> 'running'
-   AND finished_at > coalesce((SELECT max(finished_at) FROM kommo_import_runs
-                                WHERE kind = 'full_refresh' AND status = 'succeeded'), '-infinity')
  ORDER BY finished_at DESC LIMIT 20
+"""
+# The windows a held increment touched that no full refresh has succeeded for since it stopped.
+_UNREFRESHED = """
+SELECT w.created_from, w.created_to
+  FROM kommo_increment_changes_by_window(%(r)s::uuid, %(froms)s::timestamptz[], %(tos)s::timestamptz[]) w
+ WHERE NOT EXISTS (SELECT 1 FROM kommo_import_runs f
+                    WHERE f.kind = 'full_refresh' AND f.status = 'succeeded' AND f.finished_at > %(at)s
+                      AND f.created_from = w.created_from AND f.created_to = w.created_to)
+ ORDER BY 1
 """
 MAX_BACKOFF_S = 3600.0
 
 
-def sync_hold(conn: psycopg.Connection, interval_s: float) -> str | None:
-    """Why the sensor must not start an increment now, from the increments since the last full refresh:
-    the last one stopped as ``needs_review`` (until an operator re-runs the sync with a higher
-    ``KOMMO_SYNC_MAX_DEACTIVATIONS`` or a full refresh succeeds), or the last ones failed (a backoff that
-    doubles with each failure, so a revoked token does not start a run, and an alert, every tick)."""
+def sync_hold(conn: psycopg.Connection, interval_s: float, windows: Sequence[Window]) -> str | None:
+    """Why the sensor must not start an increment now:
+
+    * the last increment stopped as ``needs_review``: until an operator re-runs the sync with a higher
+      ``KOMMO_SYNC_MAX_DEACTIVATIONS``, or a full refresh of each window (of ``windows``) it would have
+      changed succeeds; a refresh of another year lifts nothing;
+    * the last increments failed since the last success or full refresh: a backoff that doubles with each
+      failure, so a revoked token does not start a run, and an alert, every tick."""
     with conn.transaction():
         rows = conn.execute(_LAST_INCREMENTS).fetchall()
     if not rows:
         return None
-    status, finished_at, _, now = rows[0]
+    run_id, status, finished_at, now, _ = rows[0]
     if status == "needs_review":
-        return (f"the last increment (finished {finished_at.isoformat()}) stopped as needs_review: start "
-                "kommo_incremental_sync_job with a higher KOMMO_SYNC_MAX_DEACTIVATIONS, or run a full refresh, "
-                "to go on")
+        arrays = {"r": run_id, "at": finished_at, "froms": [w.created_from for w in windows],
+                  "tos": [w.created_to for w in windows]}
+        with conn.transaction():
+            waiting = [Window(*row).key for row in conn.execute(_UNREFRESHED, arrays).fetchall()]
+        if waiting:
+            return (f"the last increment (finished {finished_at.isoformat()}) stopped as needs_review: start "
+                    "kommo_incremental_sync_job with a higher KOMMO_SYNC_MAX_DEACTIVATIONS, or run a full "
+                    f"refresh of {', '.join(waiting)}, to go on")
+        return None
     failures = 0
-    for row in rows:
-        if row[0] != "failed":
+    for _, row_status, _, _, since_refresh in rows:
+        if row_status != "failed" or not since_refresh:
             break
         failures += 1
     if not failures:

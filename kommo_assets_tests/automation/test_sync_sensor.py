@@ -21,6 +21,7 @@ from kommo_assets_tests.sync_support import production_rows
 from kommo_assets_tests.test_full_refresh import WINDOW
 
 SENSOR = "kommo_incremental_sync_sensor"
+LEAD_YEAR = "2025"  # the year of the leads _in_window_lead picks (test_full_refresh.WINDOW)
 SYNC = "kommo_incremental_sync_job"
 
 
@@ -153,6 +154,17 @@ def test_increment_over_the_limit_stops_needs_review_alerts_slack_and_holds(
     assert "Kommo incremental sync needs review" in message and "KOMMO_SYNC_MAX_DEACTIVATIONS" in message
     held = ticker.tick(SENSOR)
     assert not held.run_requests and "needs_review" in held.skip_message
+    # the hold is the deleted lead's year's: a refresh of another year lifts nothing, one of that year does
+    years = [str(y) for y in refresh_scope().years()]
+    others = [y for y in years if y != LEAD_YEAR]
+    assert others, "the default scope holds the current year beside the simulator's"
+    assert f"run a full refresh of {LEAD_YEAR}" in held.skip_message
+    assert run_job("kommo_full_refresh_job", instance=instance, partition=others[0]).success
+    still = ticker.tick(SENSOR)
+    assert not still.run_requests and "needs_review" in still.skip_message
+    assert run_job("kommo_full_refresh_job", instance=instance, partition=LEAD_YEAR).success
+    lifted = ticker.tick(SENSOR)
+    assert "needs_review" not in (lifted.skip_message or "")
 
 
 def test_dry_run_records_drift_and_alerts_slack_when_it_is_not_zero(refreshed, ticker, instance, database_url,
