@@ -4,6 +4,7 @@ migrate` applies it, and `kommo-assets run` imports the current year, with nothi
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -17,9 +18,12 @@ from kommo_assets.dev.dagster_dev import REPO_ROOT
 def _installed(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """The wheel of the source tree installed into a directory of its own; the environment that imports it
     from there (dependencies from this environment, the source tree nowhere on the path)."""
-    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    wheels, target, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
+    # A copy of the tree as a clone has it: setuptools builds in the source folder (build/), not in the tree
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".kommo-dev", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels),
-                    str(REPO_ROOT)], check=True, timeout=300, cwd=tmp_path)
+                    str(source)], check=True, timeout=300, cwd=tmp_path)
     (wheel,) = wheels.glob("kommo_assets-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
                     str(wheel)], check=True, timeout=300, cwd=tmp_path)
