@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run dev stop test lint validate system-deps install benchmark clean
+.PHONY: run dev stop test lint validate check-defs system-deps install benchmark clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ dev: system-deps install
 ## processes (pytest-xdist), each with its own PostgreSQL server; a whole file runs on one worker.
 ## Four on two cores: most tests wait on PostgreSQL, HTTP or a child process more than they compute.
 TEST_WORKERS ?= 4
-test: system-deps install
+test: system-deps install check-defs
 	$(BIN)/ruff check kommo_assets kommo_assets_tests
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
@@ -42,6 +42,11 @@ benchmark: system-deps install
 ## DAGSTER_POSTGRES_URL, which only a deployment sets).
 validate: install
 	DAGSTER_HOME=$$(mktemp -d) $(BIN)/dagster definitions validate -m kommo_assets.definitions
+
+## `dg check defs`: the dg CLI loads the code location ([tool.dg] in pyproject.toml) in this venv, with a
+## throwaway DAGSTER_HOME as `validate`; make test runs it before pytest.
+check-defs: install
+	DAGSTER_HOME=$$(mktemp -d) VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/dg check defs
 
 ## Stop the local PostgreSQL that `make run` / `make dev` started (its data stays in .kommo-dev).
 stop: install

@@ -1,6 +1,8 @@
 """The code location: assembles the Kommo Definitions (full refresh, dry run, incremental sync); nothing else
 lives here."""
 
+import warnings
+
 import dagster as dg
 
 from kommo_assets.assets.increment import bookings_fresh, kommo_increment
@@ -27,8 +29,17 @@ from kommo_assets.automation.sync_sensor import kommo_incremental_sync_sensor
 from kommo_assets.jobs import kommo_dry_run_job, kommo_full_refresh_job, kommo_incremental_sync_job
 from kommo_assets.resources import build_resources
 
+
+def _with_code_references(assets: list) -> list:
+    """Each asset linked to the file and line that defines it (the UI's "Code references"). The API is beta in
+    1.13; its warnings would print on every load of the code location, so they are silenced here only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return list(dg.with_source_code_references(assets))
+
+
 defs = dg.Definitions(
-    assets=[kommo_api, kommo_staging, kommo_swap, calendar_events_expanded, kommo_increment],
+    assets=_with_code_references([kommo_api, kommo_staging, kommo_swap, calendar_events_expanded, kommo_increment]),
     asset_checks=[leads_count_within_drop_guard, staging_warnings, bookings_fresh],
     jobs=[kommo_full_refresh_job, kommo_dry_run_job, kommo_incremental_sync_job],
     schedules=[kommo_nightly_dry_run_schedule, kommo_nightly_full_refresh_schedule],

@@ -1,12 +1,18 @@
-"""What the catalog shows of the production tables: every materialization, from a refresh of a year or from an
-increment, names its partition and carries ``dagster/row_count`` counting the same rows (what production
-holds of that year); every metadata key keeps one type across both."""
+"""What the catalog shows of the tables: every materialization of a production table, from a refresh of a year
+or from an increment, names its partition and carries ``dagster/row_count`` counting the same rows (what
+production holds of that year); every metadata key keeps one type across both. Every table asset's definition
+names its table, describes its columns as a freshly migrated database has them, and carries its owners, its
+pii tag, its code reference and (where a column comes straight from Kommo) its column lineage."""
+
+from pathlib import Path
 
 import dagster as dg
 import psycopg
 
-from kommo_assets.assets.common import CALENDAR_VIEW, PRODUCTION_KEYS
+from kommo_assets.assets import catalog
+from kommo_assets.assets.common import CALENDAR_VIEW, PRODUCTION_KEYS, STAGING_KEYS, STG_CONTACTS, STG_LEADS
 from kommo_assets.db.windows import window_row_counts
+from kommo_assets.definitions import defs
 from kommo_assets.scope import window_for
 from kommo_assets.settings import refresh_scope
 from kommo_assets_tests.helpers import run_job
@@ -64,3 +70,114 @@ def test_refreshes_and_increments_report_partitions_row_counts_and_stable_types(
         calendar = _materializations(instance, CALENDAR_VIEW)
         assert all(isinstance(e.metadata["dagster/row_count"].value, int) for e in calendar)
         assert calendar[0].metadata["dagster/row_count"].value == calendar[1].metadata["dagster/row_count"].value
+
+
+TABLE_KEYS = (*STAGING_KEYS, *PRODUCTION_KEYS, CALENDAR_VIEW)
+
+_COLUMNS_SQL = """
+SELECT column_name, data_type, is_nullable = 'YES'
+  FROM information_schema.columns
+ WHERE table_schema = %s AND table_name = %s
+ ORDER BY ordinal_position
+"""
+
+
+def _node(key: dg.AssetKey):
+    return defs.resolve_asset_graph().get(key)
+
+
+class _Table:
+    """The table's catalog metadata (name, column schema, lineage), raw or wrapped in a MetadataValue."""
+
+    def __init__(self, key: dg.AssetKey):
+        self.metadata = _node(key).metadata
+
+    def _get(self, name: str):
+        value = self.metadata.get(name)
+        return value.value if isinstance(value, dg.MetadataValue) else value
+
+    table_name = property(lambda self: self._get("dagster/table_name"))
+    column_schema = property(lambda self: self._get("dagster/column_schema"))
+    column_lineage = property(lambda self: self._get("dagster/column_lineage"))
+
+
+
+
+def _schema_differences(conn: psycopg.Connection, key: dg.AssetKey) -> list[str]:
+    """Where the definition's column schema and the database's table disagree (empty: they agree)."""
+    schema_name, table = _Table(key).table_name.split(".")
+    described = [(c.name, c.type, c.constraints.nullable) for c in _Table(key).column_schema.columns]
+    actual = [tuple(row) for row in conn.execute(_COLUMNS_SQL, (schema_name, table)).fetchall()]
+    if not actual:
+        return [f"{schema_name}.{table} does not exist"]
+    differences = [f"{schema_name}.{table} has {column}, not described" for column in actual
+                   if column not in described]
+    differences += [f"{schema_name}.{table} lacks described {column}" for column in described
+                    if column not in actual]
+    if not differences and described != actual:
+        differences.append(f"{schema_name}.{table}: columns in another order than described")
+    return differences
+
+
+def test_every_table_asset_names_its_table_and_its_columns_as_the_migrations_made_them(database_url):
+    assert set(catalog.tables()) == {key.path[-1] for key in TABLE_KEYS}
+    with psycopg.connect(database_url) as conn:
+        for key in TABLE_KEYS:
+            assert _Table(key).table_name == f"public.{key.path[-1]}", key
+            assert _schema_differences(conn, key) == [], key
+
+
+def test_the_schema_check_sees_a_column_the_description_lacks(database_url):
+    """What keeps the description from drifting: a migration that adds a column fails the test above."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE bookings ADD COLUMN notes text")
+        assert _schema_differences(conn, dg.AssetKey("bookings")) == [
+            "public.bookings has ('notes', 'text', True), not described"]
+        conn.execute("ALTER TABLE bookings DROP COLUMN notes, ALTER COLUMN channel DROP NOT NULL")
+        assert _schema_differences(conn, dg.AssetKey("bookings")) == [
+            "public.bookings has ('channel', 'text', True), not described",
+            "public.bookings lacks described ('channel', 'text', False)"]
+
+
+def test_owners_pii_tags_code_references_and_freshness():
+    graph = defs.resolve_asset_graph()
+    for node in graph.asset_nodes:
+        assert node.owners == catalog.OWNERS, node.key
+    personal = {key for key in TABLE_KEYS if "pii" in _node(key).tags}
+    assert personal == {dg.AssetKey("clients"), STG_CONTACTS}
+    assert _node(STG_CONTACTS).tags["pii"] == ""
+    # every asset Dagster computes points at the module that defines it (kommo_api is external: no code)
+    for node in graph.asset_nodes:
+        if not node.is_executable:
+            continue
+        references = node.metadata["dagster/code_references"].code_references
+        assert [Path(r.file_path).parent.name for r in references] == ["assets"], node.key
+        assert all(Path(r.file_path).is_file() and r.line_number > 0 for r in references), node.key
+    # the nightly dry run refreshes staging daily; production's freshness is the bookings_fresh check
+    for key in STAGING_KEYS:
+        policy = _node(key).freshness_policy
+        assert isinstance(policy, dg.FreshnessPolicy), key
+    assert all(_node(key).freshness_policy is None for key in PRODUCTION_KEYS)
+
+
+def test_column_lineage_names_staging_columns_that_exist_upstream():
+    bookings = _Table(dg.AssetKey("bookings")).column_lineage
+    assert {(d.asset_key, d.column_name) for d in bookings.deps_by_column["start_at"]} == {
+        (STG_LEADS, "delivery_at"), (STG_LEADS, "collect_at")}
+    assert [(d.asset_key, d.column_name) for d in bookings.deps_by_column["kommo_status_id"]] == [
+        (STG_LEADS, "status_id")]
+    sales = _Table(dg.AssetKey("sales_leads")).column_lineage
+    assert [(d.asset_key, d.column_name) for d in sales.deps_by_column["value_amount"]] == [(STG_LEADS, "price")]
+
+    def columns(key):
+        return {c.name for c in _Table(key).column_schema.columns}
+
+    for key in TABLE_KEYS:
+        lineage = _Table(key).column_lineage
+        if lineage is None:
+            continue
+        for column, deps in lineage.deps_by_column.items():
+            assert column in columns(key), (key, column)
+            for dep in deps:
+                assert dep.asset_key in _node(key).parent_keys, (key, dep)
+                assert dep.column_name in columns(dep.asset_key), (key, dep)

@@ -12,6 +12,7 @@ from datetime import timedelta
 import dagster as dg
 
 from kommo_assets import settings
+from kommo_assets.assets.catalog import OWNERS
 from kommo_assets.assets.common import (
     CALENDAR_VIEW,
     KOMMO_API,
@@ -59,6 +60,7 @@ def sync_scope() -> YearScope:
     "KOMMO_SYNC_MAX_DEACTIVATIONS deactivations stop it as needs_review.",
     # It reads Kommo: an ad-hoc materialization queues behind a refresh as the staging asset's does.
     pool=KOMMO_POOL,
+    owners=OWNERS,
 )
 def kommo_increment(
     context: dg.AssetExecutionContext,

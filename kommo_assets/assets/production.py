@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from kommo_assets.assets.catalog import table_spec_args
 from kommo_assets.assets.common import (
     APPLY_COUNTS,
     CALENDAR_VIEW,
@@ -40,7 +41,7 @@ SWAP_ALONE = (
     backfill_policy=dg.BackfillPolicy.multi_run(1),
     specs=[
         dg.AssetSpec(key, deps=list(STAGING_KEYS), group_name=KOMMO_GROUP, kinds={"postgres"},
-                     description=_DESCRIPTIONS[key.path[-1]])
+                     description=_DESCRIPTIONS[key.path[-1]], **table_spec_args(key))
         for key in PRODUCTION_KEYS
     ],
 )
@@ -97,6 +98,7 @@ def kommo_swap(context: dg.AssetExecutionContext, postgres: PostgresResource,
     group_name=KOMMO_GROUP,
     kinds={"postgres"},
     description="View of manual calendar events plus active, dated Kommo bookings.",
+    **table_spec_args(CALENDAR_VIEW),
 )
 def calendar_events_expanded(postgres: PostgresResource) -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata=calendar_metadata(postgres))

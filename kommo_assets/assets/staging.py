@@ -2,9 +2,11 @@
 
 import time
 from dataclasses import asdict
+from datetime import timedelta
 
 import dagster as dg
 
+from kommo_assets.assets.catalog import OWNERS, table_spec_args
 from kommo_assets.assets.common import (
     KOMMO_API,
     KOMMO_GROUP,
@@ -29,11 +31,17 @@ from kommo_assets.resources.postgres import PostgresResource, import_run_id
 
 PROGRESS_EVERY_S = 15.0
 
+# The nightly dry run (and any full refresh) stages every year in scope once a day: a day and a margin
+# without a materialization is a missed night (warn), two days two missed nights (fail). It stays stale
+# while the live flag is off, since the schedule then skips: nothing is checking Kommo.
+STAGING_FRESHNESS = dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=49), warn_window=timedelta(hours=25))
+
 kommo_api = dg.AssetSpec(
     KOMMO_API,
     description="Kommo API v4 of the account: leads of the year, their main contacts, the vehicle and source options.",
     group_name=KOMMO_GROUP,
     kinds={"api"},
+    owners=OWNERS,
 )
 
 
@@ -45,11 +53,14 @@ kommo_api = dg.AssetSpec(
     backfill_policy=dg.BackfillPolicy.multi_run(1),
     specs=[
         dg.AssetSpec(STG_LEADS, deps=[KOMMO_API], group_name=KOMMO_GROUP, kinds={"postgres"},
+                     freshness_policy=STAGING_FRESHNESS, **table_spec_args(STG_LEADS),
                      description="Leads created in the year (partition), except those in the stage Closed - lost; raw payload plus "
                                  "typed columns."),
         dg.AssetSpec(STG_CONTACTS, deps=[KOMMO_API], group_name=KOMMO_GROUP, kinds={"postgres"},
+                     freshness_policy=STAGING_FRESHNESS, **table_spec_args(STG_CONTACTS),
                      description="Distinct main contacts of the staged leads."),
         dg.AssetSpec(STG_BOOKING_VEHICLES, deps=[KOMMO_API], group_name=KOMMO_GROUP, kinds={"postgres"},
+                     freshness_policy=STAGING_FRESHNESS, **table_spec_args(STG_BOOKING_VEHICLES),
                      description="The vehicle option of each staged lead (its Vehicle field)."),
     ],
 )

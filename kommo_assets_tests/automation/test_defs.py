@@ -1,5 +1,6 @@
 """The code location loads and every job, schedule and sensor in it resolves, with the intended defaults."""
 
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +61,32 @@ def test_definitions_validate_without_slack_or_kommo_settings(tmp_path: Path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "All code locations passed validation" in done.stdout + done.stderr
+
+
+def _dg(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The dg CLI of this venv on the project ([tool.dg] in pyproject.toml), with a throwaway Dagster home and
+    none of the deployment's settings, as `make check-defs` runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KOMMO_", "SLACK_", "DAGSTER_"))}
+    env.update(DAGSTER_HOME=str(tmp_path), VIRTUAL_ENV=sys.prefix)
+    dg_cli = Path(sys.executable).with_name("dg")
+    return subprocess.run([str(dg_cli), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=180)
+
+
+def test_dg_checks_and_lists_the_definitions(tmp_path: Path):
+    checked = _dg("check", "defs", tmp_path=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "All definitions loaded successfully" in checked.stdout + checked.stderr
+
+    listed = _dg("list", "defs", "--json", tmp_path=tmp_path)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    found = json.loads(listed.stdout)
+    assert set(JOBS) <= {job["name"] for job in found["jobs"]}
+    assert set(SCHEDULES) <= {schedule["name"] for schedule in found["schedules"]}
+    assert set(SENSORS) <= {sensor["name"] for sensor in found["sensors"]}
+    assets = {asset["asset_key"]: asset for asset in found["assets"]}
+    assert {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()} == set(assets)
+    assert assets["bookings"]["owners"] == [{"team": "data-platform"}]
 
 
 def test_the_kommo_reading_assets_are_in_the_pool_that_dagster_yaml_limits_to_one_run():
