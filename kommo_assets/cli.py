@@ -107,9 +107,11 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     summary = {
         key: record[key]
-        for key in ("status", "leads_count", "contacts_count", "vehicles_count", "previous_leads_count",
-                    "drop_ratio", "error")
+        for key in ("status", "leads_count", "contacts_count", "previous_leads_count", "drop_ratio", "error")
     }
+    # The record's vehicles_count (the seed's name) counts the staged leads' vehicle links, not vehicles:
+    # the swap's vehicles_created says how many vehicles were new.
+    summary["vehicle_links"] = record["vehicles_count"]
     summary["swap"] = record["swap_counts"]
     print(json.dumps(summary, indent=2, default=str))
     print("* years in scope, and how far Kommo has been read for each (the incremental sync reads a year "

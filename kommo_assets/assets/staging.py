@@ -183,15 +183,6 @@ def leads_count_within_drop_guard(
     return dg.AssetCheckResult(passed=bool(verdict["passed"]), metadata=metadata)
 
 
-# The warnings the change preview stored on the run as it staged (kommo_staging_warnings); computed by the
-# same function if the preview stored none.
-_WARNINGS_SQL = """
-SELECT coalesce(change_preview -> 'warnings',
-                kommo_staging_warnings(id, coalesce((change_preview -> 'vehicles' ->> 'create')::int, 0)))
-  FROM kommo_import_runs WHERE id = %s
-"""
-
-
 @dg.multi_asset_check(
     specs=[
         dg.AssetCheckSpec("all_statuses_mapped", asset=STG_LEADS,
@@ -206,11 +197,10 @@ SELECT coalesce(change_preview -> 'warnings',
 )
 def staging_warnings(context: dg.AssetCheckExecutionContext, postgres: PostgresResource):
     run_id = import_run_id(context.run)
-    with postgres.connect() as conn:
-        found = conn.execute(_WARNINGS_SQL, (run_id,)).fetchone()
-    if found is None:
+    with postgres.import_runs() as import_runs:
+        counts = import_runs.warnings(run_id)
+    if counts is None:
         raise dg.Failure(description=f"unknown Kommo import run {run_id}: the staging step did not start it")
-    counts = found[0]
     unmapped, undated, no_contact, to_create = (counts[key] for key in (
         "unmapped_status", "booking_without_dates", "lead_without_contact", "vehicles_to_create"))
     for name, asset, count in (

@@ -10,7 +10,7 @@ function answers with that request instead of queueing another.
 import dagster as dg
 
 from kommo_assets.assets.common import REQUEST_ID_TAG, REQUESTED_BY_TAG
-from kommo_assets.automation import request_table
+from kommo_assets.db import refresh_requests
 from kommo_assets.jobs import kommo_full_refresh_job
 from kommo_assets.resources.postgres import PostgresResource
 from kommo_assets.scope import current_year
@@ -59,17 +59,17 @@ def kommo_refresh_request_sensor(
         live = live_enabled()
     except ConfigError:
         # An unreadable flag is off for the app too; the tick fails with the message naming the variable.
-        request_table.sync_flag(url, request_table.LIVE_FLAG, False)
+        refresh_requests.sync_flag(url, refresh_requests.LIVE_FLAG, False)
         raise
-    request_table.sync_flag(url, request_table.LIVE_FLAG, live)
+    refresh_requests.sync_flag(url, refresh_requests.LIVE_FLAG, live)
     # An unreadable value fails the tick naming the variable; the copies keep their last good values.
-    request_table.sync_settings(url, {
-        request_table.YEARS_SETTING: refresh_scope().as_json(),
-        request_table.COOLDOWN_SETTING: request_cooldown_minutes(),
+    refresh_requests.sync_settings(url, {
+        refresh_requests.YEARS_SETTING: refresh_scope().as_json(),
+        refresh_requests.COOLDOWN_SETTING: request_cooldown_minutes(),
     })
 
     if not live:
-        refused = request_table.refuse_pending(url, LIVE_DISABLED_REASON)
+        refused = refresh_requests.refuse_pending(url, LIVE_DISABLED_REASON)
         if not refused:
             return dg.SkipReason("KOMMO_ENABLE_LIVE is off: no pending refresh requests (new ones are refused).")
         context.log.warning(f"KOMMO_ENABLE_LIVE is off: refused refresh request(s) {_ids(refused)}")
@@ -78,7 +78,7 @@ def kommo_refresh_request_sensor(
             cursor=str(max(handled, refused[-1]["id"])),
         )
 
-    claimed = request_table.claim_pending(url, handled)
+    claimed = refresh_requests.claim_pending(url, handled)
     if not claimed:
         return dg.SkipReason(
             f"No pending Kommo refresh requests (last handled: #{handled})." if handled

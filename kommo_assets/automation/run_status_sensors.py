@@ -14,9 +14,8 @@ from typing import Any
 import dagster as dg
 
 from kommo_assets.assets.common import DRY_RUN_JOB, REQUEST_ID_TAG, REQUESTED_BY_TAG
-from kommo_assets.automation import request_table
 from kommo_assets.automation.slack_alerts import RunAlert, drift_message, failure_message
-from kommo_assets.db import runs
+from kommo_assets.db import refresh_requests, runs
 from kommo_assets.resources.postgres import PostgresResource, import_run_id
 from kommo_assets.resources.slack import KommoSlackResource
 
@@ -54,7 +53,7 @@ def record_run_end(postgres: PostgresResource, run: dg.DagsterRun, dagster_statu
     if request_id is not None:
         # Used only when the import record has no error of its own (or there is no record at all).
         fallback = error or f"Dagster run ended ({dagster_status}) without a finished import"
-        request = request_table.record_finished(
+        request = refresh_requests.record_finished(
             postgres.database_url, request_id, dagster_run_id=run.run_id, import_run_id=import_id,
             error=runs.safe_error(fallback, secrets),
         )
@@ -87,7 +86,7 @@ _DEFAULTS = dict(monitored_jobs=MONITORED_JOBS, default_status=dg.DefaultSensorS
 )
 def kommo_run_started_sensor(context: dg.RunStatusSensorContext, postgres: PostgresResource) -> None:
     request_id = request_id_of(context.dagster_run)
-    if request_id is not None and request_table.mark_started(postgres.database_url, request_id,
+    if request_id is not None and refresh_requests.mark_started(postgres.database_url, request_id,
                                                              context.dagster_run.run_id):
         context.log.info(f"Refresh request #{request_id} is running as run {context.dagster_run.run_id}")
 

@@ -92,6 +92,15 @@ class ImportRuns:
                  [w.created_to for w in windows]),
             ).fetchone()[0]
 
+    def warnings(self, run_id: str) -> dict[str, int] | None:
+        """The warning checks' counts the change preview stored on the run as it staged
+        (``kommo_staging_warnings``, computed now if it stored none); None for an unknown run."""
+        found = self.conn.execute(
+            "SELECT coalesce(change_preview -> 'warnings', kommo_staging_warnings(id,"
+            " coalesce((change_preview -> 'vehicles' ->> 'create')::int, 0))) FROM kommo_import_runs WHERE id = %s",
+            (run_id,)).fetchone()
+        return None if found is None else found[0]
+
     def mark_staged(self, run_id: str, stats: dict[str, Any]) -> None:
         with self.conn.transaction():
             self.conn.execute("UPDATE kommo_import_runs SET staged_at = now(), stats = stats || %s WHERE id = %s",

@@ -7,7 +7,7 @@ import uuid
 import dagster as dg
 import pytest
 
-from kommo_assets.automation import request_table
+from kommo_assets.db import refresh_requests
 from kommo_assets.definitions import defs
 from kommo_assets.resources import build_resources
 from kommo_assets.settings import refresh_scope, request_cooldown_minutes
@@ -59,9 +59,9 @@ def staff(database_url) -> uuid.UUID:
 @pytest.fixture
 def live_synced(database_url):
     """The copies as the request sensor leaves them while KOMMO_ENABLE_LIVE is on (other settings unset)."""
-    request_table.sync_flag(database_url, request_table.LIVE_FLAG, True)
-    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: refresh_scope({}).as_json(),
-                                               request_table.COOLDOWN_SETTING: request_cooldown_minutes({})})
+    refresh_requests.sync_flag(database_url, refresh_requests.LIVE_FLAG, True)
+    refresh_requests.sync_settings(database_url, {refresh_requests.YEARS_SETTING: refresh_scope({}).as_json(),
+                                               refresh_requests.COOLDOWN_SETTING: request_cooldown_minutes({})})
 
 
 class SensorTicker:

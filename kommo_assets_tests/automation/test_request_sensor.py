@@ -6,7 +6,7 @@ import psycopg
 import pytest
 
 from kommo_assets.assets.common import REQUEST_ID_TAG, REQUESTED_BY_TAG
-from kommo_assets.automation import request_table
+from kommo_assets.db import refresh_requests
 from kommo_assets.definitions import defs
 from kommo_assets.scope import current_year
 from kommo_assets.settings import ConfigError
@@ -69,7 +69,7 @@ def test_live_flag_off_refuses_pending_requests_with_the_reason(automation_env, 
     assert result.cursor == str(request_id)
     status, reason = _status(database_url, request_id)
     assert status == "refused" and "KOMMO_ENABLE_LIVE is off" in reason and "KOMMO_ENABLE_LIVE=1" in reason
-    assert request_table.request_status(database_url, request_id)["error"] == reason
+    assert refresh_requests.request_status(database_url, request_id)["error"] == reason
     assert _flag(database_url) is False
 
     # the app is now refused up front, with the same advice

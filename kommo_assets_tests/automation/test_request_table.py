@@ -9,7 +9,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from kommo_assets.automation import request_table
+from kommo_assets.db import refresh_requests
 from kommo_assets.scope import YearScope, current_year
 from kommo_assets_tests.helpers import fetch_one
 
@@ -57,14 +57,14 @@ def test_staff_request_is_pending_and_polls_as_the_202_payload(database_url, sta
     assert "requested_by" not in request
     assert fetch_one(database_url, "SELECT requested_by, year FROM kommo_refresh_requests WHERE id = %s",
                      (request["id"],)) == (staff, THIS_YEAR)
-    status = request_table.request_status(database_url, request["id"])
+    status = refresh_requests.request_status(database_url, request["id"])
     assert set(status) == PAYLOAD_KEYS  # nothing about who asked
     assert {k: status[k] for k in ("request_id", "run_id", "status", "leads", "contacts", "vehicles", "error")} == {
         "request_id": request["id"], "run_id": None, "status": "pending", "leads": None, "contacts": None,
         "vehicles": None, "error": None,
     }
     assert _poll(database_url, request["id"], staff) == status
-    assert request_table.request_status(database_url, request["id"] + 1000) is None
+    assert refresh_requests.request_status(database_url, request["id"] + 1000) is None
 
 
 def test_the_status_is_only_for_the_user_who_asked(database_url, staff, live_synced):
@@ -113,7 +113,7 @@ def test_an_anonymous_postgrest_request_is_nobody_even_with_a_staff_id(database_
 def test_the_year_defaults_to_the_current_one_and_years_outside_the_scope_are_refused(database_url, staff,
                                                                                       live_synced):
     two_ago = THIS_YEAR - 2
-    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: YearScope.parse(
+    refresh_requests.sync_settings(database_url, {refresh_requests.YEARS_SETTING: YearScope.parse(
         f"{two_ago},{THIS_YEAR}-").as_json()})
     first = _request(database_url, staff)
     assert first["year"] == THIS_YEAR
@@ -137,15 +137,15 @@ def test_the_database_reads_the_scope_as_the_code_location_does(database_url, ra
     resolves it on its own clock to the same years as the Python side (the real date: an open range runs
     through the current year, a range never past it)."""
     scope = YearScope.parse(raw)
-    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: scope.as_json()})
+    refresh_requests.sync_settings(database_url, {refresh_requests.YEARS_SETTING: scope.as_json()})
     assert fetch_one(database_url, "SELECT kommo_years_in_scope()")[0] == list(scope.years())
 
 
 def test_settings_never_synced_refuse_naming_the_variable(database_url, staff):
-    request_table.sync_flag(database_url, request_table.LIVE_FLAG, True)
+    refresh_requests.sync_flag(database_url, refresh_requests.LIVE_FLAG, True)
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="KOMMO_REFRESH_YEARS has not been synced"):
         _request(database_url, staff)
-    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: YearScope.parse("").as_json()})
+    refresh_requests.sync_settings(database_url, {refresh_requests.YEARS_SETTING: YearScope.parse("").as_json()})
     with pytest.raises(psycopg.errors.InsufficientPrivilege,
                        match="KOMMO_REQUEST_COOLDOWN_MINUTES has not been synced"):
         _request(database_url, staff)
@@ -165,9 +165,9 @@ def test_double_click_and_a_running_refresh_return_the_same_request(database_url
     assert other["message"] == ("A Kommo refresh requested by someone else is waiting to start; "
                                 "a new one can be requested 10 minutes after it ends.")
     # still the same once the sensor has queued it, and while its run runs
-    assert [r["id"] for r in request_table.claim_pending(database_url, 0)] == [first["id"]]
+    assert [r["id"] for r in refresh_requests.claim_pending(database_url, 0)] == [first["id"]]
     assert _request(database_url, staff)["id"] == first["id"]
-    assert request_table.mark_started(database_url, first["id"], "run-1")
+    assert refresh_requests.mark_started(database_url, first["id"], "run-1")
     running = _request(database_url, staff)
     assert (running["id"], running["status"], running["run_id"], running["accepted"]) == (
         first["id"], "running", "run-1", False)
@@ -177,8 +177,8 @@ def test_double_click_and_a_running_refresh_return_the_same_request(database_url
 
 def test_the_cooldown_after_a_refresh_ends(database_url, staff, live_synced):
     first = _request(database_url, staff)
-    request_table.mark_started(database_url, first["id"], "run-1")
-    ended = request_table.record_finished(database_url, first["id"], dagster_run_id="run-1",
+    refresh_requests.mark_started(database_url, first["id"], "run-1")
+    ended = refresh_requests.record_finished(database_url, first["id"], dagster_run_id="run-1",
                                           import_run_id=None, error="boom")
     assert ended["status"] == "failed" and ended["finished_at"] is not None  # failed runs count too
     # 9 minutes after it ended: still the last one, with when the next may be asked for
@@ -196,12 +196,12 @@ def test_the_cooldown_after_a_refresh_ends(database_url, staff, live_synced):
     assert second["accepted"] and second["id"] != first["id"] and second["status"] == "pending"
     # the cooldown follows the setting, and a refused request (it never ran) does not start one
     _finish(database_url, second["id"], timedelta(minutes=11))
-    request_table.sync_settings(database_url, {request_table.COOLDOWN_SETTING: 30})
+    refresh_requests.sync_settings(database_url, {refresh_requests.COOLDOWN_SETTING: 30})
     assert _request(database_url, staff)["id"] == second["id"]
-    request_table.sync_settings(database_url, {request_table.COOLDOWN_SETTING: 0.5})
+    refresh_requests.sync_settings(database_url, {refresh_requests.COOLDOWN_SETTING: 0.5})
     third = _request(database_url, staff)
     assert third["accepted"]
-    assert request_table.refuse_pending(database_url, "off")[0]["id"] == third["id"]
+    assert refresh_requests.refuse_pending(database_url, "off")[0]["id"] == third["id"]
     assert _request(database_url, staff)["accepted"]
     assert _requests(database_url) == 4
 
@@ -271,7 +271,7 @@ def test_non_staff_is_refused_with_the_reason(database_url, live_synced):
 def test_live_flag_off_is_refused_with_how_to_turn_it_on(database_url, staff):
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="has not been synced"):
         _request(database_url, staff)
-    request_table.sync_flag(database_url, request_table.LIVE_FLAG, False)
+    refresh_requests.sync_flag(database_url, refresh_requests.LIVE_FLAG, False)
     with pytest.raises(psycopg.errors.InsufficientPrivilege,
                        match="KOMMO_ENABLE_LIVE is off. Set KOMMO_ENABLE_LIVE=1") as refused:
         _request(database_url, staff)
@@ -280,24 +280,24 @@ def test_live_flag_off_is_refused_with_how_to_turn_it_on(database_url, staff):
 
 
 def test_flag_sync_moves_updated_at_only_on_change(database_url):
-    request_table.sync_flag(database_url, "KOMMO_ENABLE_LIVE", True)
+    refresh_requests.sync_flag(database_url, "KOMMO_ENABLE_LIVE", True)
     first = fetch_one(database_url, "SELECT updated_at, synced_at FROM kommo_runtime_flags")
-    request_table.sync_flag(database_url, "KOMMO_ENABLE_LIVE", True)
+    refresh_requests.sync_flag(database_url, "KOMMO_ENABLE_LIVE", True)
     second = fetch_one(database_url, "SELECT updated_at, synced_at FROM kommo_runtime_flags")
     assert second[0] == first[0] and second[1] > first[1]
-    assert request_table.sync_flag(database_url, "KOMMO_ENABLE_LIVE", False) is False
+    assert refresh_requests.sync_flag(database_url, "KOMMO_ENABLE_LIVE", False) is False
     assert fetch_one(database_url, "SELECT enabled, updated_at > %s FROM kommo_runtime_flags", (first[0],)) == (
         False, True)
 
 
 def test_setting_sync_moves_updated_at_only_on_change(database_url):
-    assert request_table.sync_settings(database_url, {"KOMMO_REFRESH_YEARS": [2025, 2024]}) == {
+    assert refresh_requests.sync_settings(database_url, {"KOMMO_REFRESH_YEARS": [2025, 2024]}) == {
         "KOMMO_REFRESH_YEARS": [2025, 2024]}
     first = fetch_one(database_url, "SELECT updated_at, synced_at FROM kommo_runtime_settings")
-    request_table.sync_settings(database_url, {"KOMMO_REFRESH_YEARS": [2025, 2024]})
+    refresh_requests.sync_settings(database_url, {"KOMMO_REFRESH_YEARS": [2025, 2024]})
     second = fetch_one(database_url, "SELECT updated_at, synced_at FROM kommo_runtime_settings")
     assert second[0] == first[0] and second[1] > first[1]
-    request_table.sync_settings(database_url, {"KOMMO_REFRESH_YEARS": [2024]})
+    refresh_requests.sync_settings(database_url, {"KOMMO_REFRESH_YEARS": [2024]})
     assert fetch_one(database_url, "SELECT value, updated_at > %s FROM kommo_runtime_settings", (first[0],)) == (
         [2024], True)
 
@@ -306,8 +306,8 @@ def test_setting_sync_moves_updated_at_only_on_change(database_url):
 def test_a_caller_in_a_snapshot_transaction_is_refused(database_url, staff, live_synced, level):
     # Its snapshot would predate the queue's lock: it could see no open request while one runs.
     first = _request(database_url, staff)
-    request_table.claim_pending(database_url, 0)
-    request_table.mark_started(database_url, first["id"], "run-1")
+    refresh_requests.claim_pending(database_url, 0)
+    refresh_requests.mark_started(database_url, first["id"], "run-1")
     with psycopg.connect(database_url) as conn:
         conn.execute(f"BEGIN ISOLATION LEVEL {level}")
         with pytest.raises(psycopg.errors.InvalidTransactionState, match="READ COMMITTED transaction"):
@@ -317,8 +317,8 @@ def test_a_caller_in_a_snapshot_transaction_is_refused(database_url, staff, live
 
 def test_one_request_open_at_a_time_running_included(database_url, staff, live_synced):
     first = _request(database_url, staff)
-    request_table.claim_pending(database_url, 0)
-    request_table.mark_started(database_url, first["id"], "run-1")
+    refresh_requests.claim_pending(database_url, 0)
+    refresh_requests.mark_started(database_url, first["id"], "run-1")
     with pytest.raises(psycopg.errors.UniqueViolation, match="kommo_refresh_requests_one_open"):
         fetch_one(database_url, "INSERT INTO kommo_refresh_requests (requested_by) VALUES (%s) RETURNING 1", (staff,))
 

@@ -6,9 +6,8 @@ import json
 
 import dagster as dg
 
-from kommo_assets.automation import request_table
 from kommo_assets.automation.run_status_sensors import kommo_run_canceled_sensor
-from kommo_assets.db import runs
+from kommo_assets.db import refresh_requests, runs
 from kommo_assets.resources.postgres import PostgresResource
 from kommo_assets.scope import window_for
 from kommo_assets_tests.automation.conftest import RUN_STATUS_SENSORS, SLACK_CHANNEL, SLACK_TOKEN
@@ -21,7 +20,7 @@ FAILURE = "kommo_run_failure_sensor"
 def _requested_run_tags(url: str, user, ticker) -> tuple[int, dict]:
     """The button pressed, then the request sensor's tick: the request id and its run's tags. The refresh
     these tests ran just before would hold the button for the cooldown: these tests turn it off."""
-    request_table.sync_settings(url, {request_table.COOLDOWN_SETTING: 0})
+    refresh_requests.sync_settings(url, {refresh_requests.COOLDOWN_SETTING: 0})
     request_id = fetch_one(url, "SELECT id FROM request_kommo_refresh(%s)", (user,))[0]
     (run_request,) = ticker.tick("kommo_refresh_request_sensor").run_requests
     return request_id, dict(run_request.tags)
@@ -48,7 +47,7 @@ def test_requested_refresh_writes_running_then_its_result_back(automation_env, d
     ticker.tick("kommo_run_succeeded_sensor")
     record = runs.get_run(database_url, result.run_id)
     assert record["triggered_by"] == str(staff)
-    status = request_table.request_status(database_url, request_id)
+    status = refresh_requests.request_status(database_url, request_id)
     assert {k: status[k] for k in ("request_id", "run_id", "status", "leads", "contacts", "vehicles", "error")} == {
         "request_id": request_id, "run_id": result.run_id, "status": "succeeded",
         "leads": record["leads_count"], "contacts": record["contacts_count"],
@@ -56,7 +55,7 @@ def test_requested_refresh_writes_running_then_its_result_back(automation_env, d
     }
     assert status["leads"] > 0
     # a late started tick does not move a finished request back to running
-    assert not request_table.mark_started(database_url, request_id, result.run_id)
+    assert not refresh_requests.mark_started(database_url, request_id, result.run_id)
 
     # a succeeded run alerts nobody
     assert ticker.tick(FAILURE).dagster_run_reactions == []
@@ -149,7 +148,7 @@ def test_alerts_off_posts_nothing_and_needs_no_slack_settings(automation_env, da
     ticker.tick(FAILURE)
     assert fake_slack.requests == []
     # the request still gets its answer, with the reason the run failed
-    status = request_table.request_status(database_url, request_id)
+    status = refresh_requests.request_status(database_url, request_id)
     assert status["status"] == "failed" and status["run_id"] == result.run_id
     assert "KOMMO_ENABLE_LIVE is off" in status["error"]
 
@@ -182,7 +181,7 @@ def test_run_that_ended_with_its_import_open_closes_it(automation_env, database_
     record = runs.get_run(database_url, failed.run_id)
     assert record["status"] == "failed" and record["finished_at"] is not None
     assert record["error"].startswith("Dagster run ended (FAILURE) before the import closed")
-    assert request_table.request_status(database_url, request_id)["status"] == "failed"
+    assert refresh_requests.request_status(database_url, request_id)["status"] == "failed"
     assert len(fake_slack.messages) == 1
 
     # the same for a canceled run, through the canceled sensor (invoked directly on that run)

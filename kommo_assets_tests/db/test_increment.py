@@ -14,8 +14,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from kommo_assets.automation import request_table
-from kommo_assets.db import connect, runs
+from kommo_assets.db import connect, refresh_requests, runs
 from kommo_assets.db.runs import ImportRuns
 from kommo_assets.db.windows import sync_cursor
 from kommo_assets.settings import refresh_scope
@@ -379,9 +378,9 @@ def test_the_drop_guard_compares_with_full_refreshes_only(database_url):
 def test_the_refresh_button_is_not_held_by_an_increment(database_url):
     staff = uuid.uuid4()
     fetch_one(database_url, "INSERT INTO kommo_refresh_staff (user_id) VALUES (%s) RETURNING 1", (staff,))
-    request_table.sync_flag(database_url, request_table.LIVE_FLAG, True)
-    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: refresh_scope({}).as_json(),
-                                               request_table.COOLDOWN_SETTING: 10})
+    refresh_requests.sync_flag(database_url, refresh_requests.LIVE_FLAG, True)
+    refresh_requests.sync_settings(database_url, {refresh_requests.YEARS_SETTING: refresh_scope({}).as_json(),
+                                               refresh_requests.COOLDOWN_SETTING: 10})
     stage_increment(database_url)  # running
     with psycopg.connect(database_url) as conn:
         answer = conn.execute("SELECT accepted FROM request_kommo_refresh(%s, NULL)", (staff,)).fetchone()

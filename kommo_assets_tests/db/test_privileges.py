@@ -8,7 +8,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from kommo_assets.automation import request_table
+from kommo_assets.db import refresh_requests
 from kommo_assets.db.migrate import migrate
 from kommo_assets.settings import refresh_scope
 from kommo_assets_tests.helpers import PRODUCTION_TABLES, fetch_all, fetch_one
@@ -134,9 +134,9 @@ def app(roles, database_url, staff_user):
     _execute(database_url, sql.SQL("GRANT {} TO {}").format(sql.Identifier(APP_GROUP), sql.Identifier(role)))
     assert fetch_one(database_url, "SELECT rolsuper, rolcreaterole, rolbypassrls FROM pg_roles WHERE rolname = %s",
                      (role,)) == (False, False, False)
-    request_table.sync_flag(database_url, request_table.LIVE_FLAG, True)
-    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: refresh_scope({}).as_json(),
-                                               request_table.COOLDOWN_SETTING: 10})
+    refresh_requests.sync_flag(database_url, refresh_requests.LIVE_FLAG, True)
+    refresh_requests.sync_settings(database_url, {refresh_requests.YEARS_SETTING: refresh_scope({}).as_json(),
+                                               refresh_requests.COOLDOWN_SETTING: 10})
     conn = psycopg.connect(psycopg.conninfo.make_conninfo(database_url, user=role), autocommit=True)
     assert conn.execute("SELECT current_user").fetchone()[0] == role
     yield conn

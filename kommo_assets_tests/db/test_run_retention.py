@@ -8,8 +8,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from kommo_assets.automation import request_table
-from kommo_assets.db import runs
+from kommo_assets.db import refresh_requests, runs
 from kommo_assets.settings import refresh_scope
 from kommo_assets_tests.helpers import fetch_all, fetch_one
 
@@ -90,9 +89,9 @@ def test_the_buttons_checks_stay_in_low_milliseconds_at_a_year_of_increments(dat
             _run(conn, kind="full_refresh", ago=timedelta(days=days))
             _run(conn, kind="dry_run", ago=timedelta(days=days - 1))
         conn.execute("ANALYZE kommo_import_runs")
-    request_table.sync_flag(database_url, request_table.LIVE_FLAG, True)
-    request_table.sync_settings(database_url, {request_table.YEARS_SETTING: refresh_scope({}).as_json(),
-                                               request_table.COOLDOWN_SETTING: 10})
+    refresh_requests.sync_flag(database_url, refresh_requests.LIVE_FLAG, True)
+    refresh_requests.sync_settings(database_url, {refresh_requests.YEARS_SETTING: refresh_scope({}).as_json(),
+                                               refresh_requests.COOLDOWN_SETTING: 10})
     with psycopg.connect(database_url, autocommit=True) as conn:
         with_index = _time_request(conn, user)
         with conn.transaction(force_rollback=True):  # the same, before 0011's index

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from kommo_assets.automation import request_table
+from kommo_assets.db import refresh_requests
 from kommo_assets.db.migrate import migrate
 from kommo_assets.dev.local_postgres import LocalPostgres
 from kommo_assets.dev.simulator import KommoSimulator, SimulatorConfig
@@ -111,9 +111,9 @@ def supabase():
             assert run_job("kommo_full_refresh_job").success
         assert env.owner("SELECT count(*) FROM bookings")[0][0] > 0
         env.owner("INSERT INTO calendar_events (title, start_at, end_at) VALUES ('private', now(), now())")
-        request_table.sync_flag(env.owner_url, request_table.LIVE_FLAG, True)
-        request_table.sync_settings(env.owner_url, {request_table.YEARS_SETTING: refresh_scope({}).as_json(),
-                                                    request_table.COOLDOWN_SETTING: 10})
+        refresh_requests.sync_flag(env.owner_url, refresh_requests.LIVE_FLAG, True)
+        refresh_requests.sync_settings(env.owner_url, {refresh_requests.YEARS_SETTING: refresh_scope({}).as_json(),
+                                                    refresh_requests.COOLDOWN_SETTING: 10})
         yield env
     finally:
         server.stop("immediate")

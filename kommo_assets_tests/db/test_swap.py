@@ -342,3 +342,13 @@ def test_the_foreign_keys_are_never_suspended_outside_the_swap(database_url):
             psycopg.errors.RaiseException, match="runs only inside run_kommo_full_refresh"):
         conn.execute("SELECT kommo_suspend_foreign_keys()")
     assert fetch_all(database_url, FOREIGN_KEYS) == keys
+
+
+def test_a_run_record_reads_in_order(database_url):
+    """started, swap started, finished: the swap's end is its real end, not its transaction's start."""
+    run_id = stage_run(database_url, [(1, 900, 79790637, 11)])
+    runs.swap(database_url, run_id)
+    started, swap_started, finished = fetch_one(
+        database_url, "SELECT started_at, swap_started_at, finished_at FROM kommo_import_runs WHERE id = %s",
+        (run_id,))
+    assert started <= swap_started <= finished

@@ -18,8 +18,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from kommo_assets.automation import request_table
 from kommo_assets.automation.schedules import build_schedules
+from kommo_assets.db import refresh_requests
 from kommo_assets.db.runs import get_run
 from kommo_assets.definitions import defs
 from kommo_assets.dev.simulator import KommoSimulator, SimulatorConfig
@@ -200,9 +200,9 @@ def _request(url: str, user) -> dict:
 
 def test_requests_from_non_staff_are_refused(fault_env):
     env = fault_env(start="empty")
-    request_table.sync_flag(env.url, request_table.LIVE_FLAG, True)
-    request_table.sync_settings(env.url, {request_table.YEARS_SETTING: refresh_scope({}).as_json(),
-                                         request_table.COOLDOWN_SETTING: 10})
+    refresh_requests.sync_flag(env.url, refresh_requests.LIVE_FLAG, True)
+    refresh_requests.sync_settings(env.url, {refresh_requests.YEARS_SETTING: refresh_scope({}).as_json(),
+                                         refresh_requests.COOLDOWN_SETTING: 10})
     staff = uuid.uuid4()
     fetch_one(env.url, "INSERT INTO kommo_refresh_staff (user_id) VALUES (%s) RETURNING 1", (staff,))
     for user in (uuid.uuid4(), None):

@@ -295,7 +295,7 @@ BEGIN
                                 p_run_id);
 
     UPDATE kommo_import_runs
-       SET status = 'succeeded', finished_at = now(), swap_started_at = v_started,
+       SET status = 'succeeded', finished_at = clock_timestamp(), swap_started_at = v_started,
            swap_counts = v_counts, error = NULL
      WHERE id = p_run_id;
 

@@ -89,7 +89,7 @@ BEGIN
     ON CONFLICT (singleton) DO UPDATE SET run_id = EXCLUDED.run_id, updated_at = EXCLUDED.updated_at;
 
     UPDATE kommo_import_runs
-       SET status = 'succeeded', finished_at = now(), heartbeat_at = now(), swap_started_at = v_started,
+       SET status = 'succeeded', finished_at = clock_timestamp(), heartbeat_at = now(), swap_started_at = v_started,
            swap_counts = v_counts, change_preview = v_preview, error = NULL,
            sync_from = coalesce(sync_from, v_from), sync_to = coalesce(sync_to, p_cursor)
      WHERE id = p_run_id;

@@ -1,4 +1,4 @@
-"""The refresh request table (``kommo_refresh_requests``) and the flag copy, as the sensors use them.
+"""The refresh request table (``kommo_refresh_requests``) and the settings copy, as the sensors use them.
 
 Each function is one call of ``kommo_assets/sql/functions/40_refresh_requests.sql``; the rules live there.
 """
