@@ -4,8 +4,8 @@ and samples, and the swap that follows does exactly what the preview said."""
 import uuid
 from datetime import UTC, datetime
 
-from kommo_assets.assets.staging import _WARNINGS_SQL
-from kommo_assets.db.runs import get_run
+from kommo_assets.db import connect
+from kommo_assets.db.runs import ImportRuns, get_run
 from kommo_assets.reporting import preview_markdown, preview_summary
 from kommo_assets_tests.helpers import fetch_one, run_job
 from kommo_assets_tests.test_full_refresh import STATUS_MAP, expected_snapshot
@@ -124,4 +124,5 @@ def test_warning_checks_count_by_the_snapshot_rules_in_one_sql_function(kommo_en
 
     fetch_one(database_url, "UPDATE kommo_import_runs SET change_preview = change_preview - 'warnings'"
                             " WHERE id = %s RETURNING 1", (result.run_id,))
-    assert fetch_one(database_url, _WARNINGS_SQL, (result.run_id,))[0] == stored
+    with connect(database_url) as conn:
+        assert ImportRuns(conn).warnings(result.run_id) == stored
