@@ -35,19 +35,6 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-# What each check that may fail on a first run means for the operator reading `make run`'s output.
-CHECK_MEANINGS = {
-    "all_statuses_mapped": "booking leads in a Kommo stage with no kommo_status_map row; they import as "
-                           "'pending' until a row maps the stage (docs/status-mapping.md)",
-    "all_bookings_dated": "bookings with neither a delivery nor a collect date: imported, but off the calendar",
-    "all_leads_have_contact": "leads without a main contact: imported without a client",
-    "no_vehicles_to_create": "vehicle options of Kommo that production did not have yet: the swap created them "
-                             "(expected on a first run)",
-    "leads_count_within_drop_guard": "the drop guard stopped the swap: see the run's error and accept a real "
-                                     "drop with a higher max_drop_ratio",
-}
-
-
 def _run(args: argparse.Namespace) -> int:
     import dagster as dg
 
@@ -125,6 +112,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _print_warnings(result) -> None:
     """The warning checks that failed, with what each means (their counts are on the run in the UI too)."""
+    from kommo_assets.assets.staging import CHECK_DESCRIPTIONS
+
     failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
     if not failed:
         print("* every check passed")
@@ -133,7 +122,7 @@ def _print_warnings(result) -> None:
     for evaluation in failed:
         count = evaluation.metadata.get("count")
         print(f"    {evaluation.check_name}: {count.value if count is not None else 'failed'}"
-              f" - {CHECK_MEANINGS.get(evaluation.check_name, evaluation.description or '')}")
+              f" - {CHECK_DESCRIPTIONS.get(evaluation.check_name, evaluation.description or '')}")
 
 
 def _stop(args: argparse.Namespace) -> int:

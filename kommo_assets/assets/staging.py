@@ -156,12 +156,27 @@ def _materializations(run_id: str, window, result, stats: dict, preview: dict, d
     )
 
 
+# What each check means for an operator: shown on the check in the UI, and by `make run` for those that
+# did not pass.
+CHECK_DESCRIPTIONS = {
+    "leads_count_within_drop_guard": "Zero leads or contacts fails; a drop of more than max_drop_ratio against the "
+                                     "last succeeded refresh of the year marks the run needs_review. The swap "
+                                     "never runs after a failure: accept a real drop with a higher max_drop_ratio.",
+    "all_statuses_mapped": "Booking leads in a Kommo stage with no kommo_status_map row import as 'pending' until "
+                           "a row maps the stage (docs/status-mapping.md).",
+    "all_bookings_dated": "Bookings with neither a delivery nor a collect date are imported, but stay off the "
+                          "calendar.",
+    "all_leads_have_contact": "Leads without a main contact import without a client.",
+    "no_vehicles_to_create": "Vehicle options of Kommo that production does not have yet are created by the swap "
+                             "(expected on a first run).",
+}
+
+
 @dg.asset_check(
     asset=STG_LEADS,
     name="leads_count_within_drop_guard",
     blocking=True,
-    description="Zero leads or contacts fails; a drop of more than max_drop_ratio against the last succeeded "
-    "refresh marks the run needs_review. The swap never runs after a failure.",
+    description=CHECK_DESCRIPTIONS["leads_count_within_drop_guard"],
 )
 def leads_count_within_drop_guard(
     context: dg.AssetCheckExecutionContext, postgres: PostgresResource
@@ -185,14 +200,9 @@ def leads_count_within_drop_guard(
 
 @dg.multi_asset_check(
     specs=[
-        dg.AssetCheckSpec("all_statuses_mapped", asset=STG_LEADS,
-                          description="Booking leads whose status has no kommo_status_map row import as 'pending'."),
-        dg.AssetCheckSpec("all_bookings_dated", asset=STG_LEADS,
-                          description="Bookings with neither delivery nor collect date stay off the calendar."),
-        dg.AssetCheckSpec("all_leads_have_contact", asset=STG_LEADS,
-                          description="Leads without a main contact import without a client."),
-        dg.AssetCheckSpec("no_vehicles_to_create", asset=STG_BOOKING_VEHICLES,
-                          description="Vehicle enums unknown to production are created by the swap."),
+        dg.AssetCheckSpec(name, asset=asset, description=CHECK_DESCRIPTIONS[name])
+        for name, asset in (("all_statuses_mapped", STG_LEADS), ("all_bookings_dated", STG_LEADS),
+                            ("all_leads_have_contact", STG_LEADS), ("no_vehicles_to_create", STG_BOOKING_VEHICLES))
     ],
 )
 def staging_warnings(context: dg.AssetCheckExecutionContext, postgres: PostgresResource):

@@ -23,9 +23,10 @@ def _nightly(name: str, job, cron_variable: str, cron: str, timezone: str,
             yield dg.SkipReason(LIVE_DISABLED_REASON)
             return
         night = context.scheduled_execution_time
-        years = settings.refresh_scope().years(night)
+        scope = settings.refresh_scope()
+        years = scope.years(night)
         if not years:
-            yield dg.SkipReason(f"No year of KOMMO_REFRESH_YEARS={settings.refresh_scope()} has begun.")
+            yield dg.SkipReason(f"No year of KOMMO_REFRESH_YEARS={scope} has begun.")
         stamp = night.strftime("%Y-%m-%dT%H:%M")
         for year in years:
             yield dg.RunRequest(run_key=f"{name}-{stamp}-{year}", partition_key=str(year))

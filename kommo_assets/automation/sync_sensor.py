@@ -85,9 +85,10 @@ def kommo_incremental_sync_sensor(
     busy = active_kommo_run(context.instance)
     if busy is not None:
         return result(f"run {busy.run_id} of {busy.job_name} is {busy.status.value}: Kommo is not asked meanwhile")
-    in_scope = settings.refresh_scope().windows()
+    scope = settings.refresh_scope()
+    in_scope = scope.windows()
     if not in_scope:
-        return result(f"No year of KOMMO_REFRESH_YEARS={settings.refresh_scope()} has begun: nothing to sync.")
+        return result(f"No year of KOMMO_REFRESH_YEARS={scope} has begun: nothing to sync.")
     with postgres.connect() as conn:
         running = increment.import_running(conn)
         hold = None if running else increment.sync_hold(conn, float(settings.sync_interval_seconds()), in_scope)

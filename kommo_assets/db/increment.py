@@ -38,7 +38,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 
 from kommo_assets.db.staging import StagingWriter
-from kommo_assets.db.windows import sync_cursor
+from kommo_assets.db.windows import sync_cursor, window_params
 from kommo_assets.kommo import KommoClient
 from kommo_assets.kommo.changes import LEAD_DELETED, LeadEvent, Probe, Seen, latest_by_lead
 from kommo_assets.kommo.fields import SOURCE_FIELD_ID, VEHICLE_FIELD_ID, extract_kommo_epoch, positive_int
@@ -275,7 +275,7 @@ def _stage_contacts(conn: psycopg.Connection, writer: StagingWriter, client: Kom
 def _removable(conn: psycopg.Connection, lead_ids: list[int], windows: Sequence[Window]) -> list[int]:
     if not lead_ids:
         return []
-    params = {"ids": lead_ids, "froms": [w.created_from for w in windows], "tos": [w.created_to for w in windows]}
+    params = {"ids": lead_ids, **window_params(windows)}
     with conn.transaction():
         return [row[0] for row in conn.execute(_REMOVABLE, params).fetchall()]
 
@@ -381,8 +381,7 @@ def sync_hold(conn: psycopg.Connection, interval_s: float, windows: Sequence[Win
         return None
     run_id, status, finished_at, now, _ = rows[0]
     if status == "needs_review":
-        arrays = {"r": run_id, "at": finished_at, "froms": [w.created_from for w in windows],
-                  "tos": [w.created_to for w in windows]}
+        arrays = {"r": run_id, "at": finished_at, **window_params(windows)}
         with conn.transaction():
             waiting = [Window(*row).key for row in conn.execute(_UNREFRESHED, arrays).fetchall()]
         if waiting:

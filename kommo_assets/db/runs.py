@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from kommo_assets.db import APPLICATION_NAME, connect
+from kommo_assets.db.windows import window_params
 from kommo_assets.kommo.errors import redact
 from kommo_assets.scope import Window
 
@@ -87,9 +88,9 @@ class ImportRuns:
         (nothing applied, coverage kept)."""
         with self.conn.transaction():
             return self.conn.execute(
-                "SELECT run_kommo_increment(%s::uuid, %s, %s, %s::timestamptz[], %s::timestamptz[])",
-                (run_id, cursor, max_deactivations, [w.created_from for w in windows],
-                 [w.created_to for w in windows]),
+                "SELECT run_kommo_increment(%(r)s::uuid, %(cursor)s, %(max)s, %(froms)s::timestamptz[],"
+                " %(tos)s::timestamptz[])",
+                {"r": run_id, "cursor": cursor, "max": max_deactivations, **window_params(windows)},
             ).fetchone()[0]
 
     def warnings(self, run_id: str) -> dict[str, int] | None:

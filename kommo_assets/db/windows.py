@@ -9,7 +9,8 @@ import psycopg
 from kommo_assets.scope import Window
 
 
-def _window_arrays(windows: Sequence[Window]) -> dict:
+def window_params(windows: Sequence[Window]) -> dict[str, list[datetime]]:
+    """The windows as the SQL functions take them: ``froms`` and ``tos``, two arrays of the same length."""
     return {"froms": [w.created_from for w in windows], "tos": [w.created_to for w in windows]}
 
 
@@ -20,7 +21,7 @@ def sync_cursor(conn: psycopg.Connection, windows: Sequence[Window]) -> datetime
         raise ValueError("an increment needs at least one window of lead creation times")
     with conn.transaction():
         return conn.execute("SELECT kommo_sync_cursor(%(froms)s::timestamptz[], %(tos)s::timestamptz[])",
-                            _window_arrays(windows)).fetchone()[0]
+                            window_params(windows)).fetchone()[0]
 
 
 def uncovered_windows(conn: psycopg.Connection, windows: Sequence[Window]) -> list[Window]:
@@ -29,7 +30,7 @@ def uncovered_windows(conn: psycopg.Connection, windows: Sequence[Window]) -> li
         return []
     with conn.transaction():
         rows = conn.execute("SELECT * FROM kommo_uncovered_windows(%(froms)s::timestamptz[], %(tos)s::timestamptz[])",
-                            _window_arrays(windows)).fetchall()
+                            window_params(windows)).fetchall()
     return [Window(*row) for row in rows]
 
 
@@ -51,7 +52,7 @@ def coverage(conn: psycopg.Connection, windows: Sequence[Window]) -> dict[str, d
             "SELECT w.created_from, c.covered_to FROM unnest(%(froms)s::timestamptz[], %(tos)s::timestamptz[])"
             " AS w(created_from, created_to) LEFT JOIN kommo_window_coverage c"
             " ON c.created_from = w.created_from AND c.created_to = w.created_to",
-            _window_arrays(windows)).fetchall()
+            window_params(windows)).fetchall()
     covered = dict(rows)
     return {w.key: covered.get(w.created_from) for w in windows}
 
@@ -64,6 +65,6 @@ def increment_changes_by_window(conn: psycopg.Connection, run_id: str,
         return {}
     with conn.transaction():
         rows = conn.execute("SELECT * FROM kommo_increment_changes_by_window(%(r)s::uuid, %(froms)s::timestamptz[],"
-                            " %(tos)s::timestamptz[])", {"r": run_id, **_window_arrays(windows)}).fetchall()
+                            " %(tos)s::timestamptz[])", {"r": run_id, **window_params(windows)}).fetchall()
     return {Window(start, end).key: {"leads_changed": leads, "leads_removed": removals}
             for start, end, leads, removals in rows if leads or removals}

@@ -7,7 +7,7 @@ from urllib.parse import unquote, urlsplit
 
 import dagster as dg
 import psycopg
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 
 from kommo_assets.db import connect, runs
 from kommo_assets.resources.fields import HIDE_INPUTS, positive, unresolved
@@ -73,6 +73,15 @@ def validate_database_url(value: str) -> str:
     return value
 
 
+# The variable each retention field is read from, for the message that names it.
+_RETENTION_VARIABLES = {
+    "staging_retention_days": "KOMMO_STAGING_RETENTION_DAYS",
+    "failed_staging_retention_days": "KOMMO_FAILED_STAGING_RETENTION_DAYS",
+    "run_retention_days": "KOMMO_RUN_RETENTION_DAYS",
+    "noop_increment_retention_days": "KOMMO_NOOP_INCREMENT_RETENTION_DAYS",
+}
+
+
 def import_run_id(run: dg.DagsterRun) -> str:
     """The import run id is the Dagster run id of the run that staged it. A re-execution of a failed run
     reuses its root's staging, so it points at the root run (whose record then says it is closed)."""
@@ -114,25 +123,11 @@ class PostgresResource(dg.ConfigurableResource):
             return value
         return validate_database_url(value)
 
-    @field_validator("staging_retention_days", mode="before")
+    @field_validator("staging_retention_days", "failed_staging_retention_days", "run_retention_days",
+                     "noop_increment_retention_days", mode="before")
     @classmethod
-    def _staging_days(cls, value):
-        return positive("KOMMO_STAGING_RETENTION_DAYS", value)
-
-    @field_validator("failed_staging_retention_days", mode="before")
-    @classmethod
-    def _failed_days(cls, value):
-        return positive("KOMMO_FAILED_STAGING_RETENTION_DAYS", value)
-
-    @field_validator("run_retention_days", mode="before")
-    @classmethod
-    def _run_days(cls, value):
-        return positive("KOMMO_RUN_RETENTION_DAYS", value)
-
-    @field_validator("noop_increment_retention_days", mode="before")
-    @classmethod
-    def _noop_days(cls, value):
-        return positive("KOMMO_NOOP_INCREMENT_RETENTION_DAYS", value)
+    def _days(cls, value, info: ValidationInfo):
+        return positive(_RETENTION_VARIABLES[info.field_name], value)
 
     def secrets(self) -> list[str]:
         """What must never appear in a message: the database password."""
