@@ -5,7 +5,7 @@ import warnings
 
 import dagster as dg
 
-from kommo_assets.assets.increment import bookings_fresh, kommo_increment
+from kommo_assets.assets.increment import bookings_follow_mirror, bookings_fresh, kommo_increment
 from kommo_assets.assets.production import calendar_events_expanded, kommo_swap
 from kommo_assets.assets.staging import (
     kommo_api,
@@ -40,7 +40,7 @@ def _with_code_references(assets: list) -> list:
 
 defs = dg.Definitions(
     assets=_with_code_references([kommo_api, kommo_staging, kommo_swap, calendar_events_expanded, kommo_increment]),
-    asset_checks=[leads_count_within_drop_guard, staging_warnings, bookings_fresh],
+    asset_checks=[leads_count_within_drop_guard, staging_warnings, bookings_fresh, bookings_follow_mirror],
     jobs=[kommo_full_refresh_job, kommo_dry_run_job, kommo_incremental_sync_job],
     schedules=[kommo_nightly_dry_run_schedule, kommo_nightly_full_refresh_schedule],
     sensors=[

@@ -23,9 +23,10 @@ from kommo_assets.assets.common import (
     timestamp,
     working_on_run,
 )
+from kommo_assets.assets.partitions import YEARS, partition_window
 from kommo_assets.assets.production import calendar_metadata
 from kommo_assets.db import increment, windows
-from kommo_assets.reporting import preview_markdown, preview_summary
+from kommo_assets.reporting import drift_count, preview_markdown, preview_summary
 from kommo_assets.resources.kommo import KommoResource
 from kommo_assets.resources.postgres import PostgresResource, import_run_id
 from kommo_assets.resources.sync import KommoSyncResource
@@ -36,7 +37,7 @@ INCREMENT = dg.AssetKey("kommo_increment")
 SYNC_GROUP = "kommo_sync"
 BOOKINGS = dg.AssetKey("bookings")
 FRESHNESS_CHECK = "bookings_fresh"
-
+MIRROR_CHECK = "bookings_follow_mirror"
 
 
 def sync_scope() -> YearScope:
@@ -101,7 +102,7 @@ def kommo_increment(
         )
     context.log.info(f"Kommo increment {run_id} applied ({preview_summary(preview)}): {counts}")
     postgres.prune_staging()  # staging and run records past their retention (an increment a minute adds up)
-    _report_partitions(context, postgres, run_id, result)
+    _report_partitions(context, postgres, run_id, result, int(counts.get("rederived_leads") or 0))
     return dg.MaterializeResult(metadata={
         "import_run_id": run_id,
         "sync_from": timestamp(result.sync_from),
@@ -119,11 +120,15 @@ def kommo_increment(
 
 
 def _report_partitions(context: dg.AssetExecutionContext, postgres: PostgresResource, run_id: str,
-                       result: increment.IncrementResult) -> None:
+                       result: increment.IncrementResult, rederived: int) -> None:
     """A materialization of each production table's partition for every year the increment changed, with what
-    changed in it and the same row count a refresh of that year reports."""
+    changed in it and the same row count a refresh of that year reports. Leads re-derived for a mapping or
+    option change may be of any year: then every year in scope is reported."""
     with postgres.connect() as conn:
         changed = windows.increment_changes_by_window(conn, run_id, result.windows)
+        if rederived:
+            for w in result.windows:
+                changed.setdefault(w.key, {"leads_changed": 0, "leads_removed": 0})
         rows = {w.key: windows.window_row_counts(conn, w) for w in result.windows if w.key in changed}
     for key, changes in changed.items():
         for asset in PRODUCTION_KEYS:
@@ -131,7 +136,7 @@ def _report_partitions(context: dg.AssetExecutionContext, postgres: PostgresReso
                 asset_key=asset, partition=key, description="Kommo incremental sync",
                 metadata={"import_run_id": run_id, "kind": "increment",
                           "dagster/row_count": rows[key][asset.path[-1]],
-                          **changes},
+                          **changes, "leads_rederived_all_years": rederived},
             ))
     if changed:
         context.log_event(dg.AssetMaterialization(
@@ -197,3 +202,40 @@ def freshness(postgres: PostgresResource, minutes: float, scope: YearScope | Non
 )
 def bookings_fresh(postgres: PostgresResource, kommo_sync: KommoSyncResource) -> dg.AssetCheckResult:
     return freshness(postgres, kommo_sync.freshness_minutes).result()
+
+
+@dg.asset_check(
+    asset=BOOKINGS,
+    name=MIRROR_CHECK,
+    partitions_def=YEARS,
+    description="The local drift check of a year: production against the mapping rules applied to the "
+    "current-state mirror (the latest Kommo state of every lead and contact the import has read), counted as "
+    "the change preview counts a swap, without asking Kommo. Fails while any row differs: a write to "
+    "production outside the import, or a mapping edit no sync has applied yet. Runs in the nightly dry run "
+    "of each year; can also be executed from here for any year.",
+)
+def bookings_follow_mirror(context: dg.AssetCheckExecutionContext, postgres: PostgresResource
+                           ) -> dg.AssetCheckResult:
+    window = partition_window(context)
+    with postgres.connect() as conn:
+        uncovered = windows.uncovered_windows(conn, [window])
+        pending = windows.rules_changed(conn)
+        preview = None if uncovered else windows.mirror_drift(conn, window)
+    metadata = {"rules_not_applied": len(pending)}
+    if uncovered:
+        return dg.AssetCheckResult(
+            passed=False, severity=dg.AssetCheckSeverity.WARN, metadata={**metadata, "drift": dg.MetadataValue.null()},
+            description=f"{window.key} has never been read from Kommo: the mirror holds nothing of it to compare "
+            "with yet (bookings_fresh fails until the sync has imported it)")
+    drift = drift_count(preview)
+    metadata |= {"drift": drift,
+                 "change_counts": dg.MetadataValue.json({k: v for k, v in preview.items() if k != "samples"}),
+                 "change_preview": dg.MetadataValue.md(preview_markdown(preview))}
+    if not drift:
+        description = f"production follows the mirror in {window.key}"
+    else:
+        description = f"{drift} production row(s) of {window.key} differ from the rules applied to the mirror"
+        if pending:
+            description += (f"; {len(pending)} mapping or option change(s) are not applied yet: the next sync "
+                            "re-derives them")
+    return dg.AssetCheckResult(passed=drift == 0, metadata=metadata, description=description)

@@ -34,7 +34,7 @@ def year_partitions(scope: YearScope) -> dg.TimeWindowPartitionsDefinition:
 YEARS = year_partitions(settings.refresh_scope())
 
 
-def partition_window(context: dg.AssetExecutionContext) -> Window:
+def partition_window(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> Window:
     """The window of the run's partition; a run without one, or with a year outside the scope, is refused
     before any work with what to run instead."""
     if not context.has_partition_key:

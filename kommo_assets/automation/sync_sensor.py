@@ -3,7 +3,8 @@
 
 A tick asks nothing while the live flag is off, while any Kommo import (a refresh, a dry run or an
 increment) runs or waits in the queue, or while the last increment stopped as ``needs_review`` or keeps
-failing; an import whose process is gone does not count as running. Otherwise it probes with at most 3
+failing; an import whose process is gone does not count as running. A year never read, or a mapping edit
+not applied yet, starts a sync without asking Kommo. Otherwise it probes with at most 3
 requests, on a budget of its own (each request gives up after a few seconds, none is retried: a 429, 5xx or
 timeout skips the tick and says why); a probe that finds nothing is recorded (``kommo_sync_state.updated_at``)
 and so counts as a sync for the freshness check. Every tick also reports the ``bookings_fresh`` check when its
@@ -95,6 +96,7 @@ def kommo_incremental_sync_sensor(
         uncovered = windows.uncovered_windows(conn, in_scope)
         cursor = windows.sync_cursor(conn, in_scope)
         seen = increment.margin_seen(conn)
+        rules = windows.rules_changed(conn)
     if running:
         return result(f"Kommo import {running} is running: Kommo is not asked meanwhile")
     if hold:
@@ -104,6 +106,12 @@ def kommo_incremental_sync_sensor(
         # never been read: the sync imports it whole, from its first second, without asking first.
         keys = ", ".join(w.key for w in uncovered)
         context.log.info(f"Year(s) {keys} never read from Kommo: starting a sync that imports them whole")
+        return result(runs=[dg.RunRequest(run_key=sync_run_key(int(cursor.timestamp()), int(now)))])
+    if rules:
+        # A mapping edit (kommo_source_map, kommo_status_map, kommo_user_map) changes no lead in Kommo: the
+        # sync re-derives the leads it reaches from the current-state mirror, without asking Kommo first.
+        context.log.info(f"{len(rules)} mapping change(s) not applied to production yet: starting a sync that "
+                         "re-derives the leads they reach")
         return result(runs=[dg.RunRequest(run_key=sync_run_key(int(cursor.timestamp()), int(now)))])
     try:
         with kommo.probe_client() as client:

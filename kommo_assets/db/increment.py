@@ -65,9 +65,9 @@ WITH removed AS (
 )
 DELETE FROM stg_kommo_leads WHERE run_id = %(r)s AND lead_id = ANY(%(ids)s::bigint[])
 """
-# Of the deleted leads, those production holds in one of the sync's windows (kommo_owned: the one definition
-# of which rows a window's import may retire); a deleted lead of another year is left, as its own year's
-# refresh would leave it to that refresh.
+# Of the deleted leads, those production or the current-state mirror holds in one of the sync's windows
+# (kommo_owned: the one definition of which rows a window's import may retire); a deleted lead of another
+# year is left, as its own year's refresh would leave it to that refresh.
 _REMOVABLE = """
 SELECT DISTINCT l.id FROM unnest(%(ids)s::bigint[]) AS l(id)
   JOIN unnest(%(froms)s::timestamptz[], %(tos)s::timestamptz[]) AS w(created_from, created_to) ON true
@@ -75,6 +75,8 @@ SELECT DISTINCT l.id FROM unnest(%(ids)s::bigint[]) AS l(id)
                   AND kommo_owned(s.lead_code, s.kommo_created_at, w.created_from, w.created_to))
     OR EXISTS (SELECT 1 FROM bookings b WHERE b.source_payload_id = 'kommo:' || l.id
                   AND kommo_owned(b.source_payload_id, b.kommo_created_at, w.created_from, w.created_to))
+    OR EXISTS (SELECT 1 FROM kommo_leads m WHERE m.lead_id = l.id
+                  AND m.created_at >= w.created_from AND m.created_at < w.created_to)
  ORDER BY 1
 """
 _CLIENT_CONTACTS = "SELECT kommo_contact_id FROM clients WHERE kommo_contact_id = ANY(%s::bigint[])"

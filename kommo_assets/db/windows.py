@@ -1,5 +1,6 @@
 """The windows' side of the database: how far Kommo has been read for each (``kommo_window_coverage``), and
-what production holds of each. One SQL call each, in ``kommo_assets/sql/functions/16_kommo_windows.sql``."""
+what production holds of each, and whether it follows the current-state mirror. One SQL call each, in
+``kommo_assets/sql/functions/16_kommo_windows.sql`` and ``18_kommo_mirror.sql``."""
 
 from collections.abc import Sequence
 from datetime import datetime
@@ -32,7 +33,6 @@ def uncovered_windows(conn: psycopg.Connection, windows: Sequence[Window]) -> li
         rows = conn.execute("SELECT * FROM kommo_uncovered_windows(%(froms)s::timestamptz[], %(tos)s::timestamptz[])",
                             window_params(windows)).fetchall()
     return [Window(*row) for row in rows]
-
 
 
 def window_row_counts(conn: psycopg.Connection, window: Window) -> dict[str, int]:
@@ -68,3 +68,18 @@ def increment_changes_by_window(conn: psycopg.Connection, run_id: str,
                             " %(tos)s::timestamptz[])", {"r": run_id, **window_params(windows)}).fetchall()
     return {Window(start, end).key: {"leads_changed": leads, "leads_removed": removals}
             for start, end, leads, removals in rows if leads or removals}
+
+
+def mirror_drift(conn: psycopg.Connection, window: Window) -> dict:
+    """The local drift check of ``window`` (``kommo_mirror_drift``): what deriving production from the
+    current-state mirror now would change in it, as the change preview counts it. No Kommo request."""
+    with conn.transaction():
+        return conn.execute("SELECT kommo_mirror_drift(%s, %s)",
+                            (window.created_from, window.created_to)).fetchone()[0]
+
+
+def rules_changed(conn: psycopg.Connection) -> list[tuple[str, int]]:
+    """The mapping rows and source option labels that changed since production was last derived
+    (``kommo_rules_changed``): the next swap re-derives every lead they reach."""
+    with conn.transaction():
+        return [tuple(row) for row in conn.execute("SELECT rule, key FROM kommo_rules_changed() ORDER BY 1, 2")]

@@ -23,11 +23,15 @@
 -- Concurrent writers are not expected on Kommo rows (codes 'kommo:<id>'); one that inserted such a
 -- row meanwhile would fail this transaction on the unique key, leaving production unchanged.
 
--- Applies run p_run_id's snapshot (kommo_snapshot) to production and returns the counts. The scope the
--- removals may touch: the import's own rows of [p_from, p_to) (kommo_owned), and when p_codes is given
--- only those among them whose code is in p_codes ('-infinity' to 'infinity' and the codes: an increment).
--- Upserts only ever touch the snapshot's codes, which are in scope either way. The caller holds the
--- swap's lock (kommo_lock_key('swap')), has checked the run and turned the Zoho outbox off; it owns the transaction.
+-- Applies run p_run_id to production and returns the counts. First its staging is written into the
+-- current-state mirror (kommo_mirror_write: a window replaced, or an increment's leads upserted and
+-- removed), then production is derived from the mirror (kommo_snapshot) for the run's leads (its window,
+-- or the leads an increment staged) and for every lead whose rules changed since production was last
+-- derived (kommo_take_rules_changes: a mapping edit, a source option renamed in Kommo), wherever it was
+-- created. The scope the removals may touch: the import's own rows of [p_from, p_to) (kommo_owned), and
+-- when p_codes is given only those among them whose code is in p_codes ('-infinity' to 'infinity' and the
+-- codes: an increment). Upserts only ever touch the snapshot's codes. The caller holds the swap's lock
+-- (kommo_lock_key('swap')), has checked the run and turned the Zoho outbox off; it owns the transaction.
 -- The scope is written "p_codes IS NULL OR code = ANY (p_codes)": planned with the actual values
 -- (plan_cache_mode below), a window folds it away and keeps the partial indexes of kommo_owned, and an
 -- increment's codes become index lookups on the code.
@@ -56,17 +60,32 @@ DECLARE
     v_keys_refused text;
     v_key_checks text := 'per row';
     v_stats_target text := current_setting('default_statistics_target');
+    v_window boolean := p_codes IS NULL;
+    v_mirror jsonb;
+    v_rederive bigint[];
+    v_leads bigint[];
 BEGIN
     IF NOT kommo_holds_lock('swap') THEN
         RAISE EXCEPTION 'kommo_apply_snapshot runs only inside run_kommo_full_refresh or run_kommo_increment';
     END IF;
 
-    -- The snapshot, resolved once (see kommo_snapshot in 15_kommo_snapshot.sql).
+    -- The mirror first (18_kommo_mirror.sql), then what production is derived for from it.
+    v_mirror := kommo_mirror_write(p_run_id, CASE WHEN v_window THEN p_from END, CASE WHEN v_window THEN p_to END);
+    v_rederive := kommo_take_rules_changes(CASE WHEN v_window THEN p_from END, CASE WHEN v_window THEN p_to END);
+    IF v_window THEN
+        v_leads := v_rederive;
+    ELSE
+        SELECT coalesce(array_agg(s.lead_id), '{}') || v_rederive INTO v_leads
+          FROM stg_kommo_leads s WHERE s.run_id = p_run_id;
+    END IF;
+
+    -- The snapshot, resolved once from the mirror (see kommo_snapshot in 15_kommo_snapshot.sql).
     DROP TABLE IF EXISTS pg_temp.kommo_snapshot;
     -- The index matters even where a hash join is expected: right after this transaction's own bulk
     -- inserts, production tables have no statistics yet, the planner may take 100,000 fresh rows for
     -- one, and a nested loop must then probe this index instead of scanning the whole snapshot per row.
-    CREATE TEMP TABLE kommo_snapshot ON COMMIT DROP AS SELECT * FROM kommo_snapshot(p_run_id);
+    CREATE TEMP TABLE kommo_snapshot ON COMMIT DROP AS
+    SELECT * FROM kommo_snapshot(NULL, CASE WHEN v_window THEN p_from END, CASE WHEN v_window THEN p_to END, v_leads);
     CREATE UNIQUE INDEX ON kommo_snapshot (code);
     -- Plans only need row counts and key distributions: a small sample is enough.
     PERFORM set_config('default_statistics_target', '10', true);
@@ -257,6 +276,8 @@ BEGIN
         'booking_vehicles_removed', v_links_removed,
         'booking_vehicles_added', v_links_added,
         'new_leads', v_new_leads,
+        'rederived_leads', cardinality(v_rederive),
+        'mirror', v_mirror,
         'foreign_key_checks', v_key_checks,
         'swap_seconds', round(extract(epoch FROM clock_timestamp() - v_started)::numeric, 3)
     );

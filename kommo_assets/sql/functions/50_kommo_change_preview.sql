@@ -4,7 +4,9 @@
 -- swap it archives and deactivates only the import's own rows in scope, and resolves clients with
 -- kommo_snapshot_clients. kommo_snapshot_preview computes it for a scope, as kommo_apply_snapshot
 -- (20_run_kommo_full_refresh.sql) applies it: a window (kommo_change_preview, a full refresh or dry run)
--- or an increment's codes (kommo_increment_preview, what run_kommo_increment would do).
+-- or an increment's codes (kommo_increment_preview, what run_kommo_increment would do). With no run
+-- (p_run_id NULL) the snapshot is the current-state mirror's window instead of a run's staging: the
+-- local drift check (kommo_mirror_drift, 18_kommo_mirror.sql), which has no staging warnings.
 --
 -- It runs between the last Kommo answer and the swap, so it reads each table once where it can: the
 -- snapshot is resolved into a narrow temporary table, every booking of it is compared with production
@@ -31,8 +33,11 @@ BEGIN
     SELECT s.*,
            -- the contact the swap will link to: one that is staged now or already a client
            CASE WHEN sc.contact_id IS NOT NULL OR nc.id IS NOT NULL THEN s.contact_id END AS linked_contact_id
-      FROM kommo_snapshot(p_run_id) s
-      LEFT JOIN stg_kommo_contacts sc ON sc.run_id = p_run_id AND sc.contact_id = s.contact_id
+      FROM kommo_snapshot(p_run_id, p_from, p_to) s
+      -- the contacts Kommo holds: the run's staged ones, or the mirror's
+      LEFT JOIN (SELECT c.contact_id FROM stg_kommo_contacts c WHERE p_run_id IS NOT NULL AND c.run_id = p_run_id
+                 UNION ALL
+                 SELECT c.contact_id FROM kommo_contacts c WHERE p_run_id IS NULL) sc ON sc.contact_id = s.contact_id
       LEFT JOIN clients nc ON nc.kommo_contact_id = s.contact_id;
     -- Every anti-join against the snapshot can probe this index, whatever the planner estimates.
     CREATE UNIQUE INDEX ON kommo_preview_snapshot (code);
@@ -116,7 +121,7 @@ BEGIN
            (array_agg(c.contact_id ORDER BY c.contact_id) FILTER (WHERE c.client_id IS NULL AND c.linked))[1:p_sample],
            (array_agg(c.contact_id ORDER BY c.contact_id) FILTER (WHERE c.differs))[1:p_sample]
       INTO v_clients, v_clients_add, v_clients_update
-      FROM kommo_snapshot_clients(p_run_id) c;
+      FROM kommo_snapshot_clients(p_run_id, p_from, p_to) c;
 
     SELECT jsonb_build_object('create', count(DISTINCT s.vehicle_enum_id))
       INTO v_vehicles
@@ -126,7 +131,9 @@ BEGIN
 
     -- The counts of the non-blocking checks (kommo_assets/sql/functions/55_kommo_staging_warnings.sql), stored with
     -- the preview for the checks to read.
-    v_warnings := kommo_staging_warnings(p_run_id, (v_vehicles ->> 'create')::int);
+    IF p_run_id IS NOT NULL THEN
+        v_warnings := kommo_staging_warnings(p_run_id, (v_vehicles ->> 'create')::int);
+    END IF;
 
     v_samples := jsonb_build_object(
         'bookings_add', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
@@ -158,14 +165,18 @@ BEGIN
         'bookings_deactivate', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
             SELECT code, status, start_at, end_at FROM kommo_preview_deactivate ORDER BY code LIMIT p_sample) x),
         'clients_add', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
-            SELECT c.contact_id, c.name FROM stg_kommo_contacts c
-             WHERE c.run_id = p_run_id AND c.contact_id = ANY (v_clients_add)
+            SELECT c.contact_id, c.name
+              FROM (SELECT x.contact_id, x.name FROM stg_kommo_contacts x
+                     WHERE p_run_id IS NOT NULL AND x.run_id = p_run_id AND x.contact_id = ANY (v_clients_add)
+                    UNION ALL
+                    SELECT x.contact_id, x.name FROM kommo_contacts x
+                     WHERE p_run_id IS NULL AND x.contact_id = ANY (v_clients_add)) c
              ORDER BY c.contact_id) x),
         'clients_update', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
             SELECT c.contact_id,
                    jsonb_build_object('name', cl.name, 'phone', cl.phone, 'email', cl.email) AS before,
                    jsonb_build_object('name', c.name, 'phone', c.phone, 'email', c.email) AS after
-              FROM kommo_snapshot_clients(p_run_id) c JOIN clients cl ON cl.id = c.client_id
+              FROM kommo_snapshot_clients(p_run_id, p_from, p_to) c JOIN clients cl ON cl.id = c.client_id
              WHERE c.contact_id = ANY (v_clients_update)
              ORDER BY c.contact_id) x),
         'vehicles_create', (SELECT coalesce(jsonb_agg(x), '[]') FROM (
