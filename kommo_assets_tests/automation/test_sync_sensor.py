@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 
 from kommo_assets.assets.common import REFRESH_TAG
-from kommo_assets.assets.increment import BOOKINGS, FRESHNESS_CHECK
+from kommo_assets.assets.increment import BOOKINGS, FRESHNESS_CHECK, MIRROR_CHECK
 from kommo_assets.db import runs
 from kommo_assets.resources import build_resources
 from kommo_assets.settings import refresh_scope
@@ -215,3 +215,34 @@ def test_the_probe_gives_up_within_its_budget_and_says_why(refreshed, ticker, fa
     assert _kommo_requests(refreshed) == 1  # not retried, nothing else asked
     (retried,) = ticker.tick(SENSOR).run_requests  # the next tick finds the change
     assert retried.run_key.startswith("kommo-sync-")
+
+
+def test_a_mapping_edit_starts_a_sync_without_asking_kommo_and_the_dry_run_checks_the_mirror(
+        refreshed, ticker, instance, database_url):
+    status_id, n = fetch_one(database_url, "SELECT kommo_status_id, count(*) FROM bookings WHERE is_active"
+                                           " AND kommo_created_at >= '2025-01-01' AND kommo_created_at < '2026-01-01'"
+                                           " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1")
+    (every_year,) = fetch_one(database_url, "SELECT count(*) FROM bookings WHERE is_active AND kommo_status_id = %s",
+                              (status_id,))
+    fetch_one(database_url, "UPDATE kommo_status_map SET booking_status = 'cancelled' WHERE status_id = %s"
+                            " RETURNING 1", (status_id,))
+    # The nightly dry run's local drift check of the year sees production no longer following the rules.
+    dry = run_job("kommo_dry_run_job", instance=instance, partition=LEAD_YEAR)
+    assert dry.success
+    (check,) = [e for e in dry.get_asset_check_evaluations() if e.check_name == MIRROR_CHECK]
+    assert not check.passed and check.metadata["drift"].value == n, check.metadata["change_counts"]
+    assert check.metadata["rules_not_applied"].value == 1
+    refreshed.reset_stats()
+    result = ticker.tick(SENSOR)
+    (request,) = result.run_requests
+    assert _kommo_requests(refreshed) == 0  # no probe: nothing changed in Kommo
+    assert run_job(SYNC, instance=instance, tags=dict(request.tags or {})).success
+    # every booking in that stage, whatever its year
+    assert fetch_one(database_url, "SELECT count(*) FROM bookings WHERE is_active AND kommo_status_id = %s"
+                                   " AND status = 'cancelled'", (status_id,))[0] == every_year
+    refreshed.reset_stats()
+    idle = ticker.tick(SENSOR)
+    assert not idle.run_requests and _kommo_requests(refreshed) <= 3
+    dry = run_job("kommo_dry_run_job", instance=instance, partition=LEAD_YEAR)
+    (check,) = [e for e in dry.get_asset_check_evaluations() if e.check_name == MIRROR_CHECK]
+    assert check.passed and check.metadata["drift"].value == 0
