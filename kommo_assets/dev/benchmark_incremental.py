@@ -7,6 +7,10 @@ just loaded, in the same invocation (``kommo-assets benchmark``; ``--incremental
   made through the simulator's mutation API): the real ``kommo_incremental_sync_job``, in a worker process
   as the full refresh runs, timed from the run's start to the commit of the increment (targets: at most
   10 requests, 5 s). Every change is then looked up in production.
+* A mapping edit re-derived: every source option mapped in ``kommo_source_map`` (most of the account's
+  leads reached), then the same job with nothing changed in Kommo, timed from its start to its commit
+  (target: 5 s).
+* The local drift check of the year (``bookings_follow_mirror``'s query) on the whole account (target: 10 s).
 * Freshness with the daemon: ``kommo-assets dev`` (``dagster dev``: webserver, daemon, code server) on the
   benchmark's database and simulator, the sync sensor at its interval (60 s unless told otherwise), and
   changes made at random moments; each is timed from the change to the moment its booking shows it in
@@ -255,6 +259,8 @@ def worker_incremental(args: argparse.Namespace) -> dict:
         ended_at = time.time()
         committed.stop()
         seen = stats()
+        out["rederive"] = _measure_rederive(args, instance, job, stats)
+    out["drift_check"] = _measure_drift_check(args.database_url)
     record = get_run(args.database_url, result.run_id) or {}
     client = (record.get("stats") or {}).get("client") or {}
     swap = record.get("swap_counts") or {}
@@ -281,10 +287,66 @@ def worker_incremental(args: argparse.Namespace) -> dict:
         "counts": {k: v for k, v in swap.items() if k != "status"},
         "visible": visible,
     }
-    out["success"] = out["sync"]["success"] and out["change_tick"]["run_requests"] == 1
+    out["success"] = (out["sync"]["success"] and out["change_tick"]["run_requests"] == 1
+                      and out["rederive"]["success"])
     if not out["success"]:
-        out["error"] = out["sync"]["error"] or f"tick after the changes: {out['change_tick']}"
+        out["error"] = (out["sync"]["error"] or out["rederive"]["error"]
+                        or f"tick after the changes: {out['change_tick']}")
     return out
+
+
+def _measure_rederive(args: argparse.Namespace, instance, job, stats) -> dict:
+    """A mapping edit that reaches most of the account (every source option mapped in ``kommo_source_map``),
+    then the real sync job with nothing changed in Kommo: timed from the run's start to its commit, as the
+    sync of changed leads is."""
+    from kommo_assets.db.runs import get_run
+
+    with psycopg.connect(args.database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO kommo_source_map (enum_id, source) SELECT enum_id, 'Mapped: ' || value"
+                     " FROM kommo_field_options WHERE field_id = 823206"
+                     " ON CONFLICT (enum_id) DO UPDATE SET source = EXCLUDED.source")
+        (reached,) = conn.execute("SELECT count(*) FROM kommo_leads m JOIN kommo_source_map s"
+                                  " ON s.enum_id = m.source_enum_id").fetchone()
+    simulator_call(args.base_url, "/_simulator/reset_stats", "POST")
+    committed = _CommitWatch(args.database_url)
+    committed.start()
+    started_at = time.time()
+    result = job.execute_in_process(instance=instance, raise_on_error=False)
+    committed.stop()
+    seen = stats()
+    record = get_run(args.database_url, result.run_id) or {}
+    swap = record.get("swap_counts") or {}
+    with psycopg.connect(args.database_url, autocommit=True) as conn:
+        (shown,) = conn.execute("SELECT count(*) FROM bookings b JOIN kommo_leads m ON b.source_payload_id ="
+                                " 'kommo:' || m.lead_id JOIN kommo_source_map s ON s.enum_id = m.source_enum_id"
+                                " WHERE b.is_active AND b.source = s.source").fetchone()
+        (bookings,) = conn.execute("SELECT count(*) FROM bookings b JOIN kommo_leads m ON b.source_payload_id ="
+                                   " 'kommo:' || m.lead_id JOIN kommo_source_map s"
+                                   " ON s.enum_id = m.source_enum_id WHERE b.is_active").fetchone()
+    return {"success": result.success and record.get("status") == "succeeded", "error": record.get("error"),
+            "leads_reached": reached, "rederived_leads": swap.get("rederived_leads"),
+            "bookings_updated": swap.get("bookings_updated"), "bookings_shown": shown, "bookings": bookings,
+            "requests": seen["requests"], "by_path": seen["by_path"],
+            "commit_seconds": committed.at - started_at if committed.at else math.nan,
+            "swap_seconds": float(swap.get("swap_seconds", "nan"))}
+
+
+def _measure_drift_check(database_url: str) -> dict:
+    """The local drift check of the benchmark's year (``kommo_mirror_drift``): production against the rules
+    applied to the mirror, as ``bookings_follow_mirror`` runs it."""
+    from kommo_assets.db.windows import mirror_drift
+    from kommo_assets.dev.benchmark import _year
+    from kommo_assets.reporting import drift_count
+    from kommo_assets.scope import window_for
+
+    window = window_for(_year())
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        (leads,) = conn.execute("SELECT count(*) FROM kommo_leads WHERE created_at >= %s AND created_at < %s",
+                                (window.created_from, window.created_to)).fetchone()
+        started = time.perf_counter()
+        preview = mirror_drift(conn, window)
+        seconds = time.perf_counter() - started
+    return {"leads": leads, "seconds": seconds, "drift": drift_count(preview)}
 
 
 class _CommitWatch(threading.Thread):
@@ -418,6 +480,8 @@ class Targets:
     sync_requests: int = 10
     sync_seconds: float = 5.0
     freshness_seconds: float = 90.0
+    rederive_seconds: float = 5.0
+    drift_check_seconds: float = 10.0
 
 
 TARGETS = Targets()
@@ -452,6 +516,18 @@ def print_section(report: dict) -> None:
     applied = ", ".join(f"{k.replace('_', ' ')} {counts[k]}" for k in _APPLY_COUNTS if counts.get(k))
     print(f"  changes in production    {sync['visible']:8d}   of {inc['changes']} ({sync['leads']} leads, "
           f"{sync['contacts']} contacts staged; {applied})")
+    rederive, check = inc.get("rederive"), inc.get("drift_check")
+    if rederive:
+        print(f"  mapping edit re-derived  {rederive['rederived_leads'] or 0:8d}   leads (every source option mapped: "
+              f"{rederive['leads_reached']} leads reached; bookings showing it {rederive['bookings_shown']} of "
+              f"{rederive['bookings']}, {rederive['bookings_updated']} updated)")
+        print(f"  edit -> committed        {rederive['commit_seconds']:8.2f} s (target <= "
+              f"{TARGETS.rederive_seconds:g} s: {_met(rederive['commit_seconds'] <= TARGETS.rederive_seconds)}; "
+              f"swap {rederive['swap_seconds']:.2f} s; requests {rederive['requests']}: {_paths(rederive['by_path'])})")
+    if check:
+        print(f"  local drift check        {check['seconds']:8.2f} s (target <= {TARGETS.drift_check_seconds:g} s: "
+              f"{_met(check['seconds'] <= TARGETS.drift_check_seconds)}; {check['leads']} leads in the mirror's "
+              f"year, drift {check['drift']})")
     fresh = inc.get("freshness")
     if not fresh:
         return

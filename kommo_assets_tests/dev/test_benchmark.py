@@ -95,7 +95,8 @@ def test_a_tiny_incremental_benchmark_prints_every_figure(tmp_path, capsys) -> N
     for figure in ("Account loaded by one full refresh", "idle tick requests", "tick after the changes",
                    "sync of changed leads", "sync requests", "sync run start -> commit", "changes in production",
                    "change -> visible p50", "change -> visible p95", "change -> visible max", "changes visible",
-                   "increments the daemon ran", "wall time"):
+                   "increments the daemon ran", "wall time", "mapping edit re-derived", "edit -> committed",
+                   "local drift check"):
         assert figure in printed, figure
     assert "total wall time" not in printed.split("Incremental sync")[0]  # no full-refresh block, no re-run
     inc = json.loads(out.read_text())["incremental"]
@@ -105,6 +106,10 @@ def test_a_tiny_incremental_benchmark_prints_every_figure(tmp_path, capsys) -> N
     assert sync["success"] and sync["visible"] == inc["changes"] == 20
     assert 0 < sync["commit_seconds"] < sync["wall_seconds"]
     assert sync["requests"] == sync["client_requests"] > 0
+    rederive = inc["rederive"]
+    assert rederive["success"] and rederive["rederived_leads"] >= rederive["leads_reached"] > 1000
+    assert rederive["bookings_shown"] == rederive["bookings"] > 0 and rederive["commit_seconds"] > 0
+    assert inc["drift_check"]["drift"] == 0 and inc["drift_check"]["leads"] > 1000
     fresh = inc["freshness"]
     assert fresh["visible"] == fresh["changes"] == 2, fresh["not_visible"]
     assert 0 < fresh["p50"] <= fresh["p95"] <= fresh["max"] <= 60
