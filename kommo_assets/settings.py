@@ -52,6 +52,16 @@ def require_live(env: Mapping[str, str] | None = None) -> None:
         raise ConfigError(LIVE_DISABLED_REASON)
 
 
+HEAL_DRIFT_VARIABLE = "KOMMO_HEAL_DRIFT"
+
+
+def heal_drift_enabled(env: Mapping[str, str] | None = None) -> bool:
+    """``KOMMO_HEAL_DRIFT`` (a flag, default off): a nightly dry run whose drop guard passed and that found drift
+    in its year starts a full refresh of that year (``kommo_drift_alert_sensor``). Read at each tick, as the
+    live flag is; a value that is not a flag is a ConfigError naming the variable."""
+    return parse_flag(HEAL_DRIFT_VARIABLE, env)
+
+
 def database_url(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     url = env.get("KOMMO_DATABASE_URL", "").strip()

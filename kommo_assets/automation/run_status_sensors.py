@@ -13,11 +13,15 @@ from typing import Any
 
 import dagster as dg
 
+from kommo_assets import settings
 from kommo_assets.assets.common import DRY_RUN_JOB, REQUEST_ID_TAG, REQUESTED_BY_TAG
+from kommo_assets.automation import drift_heal
 from kommo_assets.automation.slack_alerts import RunAlert, drift_message, failure_message
 from kommo_assets.db import refresh_requests, runs
+from kommo_assets.jobs import kommo_full_refresh_job
 from kommo_assets.resources.postgres import PostgresResource, import_run_id
 from kommo_assets.resources.slack import KommoSlackResource
+from kommo_assets.scope import Window
 
 # None = every job of this code location: the two Kommo jobs and also the ad-hoc asset job that the UI's
 # Materialize button launches, whose runs open import records just the same.
@@ -164,6 +168,7 @@ def kommo_run_failure_sensor(
             requested_by=run.tags.get(REQUESTED_BY_TAG),
             request_id=run.tags.get(REQUEST_ID_TAG),
             bookkeeping_failed=bookkeeping_error is not None,
+            heal_note=drift_heal.failure_note(run, end.import_run),
         )
         slack.post_message(failure_message(alert, slack.webserver_url, secrets))
         context.log.info(f"Posted a Slack alert for run {run.run_id}")
@@ -179,27 +184,62 @@ def drift_of(import_run: dict[str, Any] | None) -> int | None:
     return None if drift is None else int(drift)
 
 
+def window_key(import_run: dict[str, Any] | None) -> str | None:
+    """The window of an import record as its partition key (its year), None without one."""
+    if not import_run or import_run.get("created_from") is None or import_run.get("created_to") is None:
+        return None
+    return Window(import_run["created_from"], import_run["created_to"]).key
+
+
 @dg.run_status_sensor(
     run_status=dg.DagsterRunStatus.SUCCESS,
     name="kommo_drift_alert_sensor",
     description="When a dry run succeeds with drift (rows a full refresh would still change after the "
-    "incremental syncs) other than 0, posts one Slack message (KOMMO_ENABLE_SLACK_ALERTS).",
+    "incremental syncs) other than 0 in its year, posts one Slack message (KOMMO_ENABLE_SLACK_ALERTS). With "
+    "KOMMO_HEAL_DRIFT on, a nightly dry run's drift that passed the drop guard starts a full refresh of that "
+    "year, once per dry run, and the message says so or why not.",
     monitored_jobs=None,
+    request_job=kommo_full_refresh_job,
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def kommo_drift_alert_sensor(
     context: dg.RunStatusSensorContext, postgres: PostgresResource, slack: KommoSlackResource
-) -> None:
+) -> dg.RunRequest | None:
+    # Returns None but for a heal, so one tick handles every dry run that ended since the cursor; a tick that
+    # requests a heal ends there and the next one goes on.
     run = context.dagster_run
     if run.job_name != DRY_RUN_JOB:
-        return
+        return None
     with postgres.import_runs() as import_runs:
         record = import_runs.get(import_run_id(run))
     drift = drift_of(record)
+    year = window_key(record)
+    # Read on every dry run, so a bad value shows on the first tick rather than the first drift. An error
+    # raised here fails the tick but moves the cursor on: the alert goes out first, naming the variable.
+    error: Exception | None = None
+    try:
+        heal_on = settings.heal_drift_enabled()
+    except settings.ConfigError as exc:
+        heal_on, error = False, exc
     if not drift:
-        context.log.info(f"Dry run {run.run_id}: drift {drift}")
-        return
-    context.log.warning(f"Dry run {run.run_id}: drift {drift} (should be 0)")
+        context.log.info(f"Dry run {run.run_id} ({year}): drift {drift}")
+        if error is not None:
+            raise error
+        return None
+    context.log.warning(f"Dry run {run.run_id} ({year}): drift {drift} (should be 0)")
+    heal = drift_heal.Heal(None, f"not started: {error}") if error is not None else None
+    if heal_on:
+        try:
+            heal = drift_heal.decide(context.instance, postgres, run, record)
+        except Exception as exc:  # still alert, then fail the tick with the real error below
+            heal, error = drift_heal.Heal(None, f"not started: {runs.safe_error(exc, postgres.secrets())}"), exc
+    if heal is not None:
+        context.log.info(f"Heal of {year}: {heal.note}")
     if slack.enabled:
-        slack.post_message(drift_message(run.run_id, record, drift, slack.webserver_url))
+        slack.post_message(drift_message(run.run_id, record, drift, slack.webserver_url, year=year,
+                                         heal_note=heal.note if heal else None,
+                                         healing=bool(heal and heal.request)))
         context.log.info(f"Posted a Slack drift alert for run {run.run_id}")
+    if error is not None:
+        raise error
+    return heal.request if heal else None

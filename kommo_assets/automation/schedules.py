@@ -1,5 +1,6 @@
-"""The nightly schedules: a dry run that is on by default (drift shows up as a needs_review alert) and a
-full refresh that is defined but off until an operator turns it on. Each tick runs every year in scope
+"""The nightly schedules: a dry run that is on by default (a drop shows up as a needs_review alert, drift as a
+drift alert, and with KOMMO_HEAL_DRIFT on a drift that passed the drop guard starts a full refresh of its year:
+``automation/drift_heal.py``) and a full refresh that is defined but off until an operator turns it on. Each tick runs every year in scope
 (``KOMMO_REFRESH_YEARS``), one run per partition; the kommo pool runs them one at a time, oldest first.
 
 Cron and timezone come from the environment when the code location loads; a value Dagster cannot read
@@ -55,7 +56,9 @@ def build_schedules(env: Mapping[str, str] | None = None) -> tuple[dg.ScheduleDe
             "kommo_nightly_dry_run_schedule", kommo_dry_run_job, "KOMMO_DRY_RUN_CRON",
             settings.dry_run_cron(env), timezone,
             dg.DefaultScheduleStatus.RUNNING,
-            "Nightly dry run (staging and checks, no swap); a drop beyond max_drop_ratio alerts as needs_review. "
+            "Nightly dry run (staging and checks, no swap); a drop beyond max_drop_ratio alerts as needs_review, "
+            "drift as a drift alert; with KOMMO_HEAL_DRIFT on, drift that passed the drop guard starts a full "
+            "refresh of its year. "
             "Cron KOMMO_DRY_RUN_CRON (default 0 2 * * *), timezone KOMMO_SCHEDULE_TIMEZONE (default UTC).",
         ),
         _nightly(

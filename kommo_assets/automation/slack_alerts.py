@@ -36,6 +36,7 @@ class RunAlert:
     requested_by: str | None = None
     request_id: str | None = None
     bookkeeping_failed: bool = False  # the import record could not be read or closed
+    heal_note: str | None = None  # KOMMO_HEAL_DRIFT: a heal that failed, or why a dry run started none
 
 
 def _escape(text: str) -> str:
@@ -103,16 +104,28 @@ def failure_message(alert: RunAlert, webserver_url: str, secrets: Iterable[str] 
     if alert.request_id:
         lines.append(f"*Requested by:* {_escape(alert.requested_by or 'unknown')} "
                      f"(refresh request #{_escape(alert.request_id)})")
+    if alert.heal_note:
+        lines.append(f"*Heal:* {_escape(alert.heal_note)}")
     lines.append(f"*Run:* <{webserver_url}/runs/{alert.run_id}|{alert.run_id}>")
     return "\n".join(lines)
 
 
-def drift_message(run_id: str, import_run: dict[str, Any], drift: int, webserver_url: str) -> str:
-    """Slack mrkdwn for a nightly dry run whose preview is not empty: the incremental syncs left drift."""
-    lines = [f":warning: *Kommo drift*: the nightly dry run found {drift} production row(s) a full refresh "
-             "would still change after the incremental syncs; it should be 0.",
-             f"*Change preview:* {_escape(preview_summary(import_run.get('change_preview')))}",
-             "*What to do:* look at the preview's samples in the run; run a full refresh to repair, and report "
-             "what the syncs missed.",
-             f"*Run:* <{webserver_url}/runs/{run_id}|{run_id}>"]
+def drift_message(run_id: str, import_run: dict[str, Any], drift: int, webserver_url: str,
+                  year: str | None = None, heal_note: str | None = None, healing: bool = False) -> str:
+    """Slack mrkdwn for a nightly dry run whose preview is not empty: the incremental syncs left drift in its
+    year. ``heal_note`` (only with KOMMO_HEAL_DRIFT set) says whether a full refresh of the year was started
+    (``healing``) or why not."""
+    where = f" in {year}" if year else ""
+    lines = [f":warning: *Kommo drift*: the nightly dry run found {drift} production row(s){where} a full "
+             "refresh would still change after the incremental syncs; it should be 0.",
+             f"*Change preview:* {_escape(preview_summary(import_run.get('change_preview')))}"]
+    if heal_note:
+        lines.append(f"*Heal:* {_escape(heal_note)}")
+    if healing:
+        lines.append("*What to do:* look at the preview's samples in the run and report what the syncs missed; "
+                     "the heal repairs production.")
+    else:
+        lines.append("*What to do:* look at the preview's samples in the run; run a full refresh to repair, and "
+                     "report what the syncs missed.")
+    lines.append(f"*Run:* <{webserver_url}/runs/{run_id}|{run_id}>")
     return "\n".join(lines)
