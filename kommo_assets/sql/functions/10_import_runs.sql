@@ -97,15 +97,30 @@ LANGUAGE sql AS $$
 $$;
 
 -- The run a step may work on: locked for this transaction; unknown or closed runs are refused.
-CREATE OR REPLACE FUNCTION lock_running_kommo_import_run(p_run_id uuid) RETURNS kommo_import_runs
+-- Run p_run_id's record (locked FOR UPDATE when p_lock), or an error naming the run when there is none:
+-- the one lookup of a run by the functions that are given its id.
+CREATE OR REPLACE FUNCTION kommo_import_run(p_run_id uuid, p_lock boolean DEFAULT false) RETURNS kommo_import_runs
 LANGUAGE plpgsql AS $$
 DECLARE
     v_run kommo_import_runs;
 BEGIN
-    SELECT * INTO v_run FROM kommo_import_runs WHERE id = p_run_id FOR UPDATE;
+    IF p_lock THEN
+        SELECT * INTO v_run FROM kommo_import_runs WHERE id = p_run_id FOR UPDATE;
+    ELSE
+        SELECT * INTO v_run FROM kommo_import_runs WHERE id = p_run_id;
+    END IF;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown Kommo import run %', p_run_id;
     END IF;
+    RETURN v_run;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION lock_running_kommo_import_run(p_run_id uuid) RETURNS kommo_import_runs
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_run kommo_import_runs := kommo_import_run(p_run_id, true);
+BEGIN
     IF v_run.status <> 'running' THEN
         RAISE EXCEPTION 'Kommo import run % is %, not running: start a new run', p_run_id, v_run.status;
     END IF;

@@ -197,12 +197,8 @@ $$;
 CREATE OR REPLACE FUNCTION kommo_change_preview(p_run_id uuid, p_sample integer DEFAULT 10) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_run kommo_import_runs;
+    v_run kommo_import_runs := kommo_import_run(p_run_id);
 BEGIN
-    SELECT * INTO v_run FROM kommo_import_runs WHERE id = p_run_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown Kommo import run %', p_run_id;
-    END IF;
     IF v_run.kind = 'increment' THEN
         RAISE EXCEPTION 'Kommo import run % is an increment: kommo_increment_preview previews it', p_run_id;
     END IF;
@@ -215,12 +211,8 @@ $$;
 CREATE OR REPLACE FUNCTION kommo_increment_preview(p_run_id uuid, p_sample integer DEFAULT 10) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_run kommo_import_runs;
+    v_run kommo_import_runs := kommo_import_run(p_run_id);
 BEGIN
-    SELECT * INTO v_run FROM kommo_import_runs WHERE id = p_run_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown Kommo import run %', p_run_id;
-    END IF;
     IF v_run.kind <> 'increment' THEN
         RAISE EXCEPTION 'Kommo import run % is a %, not an increment: kommo_change_preview previews it',
             p_run_id, replace(v_run.kind, '_', ' ');
