@@ -10,6 +10,8 @@ What an increment stages:
   (``KOMMO_REFRESH_YEARS``, resolved on Kommo's clock), whatever its status (a lead moved to 143 is archived
   by the apply);
 * the leads deleted since the cursor, from the events feed, into ``stg_kommo_lead_removals``;
+* the leads restored or relinked since the cursor (the same feed) that the changed leads did not include,
+  fetched by id: Kommo may leave their ``updated_at`` as it was;
 * the contacts updated since the cursor that are clients already, or main contacts of staged leads;
 * the main contacts of staged leads that are not clients yet, fetched by id;
 * the vehicle and source options (their labels name new vehicles and sources).
@@ -40,7 +42,7 @@ import psycopg
 from kommo_assets.db.staging import StagingWriter
 from kommo_assets.db.windows import sync_cursor, window_params
 from kommo_assets.kommo import KommoClient
-from kommo_assets.kommo.changes import LEAD_DELETED, LeadEvent, Probe, Seen, latest_by_lead
+from kommo_assets.kommo.changes import LEAD_DELETED, LeadEvent, Probe, Seen, latest_by_lead, touched_by_events
 from kommo_assets.kommo.fields import SOURCE_FIELD_ID, VEHICLE_FIELD_ID, extract_kommo_epoch, positive_int
 from kommo_assets.kommo.paging import ceil_epoch
 from kommo_assets.scope import Window, YearScope
@@ -95,6 +97,7 @@ class IncrementResult:
     contacts: int = 0
     vehicle_links: int = 0
     leads_received: int = 0
+    leads_fetched: int = 0  # restored or relinked leads the feed did not list, fetched by id
     contacts_received: int = 0
     contacts_fetched: int = 0
     skipped: Counter = field(default_factory=Counter)
@@ -112,6 +115,7 @@ class IncrementResult:
             "contacts": self.contacts,
             "vehicle_links": self.vehicle_links,
             "leads_received": self.leads_received,
+            "leads_fetched": self.leads_fetched,
             "contacts_received": self.contacts_received,
             "contacts_fetched": self.contacts_fetched,
             "skipped": dict(self.skipped),
@@ -164,7 +168,8 @@ def stage_increment(
 
     read = Seen(ceil_epoch(since))
     lead_contacts = _stage_changed_leads(writer, tracker, since, windows, result, on_progress, read)
-    _stage_removals(conn, run_id, tracker, since, windows, result, read)
+    events = _stage_removals(conn, run_id, tracker, since, windows, result, read)
+    lead_contacts |= _stage_touched_leads(writer, client, events, windows, result, read)
     _stage_contacts(conn, writer, client, tracker, since, lead_contacts, result, read)
     result.sync_to, result.seen = next_cursor(cursor, client.kommo_clock, client.latest_kommo_clock, read)
     if on_progress:
@@ -237,9 +242,9 @@ def _stage_changed_leads(writer: StagingWriter, tracker, since: datetime, window
 
 
 def _stage_removals(conn: psycopg.Connection, run_id: str, tracker, since: datetime,
-                    windows: Sequence[Window], result: IncrementResult, read: Seen) -> None:
+                    windows: Sequence[Window], result: IncrementResult, read: Seen) -> list[LeadEvent]:
     """The leads deleted since ``since`` (each lead's newest event decides, ties by event id) leave the run's
-    staging; those production holds in a window become removals."""
+    staging; those production or the mirror holds in a window become removals. Returns the events read."""
     listed: list[LeadEvent] = tracker.lead_events(since)
     read.events.update((e.id, int(e.created_at.timestamp())) for e in listed)
     events = latest_by_lead(listed)
@@ -251,6 +256,21 @@ def _stage_removals(conn: psycopg.Connection, run_id: str, tracker, since: datet
         with conn.transaction():
             conn.execute(_STAGE_REMOVALS, {"r": run_id, "ids": deleted, "removals": removed})
     result.removals = len(removed)
+    return listed
+
+
+def _stage_touched_leads(writer: StagingWriter, client: KommoClient, events: list[LeadEvent],
+                         windows: Sequence[Window], result: IncrementResult, read: Seen) -> set[int]:
+    """The leads the events say changed (restored, relinked) that the changed-leads feed did not list (Kommo
+    may leave ``updated_at`` as it was), fetched by id and staged; returns their new contact ids."""
+    missing = sorted(touched_by_events(events) - set(read.leads))
+    lead_contacts: set[int] = set()
+    for batch in client.leads_by_id(missing):
+        result.leads_fetched += len(batch)
+        kept = [lead for lead in batch if in_windows(lead, windows)]
+        result.skipped["outside_windows"] += len(batch) - len(kept)
+        lead_contacts.update(writer.write_leads(kept, result.skipped).new_contact_ids)
+    return lead_contacts
 
 
 def _stage_contacts(conn: psycopg.Connection, writer: StagingWriter, client: KommoClient, tracker,

@@ -3,8 +3,8 @@
 * Changed leads: ``GET /api/v4/leads`` by ``filter[updated_at][from]``, ``order[updated_at]=asc``, keyset-paged
   exactly as the full export pages ``created_at`` (:class:`KeysetPaging` over an open-ended ``updated_at``
   range), ``with=contacts,catalog_elements``, every status (143 too: a lead lost since is archived).
-* Deleted and restored leads: the events feed, ``GET /api/v4/events`` with ``filter[type]=lead_deleted,
-  lead_restored``. Not ``with=only_deleted``: that lists the trash, and a lead emptied from the trash (or
+* Deleted, restored and relinked leads: the events feed, ``GET /api/v4/events`` with ``filter[type]=lead_deleted,
+  lead_restored,entity_linked,entity_unlinked`` (a restoration or a relink may leave ``updated_at`` as it was). Not ``with=only_deleted``: that lists the trash, and a lead emptied from the trash (or
   deleted for good at once) is in no list any more, so a sync reading the trash would never learn that
   it is gone. The events feed keeps the deletion whatever becomes of the lead afterwards.
 * Changed contacts: ``GET /api/v4/contacts`` by ``filter[updated_at][from]``, keyset-paged the same way (a
@@ -40,6 +40,10 @@ EVENTS_PAGE_SIZE = 100  # Kommo's cap on the events feed's `limit`
 LEAD_DELETED = "lead_deleted"
 LEAD_RESTORED = "lead_restored"
 REMOVAL_EVENTS = (LEAD_DELETED, LEAD_RESTORED)
+# A contact linked to or unlinked from a lead (a relink of its main contact, a merge of contacts): Kommo does
+# not document that these move the lead's updated_at, so the changed-leads feed may never list the lead.
+LINK_EVENTS = ("entity_linked", "entity_unlinked")
+LEAD_EVENTS = (*REMOVAL_EVENTS, *LINK_EVENTS)
 # A feed that keeps sending events beyond this many pages is not honouring its filters.
 MAX_EVENT_PAGES = 10_000
 # The probe's budget: each of its at most 3 requests gives up after this long, with no retry and no
@@ -53,7 +57,7 @@ class LeadEvent:
     """A deletion or restoration of one lead, read from the events feed."""
 
     lead_id: int
-    type: str  # LEAD_DELETED or LEAD_RESTORED
+    type: str  # one of LEAD_EVENTS
     created_at: datetime
     id: str = ""  # Kommo's event id
 
@@ -66,9 +70,12 @@ class LeadEvent:
 
 
 def latest_by_lead(events: Iterable[LeadEvent]) -> dict[int, LeadEvent]:
-    """Each lead's newest deletion or restoration (:attr:`LeadEvent.order`), whatever the feed's order."""
+    """Each lead's newest deletion or restoration (:attr:`LeadEvent.order`), whatever the feed's order; link
+    events decide nothing here."""
     newest: dict[int, LeadEvent] = {}
     for event in events:
+        if event.type not in REMOVAL_EVENTS:
+            continue
         known = newest.get(event.lead_id)
         if known is None or event.order > known.order:
             newest[event.lead_id] = event
@@ -282,8 +289,18 @@ def _was_read(item: dict, name: str, stamp: str, read: dict) -> bool:
     return moment is not None and item_id is not None and read.get(item_id) == int(moment.timestamp())
 
 
+def touched_by_events(events: Iterable[LeadEvent]) -> set[int]:
+    """The leads whose current state the events say to read again, though their ``updated_at`` may not have
+    moved: restored (their newest removal event) or relinked, and not deleted."""
+    newest = latest_by_lead(events)
+    relinked = {event.lead_id for event in events if event.type in LINK_EVENTS}
+    restored = {lead_id for lead_id, event in newest.items() if event.type == LEAD_RESTORED}
+    return {lead_id for lead_id in relinked | restored
+            if lead_id not in newest or newest[lead_id].type != LEAD_DELETED}
+
+
 def _event_params(start: int, *, limit: int) -> list[tuple[str, str]]:
-    return [("filter[type]", ",".join(REMOVAL_EVENTS)), ("filter[entity]", "lead"),
+    return [("filter[type]", ",".join(LEAD_EVENTS)), ("filter[entity]", "lead"),
             ("filter[created_at][from]", str(start)), ("limit", str(limit))]
 
 
@@ -304,13 +321,13 @@ def _counts(item: dict, name: str) -> bool:
 
 
 def _lead_event(event: object) -> LeadEvent | None:
-    """A lead deletion or restoration with its id; None for anything else or unreadable."""
+    """A lead's deletion, restoration or link change, with its id; None for anything else or unreadable."""
     if not isinstance(event, dict):
         return None
     kind = event.get("type")
     lead_id = positive_int(event.get("entity_id"))
     created = extract_kommo_epoch(event.get("created_at"))
-    if kind not in REMOVAL_EVENTS or event.get("entity_type") not in (None, "lead") or lead_id is None \
+    if kind not in LEAD_EVENTS or event.get("entity_type") not in (None, "lead") or lead_id is None \
             or created is None:
         return None
     event_id = event.get("id")

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from kommo_assets.kommo.changes import ChangeTracker
-from kommo_assets.kommo.contacts import ContactBatch, ContactBatching, distinct_batches, fetch_contacts
+from kommo_assets.kommo.contacts import (
+    ContactBatch,
+    ContactBatching,
+    distinct_batches,
+    fetch_by_ids,
+    fetch_contacts,
+)
 from kommo_assets.kommo.errors import KommoResponseError
 from kommo_assets.kommo.fanout import LEAD_CHAINS, Plan, SnapshotStream, fan_out
 from kommo_assets.kommo.fields import positive_int
@@ -172,6 +178,14 @@ class KommoClient:
             return None
         answer = read_list(body, "leads", LEADS_PATH, request.number, self.page_size)
         return answer if answer.items else None
+
+    def leads_by_id(self, lead_ids: Iterable[int], *, batch_size: int = 250) -> Iterator[list[dict]]:
+        """The leads of ``lead_ids`` that exist (deleted ones are absent), one list per batch of up to
+        ``batch_size`` distinct ids, each ``GET /api/v4/leads?filter[id][]=...`` with the embeds of every lead
+        read (contacts, catalog elements), one batch after another: the sync asks for a few leads an event
+        named (a restoration, a relink) that the changed-leads feed did not list."""
+        for ids in distinct_batches(lead_ids, batch_size):
+            yield fetch_by_ids(self._transport, LEADS_PATH, "leads", ids, self.page_size, params=[LEAD_EMBEDS])
 
     # --- contacts ---------------------------------------------------------------------------------
 

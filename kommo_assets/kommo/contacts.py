@@ -1,5 +1,5 @@
 """Contact batching: contact ids cut into batches of distinct ids, and one batch fetched from
-``GET /api/v4/contacts?filter[id][]=...``."""
+``GET /api/v4/contacts?filter[id][]=...`` (the same fetch by ids serves leads: :func:`fetch_by_ids`)."""
 
 from __future__ import annotations
 
@@ -46,37 +46,44 @@ def distinct_batches(ids: Iterable[Any], size: int) -> Iterator[list[int]]:
         yield batch
 
 
-def fetch_contacts(transport: Transport, ids: list[int], page_size: int,
-                   cancel: threading.Event | None = None) -> list[dict]:
-    """The contacts of ``ids`` that exist, in the order asked, paged until a 204, a short page, or every
-    id was seen. Contacts that were not asked for are dropped; more pages than the ids can fill mean Kommo
-    ignores the filter: :class:`KommoResponseError`."""
+def fetch_by_ids(transport: Transport, path: str, embedded: str, ids: list[int], page_size: int,
+                 cancel: threading.Event | None = None, params: Iterable[tuple[str, str]] = ()) -> list[dict]:
+    """The records of ``ids`` that exist on ``path`` (``GET path?filter[id][]=...``, the list under
+    ``_embedded.<embedded>``), in the order asked, paged until a 204, a short page, or every id was seen.
+    Records that were not asked for are dropped; more pages than the ids can fill mean Kommo ignores the
+    filter: :class:`KommoResponseError`."""
     wanted = set(ids)
     max_pages = -(-len(ids) // page_size) + 1
     found: dict[int, dict] = {}
     for page in itertools.count(1):
         if page > max_pages:
             raise KommoResponseError(
-                f"Kommo returned more than {max_pages - 1} page(s) of contacts for {len(ids)} ids on "
-                f"GET {CONTACTS_PATH}: it seems to ignore filter[id][]. Check the API version of the "
-                "account; the run cannot tell which contacts were asked for.",
-                method="GET", path=CONTACTS_PATH, page=page,
+                f"Kommo returned more than {max_pages - 1} page(s) of {embedded} for {len(ids)} ids on "
+                f"GET {path}: it seems to ignore filter[id][]. Check the API version of the "
+                f"account; the run cannot tell which {embedded} were asked for.",
+                method="GET", path=path, page=page,
             )
-        params = [("filter[id][]", str(contact_id)) for contact_id in ids]
-        params += [("limit", str(page_size)), ("page", str(page))]
-        # Not one of up to 250 contacts existing is possible, but a 204 on page 1 is confirmed first.
+        query = [("filter[id][]", str(record_id)) for record_id in ids]
+        query += [*params, ("limit", str(page_size)), ("page", str(page))]
+        # Not one of up to 250 records existing is possible, but a 204 on page 1 is confirmed first.
         get = transport.get_confirmed if page == 1 else transport.get
-        body = get(CONTACTS_PATH, params, page=page, cancel=cancel)
+        body = get(path, query, page=page, cancel=cancel)
         if body is None:
             break
-        answer = read_list(body, "contacts", CONTACTS_PATH, page, page_size)
-        for contact in answer.items:
-            contact_id = positive_int(contact.get("id")) if isinstance(contact, dict) else None
-            if contact_id in wanted and contact_id not in found:
-                found[contact_id] = contact
+        answer = read_list(body, embedded, path, page, page_size)
+        for record in answer.items:
+            record_id = positive_int(record.get("id")) if isinstance(record, dict) else None
+            if record_id in wanted and record_id not in found:
+                found[record_id] = record
         if answer.ends_range or len(found) == len(wanted):
             break
-    return [found[contact_id] for contact_id in ids if contact_id in found]
+    return [found[record_id] for record_id in ids if record_id in found]
+
+
+def fetch_contacts(transport: Transport, ids: list[int], page_size: int,
+                   cancel: threading.Event | None = None) -> list[dict]:
+    """The contacts of ``ids`` that exist, in the order asked (:func:`fetch_by_ids`)."""
+    return fetch_by_ids(transport, CONTACTS_PATH, "contacts", ids, page_size, cancel)
 
 
 class ContactBatching:
