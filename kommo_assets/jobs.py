@@ -1,20 +1,25 @@
-"""The jobs: the full refresh and the dry run that operators run, and the incremental sync its sensor starts."""
+"""The jobs: the full refresh and the dry run that operators run, and the incremental sync its sensor starts;
+with them the names, tags and pool their runs carry."""
 
 import dagster as dg
 
-from kommo_assets.assets.common import (
-    DRY_RUN_JOB,
-    FULL_REFRESH_JOB,
-    INCREMENTAL_SYNC_JOB,
-    KOMMO_GROUP,
-    REFRESH_TAG,
-    STAGING_KEYS,
-)
-from kommo_assets.assets.increment import INCREMENT
+from kommo_assets.assets.catalog import INCREMENT, KOMMO_GROUP, STAGING_KEYS
+
+FULL_REFRESH_JOB = "kommo_full_refresh_job"
+DRY_RUN_JOB = "kommo_dry_run_job"
+INCREMENTAL_SYNC_JOB = "kommo_incremental_sync_job"
+
+# Every run that reads Kommo carries this tag: dagster.yaml's run queue lets one run with it run at a time.
+REFRESH_TAG = "kommo/refresh"
+# The concurrency pool of the assets that read Kommo, for the runs no job tags (the UI's ad-hoc Materialize):
+# dagster.yaml limits it to one run at a time too.
+KOMMO_POOL = "kommo"
+# The tags of a run the request sensor starts for the web app's button: who asked, and which request.
+REQUESTED_BY_TAG = "kommo/requested_by"
+REQUEST_ID_TAG = "kommo/request_id"
 
 # All three jobs run in the run's own process, the code location's default executor (see definitions.py).
-# They read Kommo under one account-wide rate limit, so they share one concurrency tag:
-# dagster.yaml's run queue lets one run with this tag run at a time and queues the rest.
+# They read Kommo under one account-wide rate limit, so they share one concurrency tag.
 _TAGS = {REFRESH_TAG: "kommo"}
 
 kommo_full_refresh_job = dg.define_asset_job(

@@ -18,10 +18,10 @@ import psycopg
 import pytest
 import requests
 
-from kommo_assets.assets.common import DRY_RUN_JOB, FULL_REFRESH_JOB, REFRESH_TAG
 from kommo_assets.assets.production import SWAP_ALONE
 from kommo_assets.dev.dagster_dev import REPO_ROOT, DevServer, launch
 from kommo_assets.dev.local_postgres import LocalPostgres
+from kommo_assets.jobs import DRY_RUN_JOB, FULL_REFRESH_JOB, REFRESH_TAG
 from kommo_assets.scope import current_year
 from kommo_assets_tests.ui_support import (
     CHROMIUM_ARGS,

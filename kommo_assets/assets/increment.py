@@ -12,19 +12,20 @@ from datetime import timedelta
 import dagster as dg
 
 from kommo_assets import settings
-from kommo_assets.assets.catalog import OWNERS
-from kommo_assets.assets.common import (
+from kommo_assets.assets.catalog import (
+    BOOKINGS,
     CALENDAR_VIEW,
+    INCREMENT,
     KOMMO_API,
-    KOMMO_POOL,
+    OWNERS,
     PRODUCTION_KEYS,
-    REQUESTED_BY_TAG,
-    ensure_live,
+    SYNC_GROUP,
     timestamp,
-    working_on_run,
 )
+from kommo_assets.assets.live import ensure_live
 from kommo_assets.assets.production import calendar_metadata
 from kommo_assets.db import increment, windows
+from kommo_assets.jobs import KOMMO_POOL, REQUESTED_BY_TAG
 from kommo_assets.reporting import preview_markdown, preview_summary
 from kommo_assets.resources.kommo import KommoResource
 from kommo_assets.resources.postgres import PostgresResource, import_run_id
@@ -32,9 +33,6 @@ from kommo_assets.resources.sync import KommoSyncResource
 from kommo_assets.scope import YearScope
 from kommo_assets.settings import ConfigError
 
-INCREMENT = dg.AssetKey("kommo_increment")
-SYNC_GROUP = "kommo_sync"
-BOOKINGS = dg.AssetKey("bookings")
 FRESHNESS_CHECK = "bookings_fresh"
 
 
@@ -71,7 +69,7 @@ def kommo_increment(
     ensure_live()
     scope = sync_scope()
     run_id = import_run_id(context.run)
-    with working_on_run(postgres, run_id, kommo.secrets()):
+    with postgres.working_on_run(run_id, kommo.secrets()):
         with postgres.import_runs() as import_runs:
             import_runs.start(
                 run_id=run_id, dagster_run_id=context.run_id, job_name=context.job_name,

@@ -53,8 +53,8 @@ def _worker_job(args: argparse.Namespace) -> dict:
     """The real ``kommo_full_refresh_job``, in process, with the Kommo resource paced as asked."""
     import dagster as dg
 
-    from kommo_assets.assets.common import FULL_REFRESH_JOB
     from kommo_assets.db.runs import get_run
+    from kommo_assets.jobs import FULL_REFRESH_JOB
 
     job = bench_definitions(args).resolve_job_def(FULL_REFRESH_JOB)
     with dg.DagsterInstance.ephemeral() as instance:

@@ -9,9 +9,10 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from kommo_assets.assets.common import KOMMO_POOL, STAGING_KEYS, STG_LEADS
+from kommo_assets.assets.catalog import STAGING_KEYS, STG_LEADS
 from kommo_assets.definitions import defs
 from kommo_assets.dev.dagster_dev import REPO_ROOT
+from kommo_assets.jobs import KOMMO_POOL
 
 JOBS = ("kommo_full_refresh_job", "kommo_dry_run_job", "kommo_incremental_sync_job")
 SCHEDULES = {"kommo_nightly_dry_run_schedule": dg.DefaultScheduleStatus.RUNNING,
