@@ -13,8 +13,11 @@ from kommo_assets.assets import catalog
 from kommo_assets.assets.catalog import (
     BOOKINGS,
     CALENDAR_VIEW,
+    INCREMENT,
+    KOMMO_API,
     PRODUCTION_KEYS,
     STAGING_KEYS,
+    STG_BOOKING_VEHICLES,
     STG_CONTACTS,
     STG_LEADS,
     table_key,
@@ -107,6 +110,21 @@ class _Table:
     table_name = property(lambda self: self._get("dagster/table_name"))
     column_schema = property(lambda self: self._get("dagster/column_schema"))
     column_lineage = property(lambda self: self._get("dagster/column_lineage"))
+
+
+def test_every_asset_key_says_where_it_lives():
+    """No bare keys: a table's key is [database, schema, table] and matches its dagster/table_name; Kommo's
+    API is under kommo; the sync, not a table, under the database alone."""
+    keys = set(defs.resolve_asset_graph().get_all_asset_keys())
+    assert keys == {*TABLE_KEYS, KOMMO_API, INCREMENT}
+    assert BOOKINGS.to_user_string() == "app_db/public/bookings"
+    assert (KOMMO_API.path, INCREMENT.path) == (["kommo", "api"], ["app_db", "kommo_increment"])
+    for key in TABLE_KEYS:
+        database, schema, table = key.path
+        assert database == catalog.DATABASE and f"{schema}.{table}" == _Table(key).table_name, key
+    # the checks hang off the prefixed keys too
+    checked = {check_key.asset_key for check_key in defs.resolve_asset_graph().asset_check_keys}
+    assert checked == {STG_LEADS, STG_BOOKING_VEHICLES, BOOKINGS}
 
 
 def _schema_differences(conn: psycopg.Connection, key: dg.AssetKey) -> list[str]:

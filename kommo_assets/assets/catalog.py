@@ -1,4 +1,4 @@
-"""What the Dagster catalog says of each asset: its key, its group, and for each table the
+"""What the Dagster catalog says of each asset: its key (where it lives), its group, and for each table the
 Kommo assets write its name, its columns, where a column comes straight from a Kommo staging column, who owns
 it and whether it holds personal data.
 
@@ -11,14 +11,19 @@ from datetime import datetime
 
 import dagster as dg
 
-# The schema the migrations create the tables in (the connection's current schema: public on a fresh
-# database and on Supabase).
+# Asset keys say where the data lives, so they cannot collide with another code location's `bookings`:
+# a table is [database, schema, table]. DATABASE names the app's PostgreSQL database (KOMMO_DATABASE_URL),
+# whatever it is called in a deployment (`kommo` locally, `postgres` on Supabase); SCHEMA is the one the
+# migrations create the tables in (the connection's current schema: public on a fresh database and on
+# Supabase). Kommo's API, outside, is [kommo, api]. The incremental sync is not a table: its state (each
+# year's coverage, the cursor) lives in the app's database, so its key names the database only.
+DATABASE = "app_db"
 SCHEMA = "public"
 
 
 def table_key(table: str) -> dg.AssetKey:
     """The key of a table (or view) of the app's database."""
-    return dg.AssetKey(table)
+    return dg.AssetKey([DATABASE, SCHEMA, table])
 
 
 def table_of(key: dg.AssetKey) -> str:
@@ -26,7 +31,7 @@ def table_of(key: dg.AssetKey) -> str:
     return key.path[-1]
 
 
-KOMMO_API = dg.AssetKey("kommo_api")
+KOMMO_API = dg.AssetKey(["kommo", "api"])
 STG_LEADS = table_key("stg_kommo_leads")
 STG_CONTACTS = table_key("stg_kommo_contacts")
 STG_BOOKING_VEHICLES = table_key("stg_kommo_booking_vehicles")
@@ -36,7 +41,7 @@ PRODUCTION_KEYS = tuple(table_key(table) for table in PRODUCTION_TABLES)
 BOOKINGS = table_key("bookings")
 BOOKING_VEHICLES = table_key("booking_vehicles")
 CALENDAR_VIEW = table_key("calendar_events_expanded")
-INCREMENT = dg.AssetKey("kommo_increment")
+INCREMENT = dg.AssetKey([DATABASE, "kommo_increment"])
 
 # The asset groups: the full refresh's assets, and the incremental sync apart (never in a refresh's selection).
 KOMMO_GROUP = "kommo"

@@ -1,7 +1,7 @@
 """The incremental sync: what changed in Kommo since the cursor, staged and applied in one transaction, and
 the freshness check on bookings that the syncs, their sensor and the full refreshes keep passing.
 
-The increment is one asset (``kommo_increment``, group ``kommo_sync``, fed by ``kommo_api``) so that it
+The increment is one asset (``kommo_increment``, group ``kommo_sync``, fed by ``kommo/api``) so that it
 never joins a full refresh's selection; each run also records a materialization of every production table
 it applied to, with its counts, so their history in the UI shows increments beside refreshes.
 """

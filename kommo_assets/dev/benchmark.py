@@ -430,10 +430,13 @@ def _timeline(job: dict) -> str:
         if "staged_at" in marks:
             extra = f" (Kommo + staging until {marks['staged_at']:.1f}, then preview {staging[1] - marks['staged_at']:.1f} s)"
         parts.append(f"staging step {staging[0]:.1f}-{staging[1]:.1f} s{extra}")
-    checks = [v for k, v in steps.items() if k not in ("kommo_staging", "kommo_swap", "calendar_events_expanded")]
+    from kommo_assets.assets.catalog import CALENDAR_VIEW
+
+    calendar = CALENDAR_VIEW.to_python_identifier()  # a single asset's step is named after its key
+    checks = [v for k, v in steps.items() if k not in ("kommo_staging", "kommo_swap", calendar)]
     if checks:
         parts.append(f"checks {sum(end - start for start, end in checks):.1f} s")
-    for key, label in (("kommo_swap", "swap step"), ("calendar_events_expanded", "calendar")):
+    for key, label in (("kommo_swap", "swap step"), (calendar, "calendar")):
         if key in steps:
             parts.append(f"{label} {steps[key][1] - steps[key][0]:.1f} s")
     ends = [end for _, end in steps.values()]
