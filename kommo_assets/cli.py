@@ -38,13 +38,13 @@ def _migrate(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from kommo_assets.assets.common import DRY_RUN_JOB, FULL_REFRESH_JOB
     from kommo_assets.db import connect
     from kommo_assets.db.runs import get_run
     from kommo_assets.db.windows import coverage
     from kommo_assets.definitions import defs
     from kommo_assets.dev.dagster_dev import prepare_instance
     from kommo_assets.dev.environment import start_local_environment
+    from kommo_assets.jobs import DRY_RUN_JOB, FULL_REFRESH_JOB
 
     scope = refresh_scope()
     year = current_year() if args.year is None else args.year

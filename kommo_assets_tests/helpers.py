@@ -44,8 +44,8 @@ def run_job(name: str, *, instance: dg.DagsterInstance | None = None, tags: dict
     ``resources`` replace the code location's (e.g. a snapshot export resource built with a directory).
     The full refresh and the dry run run ``partition`` (default: the simulator's dataset year, which holds
     most of its leads); the sync has no partition."""
-    from kommo_assets.assets.common import INCREMENTAL_SYNC_JOB
     from kommo_assets.dev.simulator import SimulatorConfig
+    from kommo_assets.jobs import INCREMENTAL_SYNC_JOB
 
     if definitions is None:
         from kommo_assets.definitions import defs

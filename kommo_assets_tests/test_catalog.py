@@ -10,7 +10,18 @@ import dagster as dg
 import psycopg
 
 from kommo_assets.assets import catalog
-from kommo_assets.assets.common import CALENDAR_VIEW, PRODUCTION_KEYS, STAGING_KEYS, STG_CONTACTS, STG_LEADS
+from kommo_assets.assets.catalog import (
+    BOOKINGS,
+    CALENDAR_VIEW,
+    INCREMENT,
+    KOMMO_API,
+    PRODUCTION_KEYS,
+    STAGING_KEYS,
+    STG_BOOKING_VEHICLES,
+    STG_CONTACTS,
+    STG_LEADS,
+    table_key,
+)
 from kommo_assets.db.windows import window_row_counts
 from kommo_assets.definitions import defs
 from kommo_assets.scope import window_for
@@ -101,6 +112,19 @@ class _Table:
     column_lineage = property(lambda self: self._get("dagster/column_lineage"))
 
 
+def test_every_asset_key_says_where_it_lives():
+    """No bare keys: a table's key is [database, schema, table] and matches its dagster/table_name; Kommo's
+    API is under kommo; the sync, not a table, under the database alone."""
+    keys = set(defs.resolve_asset_graph().get_all_asset_keys())
+    assert keys == {*TABLE_KEYS, KOMMO_API, INCREMENT}
+    assert BOOKINGS.to_user_string() == "app_db/public/bookings"
+    assert (KOMMO_API.path, INCREMENT.path) == (["kommo", "api"], ["app_db", "kommo_increment"])
+    for key in TABLE_KEYS:
+        database, schema, table = key.path
+        assert database == catalog.DATABASE and f"{schema}.{table}" == _Table(key).table_name, key
+    # the checks hang off the prefixed keys too
+    checked = {check_key.asset_key for check_key in defs.resolve_asset_graph().asset_check_keys}
+    assert checked == {STG_LEADS, STG_BOOKING_VEHICLES, BOOKINGS}
 
 
 def _schema_differences(conn: psycopg.Connection, key: dg.AssetKey) -> list[str]:
@@ -131,10 +155,10 @@ def test_the_schema_check_sees_a_column_the_description_lacks(database_url):
     """What keeps the description from drifting: a migration that adds a column fails the test above."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("ALTER TABLE bookings ADD COLUMN notes text")
-        assert _schema_differences(conn, dg.AssetKey("bookings")) == [
+        assert _schema_differences(conn, BOOKINGS) == [
             "public.bookings has ('notes', 'text', True), not described"]
         conn.execute("ALTER TABLE bookings DROP COLUMN notes, ALTER COLUMN channel DROP NOT NULL")
-        assert _schema_differences(conn, dg.AssetKey("bookings")) == [
+        assert _schema_differences(conn, BOOKINGS) == [
             "public.bookings has ('channel', 'text', True), not described",
             "public.bookings lacks described ('channel', 'text', False)"]
 
@@ -144,7 +168,7 @@ def test_owners_pii_tags_code_references_and_freshness():
     for node in graph.asset_nodes:
         assert node.owners == catalog.OWNERS, node.key
     personal = {key for key in TABLE_KEYS if "pii" in _node(key).tags}
-    assert personal == {dg.AssetKey("clients"), STG_CONTACTS}
+    assert personal == {table_key("clients"), STG_CONTACTS}
     assert _node(STG_CONTACTS).tags["pii"] == ""
     # every asset Dagster computes points at the module that defines it (kommo_api is external: no code)
     for node in graph.asset_nodes:
@@ -161,12 +185,12 @@ def test_owners_pii_tags_code_references_and_freshness():
 
 
 def test_column_lineage_names_staging_columns_that_exist_upstream():
-    bookings = _Table(dg.AssetKey("bookings")).column_lineage
+    bookings = _Table(BOOKINGS).column_lineage
     assert {(d.asset_key, d.column_name) for d in bookings.deps_by_column["start_at"]} == {
         (STG_LEADS, "delivery_at"), (STG_LEADS, "collect_at")}
     assert [(d.asset_key, d.column_name) for d in bookings.deps_by_column["kommo_status_id"]] == [
         (STG_LEADS, "status_id")]
-    sales = _Table(dg.AssetKey("sales_leads")).column_lineage
+    sales = _Table(table_key("sales_leads")).column_lineage
     assert [(d.asset_key, d.column_name) for d in sales.deps_by_column["value_amount"]] == [(STG_LEADS, "price")]
 
     def columns(key):

@@ -1,18 +1,53 @@
-"""What the Dagster catalog says of each table the Kommo assets write: its name, its columns, where a column
-comes straight from a Kommo staging column, who owns it and whether it holds personal data.
+"""What the Dagster catalog says of each asset: its key (where it lives), its group, and for each table the
+Kommo assets write its name, its columns, where a column comes straight from a Kommo staging column, who owns
+it and whether it holds personal data.
 
 The columns are written out here, in the order and with the types ``information_schema.columns`` reports for
 a database the migrations built; ``kommo_assets_tests/test_catalog.py`` compares the two, so
 a migration that changes a table fails that test until this description follows it.
 """
 
+from datetime import datetime
+
 import dagster as dg
 
-from kommo_assets.assets.common import STG_BOOKING_VEHICLES, STG_CONTACTS, STG_LEADS
-
-# The schema the migrations create the tables in (the connection's current schema: public on a fresh
-# database and on Supabase).
+# Asset keys say where the data lives, so they cannot collide with another code location's `bookings`:
+# a table is [database, schema, table]. DATABASE names the app's PostgreSQL database (KOMMO_DATABASE_URL),
+# whatever it is called in a deployment (`kommo` locally, `postgres` on Supabase); SCHEMA is the one the
+# migrations create the tables in (the connection's current schema: public on a fresh database and on
+# Supabase). Kommo's API, outside, is [kommo, api]. The incremental sync is not a table: its state (each
+# year's coverage, the cursor) lives in the app's database, so its key names the database only.
+DATABASE = "app_db"
 SCHEMA = "public"
+
+
+def table_key(table: str) -> dg.AssetKey:
+    """The key of a table (or view) of the app's database."""
+    return dg.AssetKey([DATABASE, SCHEMA, table])
+
+
+def table_of(key: dg.AssetKey) -> str:
+    """The table an asset key names (its last part)."""
+    return key.path[-1]
+
+
+KOMMO_API = dg.AssetKey(["kommo", "api"])
+STG_LEADS = table_key("stg_kommo_leads")
+STG_CONTACTS = table_key("stg_kommo_contacts")
+STG_BOOKING_VEHICLES = table_key("stg_kommo_booking_vehicles")
+STAGING_KEYS = (STG_LEADS, STG_CONTACTS, STG_BOOKING_VEHICLES)
+PRODUCTION_TABLES = ("vehicles", "clients", "sales_leads", "bookings", "booking_vehicles")
+PRODUCTION_KEYS = tuple(table_key(table) for table in PRODUCTION_TABLES)
+BOOKINGS = table_key("bookings")
+BOOKING_VEHICLES = table_key("booking_vehicles")
+CALENDAR_VIEW = table_key("calendar_events_expanded")
+INCREMENT = dg.AssetKey([DATABASE, "kommo_increment"])
+# The local drift check of bookings (assets/increment.py), which the dry run's job selects.
+MIRROR_CHECK_KEY = dg.AssetCheckKey(BOOKINGS, "bookings_follow_mirror")
+
+# The asset groups: the full refresh's assets, and the incremental sync apart (never in a refresh's selection).
+KOMMO_GROUP = "kommo"
+SYNC_GROUP = "kommo_sync"
 
 # Who answers for the Kommo import's assets: the team that runs this code location. One owner for every
 # asset; the UI filters and the catalog groups by it.
@@ -21,6 +56,12 @@ OWNERS = ["team:data-platform"]
 # The tag of assets that hold personal data (names, phones, emails): a key without a value, as Dagster's
 # own kind tags are.
 PII = {"pii": ""}
+
+
+def timestamp(moment: datetime | None) -> dg.MetadataValue:
+    """A moment as the UI plots it (a timestamp), or null: one type per metadata key."""
+    return dg.MetadataValue.null() if moment is None else dg.MetadataValue.timestamp(moment)
+
 
 # name, then the type as information_schema.columns.data_type spells it, then "not null" where it is one.
 _COLUMNS = {
@@ -197,7 +238,7 @@ def tables() -> list[str]:
 
 def table_spec_args(key: dg.AssetKey) -> dict:
     """The catalog's part of the AssetSpec (or @asset) of the table asset ``key``: metadata, owners, tags."""
-    table = key.path[-1]
+    table = table_of(key)
     metadata = {
         "dagster/table_name": f"{SCHEMA}.{table}",
         "dagster/column_schema": column_schema(table),

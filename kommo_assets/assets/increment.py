@@ -1,7 +1,7 @@
 """The incremental sync: what changed in Kommo since the cursor, staged and applied in one transaction, and
 the freshness check on bookings that the syncs, their sensor and the full refreshes keep passing.
 
-The increment is one asset (``kommo_increment``, group ``kommo_sync``, fed by ``kommo_api``) so that it
+The increment is one asset (``kommo_increment``, group ``kommo_sync``, fed by ``kommo/api``) so that it
 never joins a full refresh's selection; each run also records a materialization of every production table
 it applied to, with its counts, so their history in the UI shows increments beside refreshes.
 """
@@ -12,20 +12,22 @@ from datetime import timedelta
 import dagster as dg
 
 from kommo_assets import settings
-from kommo_assets.assets.catalog import OWNERS
-from kommo_assets.assets.common import (
+from kommo_assets.assets.catalog import (
+    BOOKINGS,
     CALENDAR_VIEW,
+    INCREMENT,
     KOMMO_API,
-    KOMMO_POOL,
+    MIRROR_CHECK_KEY,
+    OWNERS,
     PRODUCTION_KEYS,
-    REQUESTED_BY_TAG,
-    ensure_live,
+    SYNC_GROUP,
     timestamp,
-    working_on_run,
 )
+from kommo_assets.assets.live import ensure_live
 from kommo_assets.assets.partitions import YEARS, partition_window
 from kommo_assets.assets.production import calendar_metadata
 from kommo_assets.db import increment, windows
+from kommo_assets.jobs import KOMMO_POOL, REQUESTED_BY_TAG
 from kommo_assets.reporting import drift_count, preview_markdown, preview_summary
 from kommo_assets.resources.kommo import KommoResource
 from kommo_assets.resources.postgres import PostgresResource, import_run_id
@@ -33,11 +35,8 @@ from kommo_assets.resources.sync import KommoSyncResource
 from kommo_assets.scope import YearScope
 from kommo_assets.settings import ConfigError
 
-INCREMENT = dg.AssetKey("kommo_increment")
-SYNC_GROUP = "kommo_sync"
-BOOKINGS = dg.AssetKey("bookings")
 FRESHNESS_CHECK = "bookings_fresh"
-MIRROR_CHECK = "bookings_follow_mirror"
+MIRROR_CHECK = MIRROR_CHECK_KEY.name
 
 
 def sync_scope() -> YearScope:
@@ -72,7 +71,7 @@ def kommo_increment(
     ensure_live()
     scope = sync_scope()
     run_id = import_run_id(context.run)
-    with working_on_run(postgres, run_id, kommo.secrets()):
+    with postgres.working_on_run(run_id, kommo.secrets()):
         with postgres.import_runs() as import_runs:
             import_runs.start(
                 run_id=run_id, dagster_run_id=context.run_id, job_name=context.job_name,

@@ -2,17 +2,19 @@
 
 import dagster as dg
 
-from kommo_assets.assets.catalog import table_spec_args
-from kommo_assets.assets.common import (
-    APPLY_COUNTS,
+from kommo_assets.assets.catalog import (
+    BOOKING_VEHICLES,
+    BOOKINGS,
     CALENDAR_VIEW,
     KOMMO_GROUP,
     PRODUCTION_KEYS,
     STAGING_KEYS,
-    ensure_live,
-    working_on_run,
+    table_of,
+    table_spec_args,
 )
+from kommo_assets.assets.live import ensure_live
 from kommo_assets.assets.partitions import YEARS, partition_window
+from kommo_assets.db.calendar import calendar_counts
 from kommo_assets.db.windows import window_row_counts
 from kommo_assets.resources.postgres import PostgresResource, import_run_id
 from kommo_assets.resources.snapshot import SnapshotExportResource
@@ -26,6 +28,14 @@ _DESCRIPTIONS = {
     "booking_vehicles": "The primary vehicle link of each Kommo booking.",
 }
 
+# Which apply counters (of the swap and the increment alike) describe which production table.
+APPLY_COUNTS = {
+    "vehicles": ("vehicles_created",),
+    "clients": ("clients_added", "clients_updated"),
+    "sales_leads": ("sales_leads_added", "sales_leads_updated", "sales_leads_archived"),
+    "bookings": ("bookings_added", "bookings_updated", "bookings_deactivated"),
+    "booking_vehicles": ("booking_vehicles_added", "booking_vehicles_removed"),
+}
 
 SWAP_ALONE = (
     "kommo_swap (vehicles, clients, sales_leads, bookings, booking_vehicles) applies the staging that the "
@@ -41,7 +51,7 @@ SWAP_ALONE = (
     backfill_policy=dg.BackfillPolicy.multi_run(1),
     specs=[
         dg.AssetSpec(key, deps=list(STAGING_KEYS), group_name=KOMMO_GROUP, kinds={"postgres"},
-                     description=_DESCRIPTIONS[key.path[-1]], **table_spec_args(key))
+                     description=_DESCRIPTIONS[table_of(key)], **table_spec_args(key))
         for key in PRODUCTION_KEYS
     ],
 )
@@ -57,7 +67,7 @@ def kommo_swap(context: dg.AssetExecutionContext, postgres: PostgresResource,
         # work, and without opening an import record that would then be left failed.
         raise dg.Failure(description=SWAP_ALONE.format(run_id=run_id), allow_retries=False)
     extra: dict = {}
-    with working_on_run(postgres, run_id):
+    with postgres.working_on_run(run_id):
         ensure_live()
         # Before the swap, so what replaced production is on disk even if the swap then fails.
         export = snapshot_export.export(postgres, run_id)
@@ -76,7 +86,7 @@ def kommo_swap(context: dg.AssetExecutionContext, postgres: PostgresResource,
     with postgres.connect() as conn:
         live_rows = window_row_counts(conn, window)
     for key in PRODUCTION_KEYS:
-        name = key.path[-1]
+        name = table_of(key)
         yield dg.MaterializeResult(
             asset_key=key,
             metadata={
@@ -95,7 +105,7 @@ def kommo_swap(context: dg.AssetExecutionContext, postgres: PostgresResource,
 
 @dg.asset(
     key=CALENDAR_VIEW,
-    deps=[dg.AssetKey("bookings"), dg.AssetKey("booking_vehicles")],
+    deps=[BOOKINGS, BOOKING_VEHICLES],
     group_name=KOMMO_GROUP,
     kinds={"postgres"},
     description="View of manual calendar events plus active, dated Kommo bookings.",
@@ -108,6 +118,6 @@ def calendar_events_expanded(postgres: PostgresResource) -> dg.MaterializeResult
 def calendar_metadata(postgres: PostgresResource) -> dict:
     """What the calendar view shows now: its materialization's metadata after a refresh or an increment."""
     with postgres.connect() as conn:
-        rows = dict(conn.execute("SELECT kind, count(*) FROM calendar_events_expanded GROUP BY kind").fetchall())
+        rows = calendar_counts(conn)
     return {"dagster/row_count": sum(rows.values()), "kommo_bookings": rows.get("kommo_booking", 0),
             "manual_events": rows.get("manual", 0)}

@@ -5,26 +5,25 @@ from dataclasses import asdict
 from datetime import timedelta
 
 import dagster as dg
+from pydantic import Field
 
-from kommo_assets.assets.catalog import OWNERS, table_spec_args
-from kommo_assets.assets.common import (
+from kommo_assets.assets.catalog import (
     KOMMO_API,
     KOMMO_GROUP,
-    KOMMO_POOL,
+    OWNERS,
     PRODUCTION_KEYS,
-    REQUESTED_BY_TAG,
     STG_BOOKING_VEHICLES,
     STG_CONTACTS,
     STG_LEADS,
-    KommoRefreshConfig,
-    ensure_live,
-    run_materializes,
+    table_spec_args,
     timestamp,
-    working_on_run,
 )
+from kommo_assets.assets.live import ensure_live
 from kommo_assets.assets.partitions import YEARS, partition_window
+from kommo_assets.db import runs
 from kommo_assets.db.increment import record_drift
 from kommo_assets.db.staging import stage_snapshot
+from kommo_assets.jobs import KOMMO_POOL, REQUESTED_BY_TAG
 from kommo_assets.reporting import drift_count, preview_markdown, preview_summary
 from kommo_assets.resources.kommo import KommoResource
 from kommo_assets.resources.postgres import PostgresResource, import_run_id
@@ -35,6 +34,27 @@ PROGRESS_EVERY_S = 15.0
 # without a materialization is a missed night (warn), two days two missed nights (fail). It stays stale
 # while the live flag is off, since the schedule then skips: nothing is checking Kommo.
 STAGING_FRESHNESS = dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=49), warn_window=timedelta(hours=25))
+
+
+class KommoRefreshConfig(dg.Config):
+    """Run config of the staging step (``ops: {kommo_staging: {config: ...}}``); the window is the run's
+    partition (a year)."""
+
+    max_drop_ratio: float = Field(
+        default=runs.DEFAULT_MAX_DROP_RATIO,
+        ge=0.0,
+        le=1.0,
+        description="Largest accepted drop in leads against the last succeeded refresh of the year "
+        "(0.30 = 30%). Raise it to accept a real drop.",
+    )
+
+
+def run_materializes(context: dg.AssetExecutionContext, keys) -> bool:
+    """Whether the run materializes any of ``keys``: from its asset selection (the job's, or the subset an
+    operator picked in the UI), never from the job's name."""
+    selected = context.run.asset_selection or context.job_def.asset_layer.selected_asset_keys
+    return any(key in selected for key in keys)
+
 
 kommo_api = dg.AssetSpec(
     KOMMO_API,
@@ -75,7 +95,7 @@ def kommo_staging(
     # What the run is comes from what it materializes: without the production tables it is a dry run.
     dry_run = not run_materializes(context, PRODUCTION_KEYS)
     run_id = import_run_id(context.run)
-    with working_on_run(postgres, run_id, kommo.secrets()):
+    with postgres.working_on_run(run_id, kommo.secrets()):
         with postgres.import_runs() as import_runs:
             record = import_runs.start(
                 run_id=run_id, dagster_run_id=context.run_id, job_name=context.job_name,
@@ -182,7 +202,7 @@ def leads_count_within_drop_guard(
     context: dg.AssetCheckExecutionContext, postgres: PostgresResource
 ) -> dg.AssetCheckResult:
     run_id = import_run_id(context.run)
-    with working_on_run(postgres, run_id), postgres.import_runs() as import_runs:
+    with postgres.working_on_run(run_id), postgres.import_runs() as import_runs:
         verdict = import_runs.drop_guard(run_id)
     metadata = {
         "leads": verdict["leads"],

@@ -25,10 +25,9 @@ from typing import Any
 import dagster as dg
 
 from kommo_assets import settings
-from kommo_assets.assets.common import REQUESTED_BY_TAG
 from kommo_assets.automation.schedules import kommo_nightly_dry_run_schedule
 from kommo_assets.db.heal import last_refresh_succeeded_at
-from kommo_assets.jobs import kommo_full_refresh_job
+from kommo_assets.jobs import REQUESTED_BY_TAG, kommo_full_refresh_job
 from kommo_assets.resources.postgres import PostgresResource
 from kommo_assets.scope import Window
 

@@ -9,9 +9,8 @@ function answers with that request instead of queueing another.
 
 import dagster as dg
 
-from kommo_assets.assets.common import REQUEST_ID_TAG, REQUESTED_BY_TAG
 from kommo_assets.db import refresh_requests
-from kommo_assets.jobs import kommo_full_refresh_job
+from kommo_assets.jobs import REQUEST_ID_TAG, REQUESTED_BY_TAG, kommo_full_refresh_job
 from kommo_assets.resources.postgres import PostgresResource
 from kommo_assets.scope import current_year
 from kommo_assets.settings import (

@@ -14,11 +14,10 @@ from typing import Any
 import dagster as dg
 
 from kommo_assets import settings
-from kommo_assets.assets.common import DRY_RUN_JOB, REQUEST_ID_TAG, REQUESTED_BY_TAG
 from kommo_assets.automation import drift_heal
 from kommo_assets.automation.slack_alerts import RunAlert, drift_message, failure_message
 from kommo_assets.db import refresh_requests, runs
-from kommo_assets.jobs import kommo_full_refresh_job
+from kommo_assets.jobs import DRY_RUN_JOB, REQUEST_ID_TAG, REQUESTED_BY_TAG, kommo_full_refresh_job
 from kommo_assets.resources.postgres import PostgresResource, import_run_id
 from kommo_assets.resources.slack import KommoSlackResource
 from kommo_assets.scope import Window

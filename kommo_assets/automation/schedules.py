@@ -35,7 +35,7 @@ def _nightly(name: str, job, cron_variable: str, cron: str, timezone: str,
     try:
         return dg.ScheduleDefinition(
             name=name,
-            job=job,
+            target=job,
             cron_schedule=cron,
             execution_timezone=timezone,
             execution_fn=evaluate,

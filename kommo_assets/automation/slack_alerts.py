@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kommo_assets.assets.common import DRY_RUN_JOB, FULL_REFRESH_JOB, INCREMENTAL_SYNC_JOB
+from kommo_assets.jobs import DRY_RUN_JOB, FULL_REFRESH_JOB, INCREMENTAL_SYNC_JOB
 from kommo_assets.kommo.errors import redact
 from kommo_assets.reporting import preview_summary
 

@@ -17,10 +17,9 @@ import time
 import dagster as dg
 
 from kommo_assets import settings
-from kommo_assets.assets.common import REFRESH_TAG
 from kommo_assets.assets.increment import freshness
 from kommo_assets.db import increment, windows
-from kommo_assets.jobs import kommo_incremental_sync_job
+from kommo_assets.jobs import REFRESH_TAG, kommo_incremental_sync_job
 from kommo_assets.kommo import KommoUnavailableError
 from kommo_assets.resources.kommo import KommoResource
 from kommo_assets.resources.postgres import PostgresResource

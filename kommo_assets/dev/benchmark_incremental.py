@@ -210,10 +210,10 @@ def worker_incremental(args: argparse.Namespace) -> dict:
     """Runs in the benchmark's worker process (``benchmark worker --mode incremental``)."""
     import dagster as dg
 
-    from kommo_assets.assets.common import INCREMENTAL_SYNC_JOB
     from kommo_assets.automation.sync_sensor import SENSOR_NAME
     from kommo_assets.db.runs import get_run
     from kommo_assets.dev.benchmark import bench_definitions
+    from kommo_assets.jobs import INCREMENTAL_SYNC_JOB
 
     bench_defs = bench_definitions(args)
     sensor = bench_defs.resolve_sensor_def(SENSOR_NAME)

@@ -1,7 +1,8 @@
-"""The target database as a Dagster resource: connections, the import-run record and its owner lock, staging
-retention."""
+"""The target database as a Dagster resource: connections, the import-run record, a step's hold on it (the
+owner lock; the run closed as failed when the step fails), staging retention."""
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from urllib.parse import unquote, urlsplit
 
@@ -10,8 +11,11 @@ import psycopg
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 
 from kommo_assets.db import connect, runs
+from kommo_assets.kommo.errors import redact
 from kommo_assets.resources.fields import HIDE_INPUTS, positive, unresolved
 from kommo_assets.settings import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _userinfo(url: str) -> str:
@@ -176,6 +180,26 @@ class PostgresResource(dg.ConfigurableResource):
         with runs.owning(self.database_url, run_id):
             yield
 
+    @contextmanager
+    def working_on_run(self, run_id: str, secrets: Iterable[str] = ()) -> Iterator[None]:
+        """A step's hold on the import run: its owner lock (the run's own, held since the run began), and on
+        any exception the run closed as failed (its error without ``secrets`` or the database password)
+        before the exception propagates."""
+        secrets = [*self.secrets(), *secrets]
+        try:
+            with self.owning(run_id):
+                yield
+        except BaseException as exc:
+            try:
+                self.close_run(run_id, "failed", exc, secrets, attempts=10)
+            except Exception as close_error:  # the database is gone for good; the next start closes the dead run
+                log.error("could not close Kommo import run %s: %s", run_id, runs.safe_error(close_error, secrets))
+            if isinstance(exc, Exception) and _quotes_a_secret(exc, secrets):
+                # Dagster would store the text (and its causes) in the event log and the failure sensor would
+                # quote it: the step fails with the redacted text instead, without the original chained.
+                raise dg.Failure(description=runs.safe_error(exc, secrets)) from None
+            raise
+
     def close_run(self, run_id: str, status: str, error: BaseException | str | None,
                   secrets: list[str] | None = None, *, attempts: int = 1, pause: float = 1.0) -> bool:
         """Closes a running import (False when it was already closed). ``attempts`` > 1 rides out a database
@@ -189,3 +213,13 @@ class PostgresResource(dg.ConfigurableResource):
             pruned = import_runs.prune_staging(self.staging_retention_days, self.failed_staging_retention_days)
             records = import_runs.prune_runs(self.noop_increment_retention_days, self.run_retention_days)
         return {**pruned, "records": records}
+
+
+def _quotes_a_secret(exc: BaseException, secrets: list[str]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = f"{seen!s} {seen!r}"
+        if redact(text, secrets) != text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

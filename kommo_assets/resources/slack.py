@@ -1,11 +1,15 @@
-"""Slack alerts as a Dagster resource: dagster-slack's SlackResource plus the switch, the channel, the Web
-API base URL and the Dagster UI address the alerts link to.
+"""Slack alerts as a Dagster resource: the switch, the channel, the Web API base URL and the Dagster UI address
+the alerts link to, posting through dagster-slack's client.
 
-dagster-slack 0.29 builds ``WebClient(token)`` with Slack's fixed URL; tests and proxies need another one,
-so ``get_client`` passes ``base_url`` (``SLACK_API_BASE_URL``) through. The token and the channel are
-optional here so the code location loads and runs without Slack; posting without them is a ConfigError.
+dagster-slack 0.29's ``SlackResource`` has one setting, the token, and builds ``WebClient(token)`` for Slack's
+own URL with slack_sdk's default timeout; tests and proxies need another URL. So this resource is a
+``ConfigurableResource`` of its own that uses a ``SlackResource`` for the client and sets the client's
+``base_url`` (``SLACK_API_BASE_URL``) and ``timeout``, both public attributes of slack_sdk's client, read on
+every call. The token and the channel are optional here so the code location loads and runs without Slack;
+posting without them is a ConfigError.
 """
 
+import dagster as dg
 from dagster_slack import SlackResource
 from pydantic import Field, field_validator
 from slack_sdk import WebClient
@@ -17,7 +21,7 @@ DEFAULT_SLACK_API_BASE_URL = "https://slack.com/api/"
 DEFAULT_WEBSERVER_URL = "http://127.0.0.1:3000"
 
 
-class KommoSlackResource(SlackResource):
+class KommoSlackResource(dg.ConfigurableResource):
     """Posts Kommo alerts to one channel (``SLACK_BOT_TOKEN``, ``KOMMO_SLACK_CHANNEL``) when
     ``KOMMO_ENABLE_SLACK_ALERTS`` is on."""
 
@@ -26,7 +30,7 @@ class KommoSlackResource(SlackResource):
     enabled: bool = Field(
         default=False, description="KOMMO_ENABLE_SLACK_ALERTS: post one message per failed or needs_review run."
     )
-    token: str | None = Field(  # type: ignore[assignment]  # optional: Slack is off unless configured
+    token: str | None = Field(
         default=None, repr=False,
         description="SLACK_BOT_TOKEN: Slack bot token (secret); only needed when alerts are on.",
     )
@@ -50,22 +54,21 @@ class KommoSlackResource(SlackResource):
     def _webserver_url(cls, value):
         return value if unresolved(value) else (str(value).strip() or DEFAULT_WEBSERVER_URL).rstrip("/")
 
-    @classmethod
-    def _is_dagster_maintained(cls) -> bool:
-        return False
-
     def secrets(self) -> list[str]:
         """What must never appear in an alert: the bot token and the Kommo token."""
         return [s for s in (self.token, self.kommo_access_token) if s]
 
     def get_client(self) -> WebClient:
+        """dagster-slack's client for the bot token, pointed at ``base_url`` with ``timeout_seconds``."""
         if not self.token:
             raise ConfigError(
                 "SLACK_BOT_TOKEN is not set: Slack alerts need a bot token (or turn "
                 "KOMMO_ENABLE_SLACK_ALERTS off)."
             )
-        base_url = self.base_url if self.base_url.endswith("/") else f"{self.base_url}/"
-        return WebClient(self.token, base_url=base_url, timeout=self.timeout_seconds)
+        client = SlackResource(token=self.token).get_client()
+        client.base_url = self.base_url if self.base_url.endswith("/") else f"{self.base_url}/"
+        client.timeout = self.timeout_seconds
+        return client
 
     def post_message(self, text: str) -> None:
         """Posts ``text`` (Slack mrkdwn) to the configured channel; raises on any Slack error."""

@@ -9,9 +9,10 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from kommo_assets.assets.common import KOMMO_POOL, STAGING_KEYS, STG_LEADS
+from kommo_assets.assets.catalog import STAGING_KEYS, STG_LEADS
 from kommo_assets.definitions import defs
 from kommo_assets.dev.dagster_dev import REPO_ROOT
+from kommo_assets.jobs import KOMMO_POOL
 
 JOBS = ("kommo_full_refresh_job", "kommo_dry_run_job", "kommo_incremental_sync_job")
 SCHEDULES = {"kommo_nightly_dry_run_schedule": dg.DefaultScheduleStatus.RUNNING,
@@ -86,7 +87,7 @@ def test_dg_checks_and_lists_the_definitions(tmp_path: Path):
     assert set(SENSORS) <= {sensor["name"] for sensor in found["sensors"]}
     assets = {asset["asset_key"]: asset for asset in found["assets"]}
     assert {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()} == set(assets)
-    assert assets["bookings"]["owners"] == [{"team": "data-platform"}]
+    assert assets["app_db/public/bookings"]["owners"] == [{"team": "data-platform"}]
 
 
 def test_the_kommo_reading_assets_are_in_the_pool_that_dagster_yaml_limits_to_one_run():

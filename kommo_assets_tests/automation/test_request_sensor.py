@@ -5,9 +5,9 @@ import dagster as dg
 import psycopg
 import pytest
 
-from kommo_assets.assets.common import REQUEST_ID_TAG, REQUESTED_BY_TAG
 from kommo_assets.db import refresh_requests
 from kommo_assets.definitions import defs
+from kommo_assets.jobs import REQUEST_ID_TAG, REQUESTED_BY_TAG
 from kommo_assets.scope import current_year
 from kommo_assets.settings import ConfigError
 from kommo_assets_tests.helpers import fetch_all, fetch_one

@@ -2,6 +2,7 @@
 
 import dagster as dg
 import pytest
+from dagster_slack import SlackResource
 
 from kommo_assets.resources import build_resources
 from kommo_assets.resources.slack import DEFAULT_SLACK_API_BASE_URL, KommoSlackResource
@@ -36,3 +37,11 @@ def test_settings_are_env_vars_not_values(monkeypatch):
     resource = build_resources()["slack"]
     # the definitions hold the variable's name, never the token itself
     assert isinstance(resource.token, dg.EnvVar) and resource.token == "SLACK_BOT_TOKEN"
+
+
+def test_a_resource_of_its_own_that_uses_dagster_slacks_client():
+    """Not a subclass of dagster-slack's SlackResource (whose private members it would then have to
+    override): it asks one for the client and points that at the base URL, with its timeout."""
+    assert not issubclass(KommoSlackResource, SlackResource)
+    client = KommoSlackResource(token="xoxb-1", base_url="http://127.0.0.1:9/api", timeout_seconds=3).get_client()
+    assert (client.token, client.base_url, client.timeout) == ("xoxb-1", "http://127.0.0.1:9/api/", 3)

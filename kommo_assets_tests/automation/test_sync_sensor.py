@@ -10,9 +10,10 @@ import uuid
 import dagster as dg
 import pytest
 
-from kommo_assets.assets.common import REFRESH_TAG
-from kommo_assets.assets.increment import BOOKINGS, FRESHNESS_CHECK, MIRROR_CHECK
+from kommo_assets.assets.catalog import BOOKINGS, CALENDAR_VIEW, INCREMENT, PRODUCTION_KEYS
+from kommo_assets.assets.increment import FRESHNESS_CHECK, MIRROR_CHECK
 from kommo_assets.db import runs
+from kommo_assets.jobs import REFRESH_TAG
 from kommo_assets.resources import build_resources
 from kommo_assets.settings import refresh_scope
 from kommo_assets_tests.automation.conftest import RUN_STATUS_SENSORS
@@ -112,8 +113,7 @@ def test_a_change_starts_one_run_which_applies_it(refreshed, ticker, instance, d
     assert record["kind"] == "increment" and record["status"] == "succeeded"
     assert record["kommo_clock_at"] is not None and record["sync_to"] == record["kommo_clock_at"]
     keys = {e.asset_key for e in run.get_asset_materialization_events()}
-    assert {dg.AssetKey(k) for k in ("vehicles", "clients", "sales_leads", "bookings", "booking_vehicles",
-                                     "calendar_events_expanded", "kommo_increment")} <= keys
+    assert {*PRODUCTION_KEYS, CALENDAR_VIEW, INCREMENT} <= keys
     # applied: the next tick finds nothing new since the moved cursor
     refreshed.reset_stats()
     assert not ticker.tick(SENSOR).run_requests
