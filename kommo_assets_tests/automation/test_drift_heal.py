@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import dagster as dg
 import pytest
 
+from kommo_assets.assets.catalog import STG_LEADS
 from kommo_assets.automation.drift_heal import HEAL_OF_TAG, HEAL_TAG, heal_run_key
 from kommo_assets.db import runs
 from kommo_assets.definitions import defs
@@ -101,8 +102,7 @@ def test_on_drift_in_one_year_starts_a_refresh_of_exactly_that_year_which_clears
     for year, result in dry_runs.items():
         record = runs.get_run(database_url, result.run_id)
         assert record["created_from"] == window_for(int(year)).created_from
-        (leads,) = [m for m in result.get_asset_materialization_events() if m.asset_key == dg.AssetKey(
-            "stg_kommo_leads")]
+        (leads,) = [m for m in result.get_asset_materialization_events() if m.asset_key == STG_LEADS]
         assert leads.partition == year
         assert leads.materialization.metadata["drift"].value == record["stats"]["drift"]
         assert (record["stats"]["drift"] >= 1) == (year == YEAR), (year, record["stats"]["drift"])
