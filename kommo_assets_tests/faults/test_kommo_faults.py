@@ -251,7 +251,7 @@ def test_429_that_never_ends_fails_the_run_cleanly(fault_env):
 
 
 def test_a_503_burst_that_outlasts_the_retries_fails_the_run_cleanly_and_keeps_staging(fault_env):
-    env = fault_env()
+    env = fault_env(rate_limit_rps=None)  # it must fail on this fault: no 429 of a retry stamped late under load
     env.sim.add_fault(kind="status", path=CONTACTS, status=503, times=-1)
     result = run()
     assert_failed_cleanly(env, result, says=("Kommo kept failing (HTTP 503) on GET /api/v4/contacts",
@@ -261,7 +261,7 @@ def test_a_503_burst_that_outlasts_the_retries_fails_the_run_cleanly_and_keeps_s
 
 
 def test_connection_resets_that_never_stop_fail_the_run_cleanly(fault_env):
-    env = fault_env()
+    env = fault_env(rate_limit_rps=None)  # it must fail on this fault: no 429 of a retry stamped late under load
     env.sim.add_fault(kind="reset", path=LEADS, times=-1)
     result = run()
     assert_failed_cleanly(env, result, says=("the connection failed or was cut off", "GET /api/v4/leads"),
@@ -269,7 +269,7 @@ def test_connection_resets_that_never_stop_fail_the_run_cleanly(fault_env):
 
 
 def test_responses_always_cut_off_fail_the_run_cleanly(fault_env):
-    env = fault_env()
+    env = fault_env(rate_limit_rps=None)  # it must fail on this fault: no 429 of a retry stamped late under load
     env.sim.add_fault(kind="truncate", mode="honest", path=LEADS, times=-1)
     result = run()
     assert_failed_cleanly(env, result, says=("a body that is not valid JSON", "GET /api/v4/leads"),
@@ -277,7 +277,7 @@ def test_responses_always_cut_off_fail_the_run_cleanly(fault_env):
 
 
 def test_kommo_slower_than_the_timeout_every_time_fails_the_run_cleanly(fault_env):
-    env = fault_env()
+    env = fault_env(rate_limit_rps=None)  # it must fail on this fault: no 429 of a retry stamped late under load
     env.sim.add_fault(kind="slow", delay_s=1.5, path=LEADS, times=-1)
     result = run(timeout=0.5, max_retries=2)
     assert_failed_cleanly(env, result, says=("no response within 0.5 s", "GET /api/v4/leads", "after 3 attempts"),
