@@ -11,11 +11,12 @@ Hypothesis draws, per example:
 * which windows database A starts refreshed: every year in scope, the first only (the other is imported
   whole by the first sync), or none (the first sync imports everything);
 * whether the events feed lists the events of one second oldest or newest first (Kommo does not say);
-* batches of mutations: create (in 2025, 2026 or the current year, the first second of the year included),
-  edit, move status (143, the statuses that are no booking, the other pipeline), change the vehicle and the
-  source, relink the main contact (moving the lead's ``updated_at`` or not), edit a contact, delete, restore
-  (moving ``updated_at`` or not), and a delete and a restore in one second (either last); each stamped on
-  time or up to 60 s before the clock at which it becomes visible (a late stamp, inside the margin);
+* batches of mutations: create (any second of 2025 or 2026, within the last hour, or at the current year's
+  first second), edit, move status (143, the statuses that are no booking, the other pipeline), change the vehicle and the
+  source, relink the main contact, edit a contact, delete, restore, and a delete and a restore in one second
+  (either last), the restores and relinks with ``QUIET_CHANGES`` also without moving the lead's
+  ``updated_at``; each stamped on time or up to 60 s before the clock at which it becomes visible (a late
+  stamp, inside the margin);
 * with ``REDERIVES``: option renames in Kommo (source 823206, vehicle 1234163; no lead's ``updated_at``
   moves) and edits of ``kommo_source_map`` / ``kommo_status_map`` / ``kommo_user_map`` (made in A and, as
   they are, in B before its final refresh);
@@ -26,8 +27,10 @@ Hypothesis draws, per example:
 Each example: a small account; the starting refreshes into database A; the batches with a sync of A (scope
 ``2025-``, resolved on Kommo's clock) after each; a catch-up sync if the last one failed; a full refresh of
 every window in scope into database B, empty until then; A and B must hold the same live rows (natural keys,
-Kommo timestamps, no uuids or local timestamps). Before a sync of a batch whose changes the sensor's probe says no sync has read,
-that sync must change nothing (the probe's premise). A failing example prints its draw.
+Kommo timestamps, no uuids or local timestamps). And the sensor's premise: when its probe finds nothing that
+the last sync has not read (every window in scope read, no mapping edit or rename in the batch), the sync
+changes nothing. A failing example prints its draw. What the sync and the probe are known to miss is pinned
+as expected failures (``@example(...).xfail``), each one a minimal sequence.
 """
 
 import os
@@ -86,7 +89,9 @@ FAULT_PATHS = {"leads": "/api/v4/leads", "contacts": "/api/v4/contacts", "events
 index = st.integers(min_value=0, max_value=10_000)
 touch = st.booleans() if QUIET_CHANGES else st.just(True)  # whether a restore or relink moves updated_at
 _ops = [
-    st.tuples(st.just("create"), st.sampled_from([2025, 2026, "now"]), st.one_of(st.just(0), st.integers(0, 2**31)),
+    # created_at: any second of 2025 or 2026 up to now, within the last hour, or the current year's first
+    # second (the first lead of a year that has just entered the scope)
+    st.tuples(st.just("create"), st.sampled_from([2025, 2026, "recent", "first second"]), st.integers(0, 2**31),
               st.sampled_from(STATUSES), index),
     st.tuples(st.just("edit"), index, st.integers(0, 9_999), st.booleans()),
     st.tuples(st.just("status"), index, st.sampled_from(STATUSES)),
@@ -109,9 +114,9 @@ advance = st.one_of(st.integers(0, 2), st.integers(3, SYNC_MARGIN_S), st.integer
 # (kind, ...): "empty" feed after; "status" code feed after times (-1: the sync fails)
 fault = st.one_of(
     st.none(),
-    st.tuples(st.just("empty"), st.sampled_from(sorted(FAULT_PATHS)), st.integers(0, 2)),
+    st.tuples(st.just("empty"), st.sampled_from(sorted(FAULT_PATHS)), st.integers(0, 1)),
     st.tuples(st.just("status"), st.sampled_from([429, 500, 502, 503, 504]), st.sampled_from(sorted(FAULT_PATHS)),
-              st.integers(0, 2), st.sampled_from([1, 2, -1])),
+              st.integers(0, 1), st.sampled_from([1, 2, -1])),
 )
 batches = st.lists(st.tuples(advance, st.lists(st.tuples(late, mutation), min_size=1, max_size=4), fault),
                    min_size=1, max_size=4)
@@ -202,11 +207,17 @@ class Account:
         trash = ds.deleted_lead_ids()
         kind = op[0]
         if kind == "create":
-            _, year, offset, status, pick = op
+            _, when, offset, status, pick = op
             now = ds.clock.now()
-            year = datetime.fromtimestamp(now, UTC).year if year == "now" else year
-            start = _year_start(year)
-            created_at = start + offset % (min(_year_start(year + 1), now + 1) - start)
+            if when == "recent":
+                created_at = now - offset % 3_600
+            elif when == "first second":
+                created_at = _year_start(datetime.fromtimestamp(now, UTC).year)
+            else:
+                start = _year_start(when)
+                created_at = start + offset % (min(_year_start(when + 1), now + 1) - start)
+            year = datetime.fromtimestamp(created_at, UTC).year
+            event(f"created in {year}{' at its first second' if created_at == _year_start(year) else ''}")
             main = contacts[pick % len(contacts)] if contacts and pick % 3 else {"name": f"New {pick}"}
             ds.add_lead(created_at=created_at, status_id=status, price=pick, name=f"Lead {pick}", main_contact=main,
                         custom_fields={str(VEHICLE_FIELD_ID): vehicles[pick % len(vehicles)],
@@ -319,6 +330,10 @@ def _sync(pair: Pair, sim: KommoSimulator, drawn: tuple | None, check_idle: bool
         assert _coverage(pair.a) == covered, f"a failed sync moved the coverage: {sequence!r}"
         return False
     finally:
+        if drawn is not None:
+            fired = sum(rule["fired"] for rule in sim.faults())
+            event(f"fault {drawn[0]}{'' if drawn[0] == 'empty' else ' x' + str(drawn[-1])}: "
+                  f"{'fired' if fired else 'not reached'}")
         sim.clear_faults()
     assert counts["status"] == "succeeded", (sequence, counts)
     if idle:
@@ -390,9 +405,9 @@ def _assert_alike(pair: Pair, final_runs: list[str], account: Account, sequence)
 # restoration in one second, and a sync that fails on 503s and is caught up by the next.
 @example(sequence=[(30, [(45, ("create", 2026, 2**31 - 1, 79790637, 4)), (0, ("flicker", 3, True, True))],
                     ("status", 503, "events", 0, -1)),
-                   (SYNC_MARGIN_S + 1, [(0, ("create", "now", 0, 79790634, 7)), (60, ("edit", 5, 1234, True)),
+                   (SYNC_MARGIN_S + 1, [(0, ("create", "first second", 0, 79790634, 7)), (60, ("edit", 5, 1234, True)),
                                         (20, ("flicker", 6, False, True))], ("empty", "events", 0)),
-                   (86_400, [(0, ("status", 2, 143)), (59, ("delete", 8)), (1, ("create", "now", 77, 142, 9))],
+                   (86_400, [(0, ("status", 2, 143)), (59, ("delete", 8)), (1, ("create", "recent", 77, 142, 9))],
                     ("status", 429, "leads", 0, 2))],
          before_new_year=60, refreshed="first", ties_oldest_first=True, seed=3)
 # The sync's known misses, pinned as expected failures while their switch is off (each must pass once it is on):
@@ -413,6 +428,13 @@ def _assert_alike(pair: Pair, final_runs: list[str], account: Account, sequence)
 @example(sequence=[(1, [(0, ("rename", SOURCE_FIELD_ID, k, 0)) for k in range(6)], None)],
          before_new_year=30 * 86_400, refreshed="all", ties_oldest_first=False, seed=1
          ).xfail(not REDERIVES, raises=AssertionError, reason="option renames are not re-derived")
+# The probe's known miss, pinned as an expected failure: a booking's price changed (stamped 10 s late) and
+# synced, then changed again and stamped late into that very second (its index lagging 15 s): the probe
+# takes the second version for the one the sync read (same id, same updated_at) and calls the account idle,
+# so no run starts for it until some other change does (the sync itself reads it: it is inside the margin).
+@example(sequence=[(1, [(10, ("edit", 6, 11, True))], None), (5, [(15, ("edit", 6, 22, True))], None)],
+         before_new_year=30 * 86_400, refreshed="all", ties_oldest_first=False, seed=1
+         ).xfail(raises=AssertionError, reason="the probe cannot tell two versions stamped in one second apart")
 def test_syncs_after_each_batch_equal_a_full_refresh_of_every_window(sequence, before_new_year, refreshed,
                                                                     ties_oldest_first, seed, pair):
     pair.empty()
