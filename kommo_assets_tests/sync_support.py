@@ -28,9 +28,10 @@ def _session(db: str | psycopg.Connection):
     return nullcontext(db) if isinstance(db, psycopg.Connection) else connect(db, autocommit=True)
 
 
-def full_refresh(db: str | psycopg.Connection, sim, year: int = YEAR) -> dict:
+def full_refresh(db: str | psycopg.Connection, sim, year: int = YEAR, allow_empty: bool = False) -> dict | None:
     """A full refresh of ``year`` as the assets run it: start, stage (with Kommo's clock), guard, swap; on one
-    autocommit connection, each step its own transaction as in the assets."""
+    autocommit connection, each step its own transaction as in the assets. ``allow_empty``: a window Kommo
+    holds no lead of is refused by the drop guard (production left as it is), and None returned."""
     run_id = str(uuid.uuid4())
     window = window_for(year)
     with fast_client(sim) as client, _session(db) as conn:
@@ -42,19 +43,22 @@ def full_refresh(db: str | psycopg.Connection, sim, year: int = YEAR) -> dict:
             runs.mark_staged(run_id, result.as_metadata())
             runs.set_kommo_clock(run_id, result.kommo_clock)
         verdict = runs.drop_guard(run_id)
+        if allow_empty and not verdict["passed"] and verdict["leads"] == 0:
+            return None
         assert verdict["passed"], verdict
         return {**runs.swap(run_id), "run_id": run_id}
 
 
 def increment(db: str | psycopg.Connection, sim, max_deactivations: int = 1_000_000,
-              years: tuple[int, ...] = (YEAR,)) -> dict:
-    """One incremental sync as the asset runs it; returns the apply's counts plus the run id."""
+              years: tuple[int, ...] = (YEAR,), scope: str | None = None) -> dict:
+    """One incremental sync as the asset runs it; returns the apply's counts plus the run id. Its scope is
+    ``years``, or ``scope`` (a ``KOMMO_REFRESH_YEARS`` value such as ``2025-``, resolved on Kommo's clock)."""
     run_id = str(uuid.uuid4())
     with fast_client(sim) as client, _session(db) as conn:
         runs = ImportRuns(conn)
         runs.start(run_id=run_id, dagster_run_id=None, job_name="test", triggered_by=None, kind="increment",
                    max_drop_ratio=0)
-        result = stage_increment(conn, run_id, client, YearScope.parse(",".join(map(str, years))))
+        result = stage_increment(conn, run_id, client, YearScope.parse(scope or ",".join(map(str, years))))
         with conn.transaction():
             runs.mark_staged(run_id, result.as_metadata())
             runs.set_kommo_clock(run_id, result.sync_to)

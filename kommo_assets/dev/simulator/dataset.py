@@ -23,6 +23,7 @@ import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -285,6 +286,9 @@ class Dataset:
         self.clock = Clock(floor=self.now)
         self.events = EventLog(ACCOUNT_ID)
         self._fields = self._build_fields()
+        # Select options renamed since generation: (field id, enum id) -> label, applied as leads render.
+        self._option_labels: dict[tuple[int, int], str] = {}
+        self._late = threading.local()  # late_stamps(): how far this thread's mutations stamp behind the clock
         # integer seeds are cheaper than strings; the offset keeps lead streams apart across seeds
         self._lead_seed = (self.seed + 1) * 10_000_019 * 7
 
@@ -453,6 +457,45 @@ class Dataset:
 
     def fields(self) -> list[dict]:
         return [copy.deepcopy(f) for f in self._fields.values()]
+
+    def rename_option(self, field_id: int, enum_id: int, label: str) -> dict:
+        """Renames an option of a select field (the vehicle 1234163, the source 823206, ...), as an admin
+        does in Kommo's settings: the field's definition lists the new label, and every lead holding the
+        option shows it from now on, while no lead's ``updated_at`` moves and no event is recorded (a
+        change-tracking client sees it only in the field's definition). Returns the field's definition."""
+        field_id, enum_id, label = int(field_id), int(enum_id), str(label)
+        with self._lock:
+            current = self._fields.get(field_id)
+            if current is None or current["type"] not in ("select", "multiselect"):
+                raise ValueError(f"field {field_id} is not a select field of the account")
+            if not any(e["id"] == enum_id for e in current["enums"] or ()):
+                raise KeyError(f"field {field_id} has no option {enum_id}")
+            renamed = copy.deepcopy(current)
+            renamed["enums"] = [{**e, "value": label} if e["id"] == enum_id else e for e in renamed["enums"]]
+            fields = dict(self._fields)
+            fields[field_id] = renamed
+            self._fields = fields  # replaced, not changed in place: a reader holds the one it took
+            if field_id == VEHICLE_FIELD_ID:
+                self._vehicle_labels[enum_id] = label
+            labels = dict(self._option_labels)
+            labels[(field_id, enum_id)] = label
+            self._option_labels = labels
+            return copy.deepcopy(renamed)
+
+    def _relabel(self, items: list[dict] | None) -> list[dict] | None:
+        """A lead's custom field values with the current labels of renamed options."""
+        labels = self._option_labels
+        if not labels or not items:
+            return items
+        out = []
+        for item in items:
+            if item.get("field_type") in ("select", "multiselect") and any(
+                    (item["field_id"], v.get("enum_id")) in labels for v in item["values"]):
+                item = {**item, "values": [
+                    {**v, "value": labels.get((item["field_id"], v.get("enum_id")), v.get("value"))}
+                    for v in item["values"]]}
+            out.append(item)
+        return out
 
     def pipelines(self) -> list[dict]:
         def status(pipeline_id: int, sid: int, name: str, sort: int, color: str, stype: int = 0) -> dict:
@@ -671,6 +714,7 @@ class Dataset:
             return core["_raw"]
         with_ = set(with_)
         lead = {k: core[k] for k in _LEAD_KEYS}
+        lead["custom_fields_values"] = self._relabel(lead["custom_fields_values"])
         base = self.base_url
         lead_id = core["id"]
         if "source_id" in with_:
@@ -1123,6 +1167,28 @@ class Dataset:
     # Every change is stamped with the simulator clock (updated_at of what changed, created_at of its
     # events) and authored by API_USER_ID, like a change made through the API with the account's token.
 
+    def _stamp(self) -> int:
+        """What a mutation made now stamps: the clock, less :meth:`late_stamps`' lateness in this thread."""
+        return self.clock.now() - getattr(self._late, "seconds", 0)
+
+    @contextmanager
+    def late_stamps(self, seconds: int) -> Iterator[None]:
+        """Mutations made in this thread inside the block stamp ``updated_at`` and their events'
+        ``created_at`` ``seconds`` before the clock, while the answers' ``Date`` stays the clock: a change that
+        becomes visible only now although Kommo stamped it earlier (an integration sending ``updated_at``
+        itself, a list index or the events feed lagging behind the servers that stamp). Nests; other
+        threads' mutations (the HTTP control API, ``mutate`` faults) are stamped as before."""
+        seconds = int(seconds)
+        if seconds < 0:
+            raise ValueError("late_stamps takes the seconds a stamp lags the clock (>= 0); a stamp ahead of "
+                             "the clock is update_lead(updated_at=...)")
+        before = getattr(self._late, "seconds", 0)
+        self._late.seconds = seconds
+        try:
+            yield
+        finally:
+            self._late.seconds = before
+
     def _lead_exists(self, lead_id: int, st: _State) -> bool:
         if lead_id in st.deleted:
             return False
@@ -1175,7 +1241,7 @@ class Dataset:
         updated_at = now; records ``lead_deleted``. Returns how many existed."""
         with self._lock:
             st = self._state
-            at = self.clock.now()
+            at = self._stamp()
             gone = sorted({int(x) for x in ids if self._lead_exists(int(x), st)})
             if gone:
                 deleted_at = dict(st.deleted_at)
@@ -1238,19 +1304,24 @@ class Dataset:
                 raise ValueError(f"contact {main} does not exist")
             changes["main_contact"] = int(main)
 
-    def update_lead(self, lead_id: int, **changes) -> dict:
+    def update_lead(self, lead_id: int, *, touch: bool = True, **changes) -> dict:
         """Changes a lead. Top-level keys (status_id, price, name, responsible_user_id, ...),
         ``custom_fields={field_id: value or None}`` (select values are enum ids, dates unix seconds),
         ``contact_ids=[main, ...]`` (replaces the links) and ``main_contact`` (an existing contact id, a
         dict of new-contact fields as in add_contact, or None: relinks the main contact, other contacts
         stay). updated_at becomes the clock's now (unless given), updated_by API_USER_ID (unless given);
-        records the events of what changed. Returns the lead in API shape."""
+        records the events of what changed. ``touch=False``: updated_at and updated_by stay as they were
+        (the events are recorded all the same), a change a list ordered by ``updated_at`` does not show:
+        Kommo does not document which changes move ``updated_at`` (a relink, a merge of contacts). Returns
+        the lead in API shape."""
         lead_id = int(lead_id)
         with self._lock:
             core = self._core(lead_id, self._state)
             if core is None:
                 raise KeyError(f"lead {lead_id} does not exist")
-            at = self.clock.now()
+            if not touch and ("updated_at" in changes or "updated_by" in changes):
+                raise ValueError("touch=False keeps updated_at and updated_by: give neither")
+            at = self._stamp()
             changes = dict(changes)
             self._resolve_main_contact(changes, at)
             st = self._state
@@ -1259,6 +1330,8 @@ class Dataset:
                 core["updated_at"] = at
             changes.setdefault("updated_by", API_USER_ID)
             self._apply_changes(core, changes)
+            if not touch:
+                core["updated_at"], core["updated_by"] = old["updated_at"], old["updated_by"]
             stored = dict(st.stored)
             stored[lead_id] = core
             self._state = replace(st, version=st.version + 1, stored=stored)
@@ -1271,7 +1344,7 @@ class Dataset:
         created_at) unless given. ``fields`` as in update_lead (``main_contact`` included);
         unspecified attributes are generated (status, contacts referencing an existing contact, ...)."""
         with self._lock:
-            at = self.clock.now()
+            at = self._stamp()
             created_at = at if created_at is None else int(created_at)
             fields = dict(fields)
             self._resolve_main_contact(fields, at)
@@ -1304,22 +1377,25 @@ class Dataset:
             self.events.record("lead_added", "lead", lead_id, at, core["created_by"])
             return lead_id
 
-    def restore_leads(self, ids: Iterable[int]) -> int:
+    def restore_leads(self, ids: Iterable[int], *, touch: bool = True) -> int:
         """Restores leads from the trash (Kommo can): same id, back at their place in id order (a list
         being paged shifts down by one from there), updated_at = now; records ``lead_restored``.
+        ``touch=False``: each lead comes back with the updated_at and updated_by it had when it was
+        deleted (Kommo does not document whether a restore moves them), so only the event tells.
         Returns how many were in the trash."""
         with self._lock:
             st = self._state
-            at = self.clock.now()
+            at = self._stamp()
             back = sorted({int(x) for x in ids} & st.deleted_at.keys())
             if back:
                 alive = replace(st, deleted=frozenset())
                 stored = dict(st.stored)
                 for lead_id in back:
                     core = self._core(lead_id, alive)
-                    core["updated_at"] = at
-                    if "_raw" not in core:
-                        core["updated_by"] = API_USER_ID
+                    if touch:
+                        core["updated_at"] = at
+                        if "_raw" not in core:
+                            core["updated_by"] = API_USER_ID
                     stored[lead_id] = core
                 deleted_at = {k: v for k, v in st.deleted_at.items() if k not in set(back)}
                 self._state = replace(st, version=st.version + 1, deleted=st.deleted - set(back),
@@ -1412,7 +1488,7 @@ class Dataset:
         list), ``responsible_user_id``, ``created_at`` (default now). Records ``contact_added``; returns
         its id (above every generated contact id)."""
         with self._lock:
-            return self._add_contact(dict(fields), self.clock.now())
+            return self._add_contact(dict(fields), self._stamp())
 
     def update_contact(self, contact_id: int, **changes) -> dict:
         """Edits a contact: ``name`` (split into first/last at the first space), ``first_name``,
@@ -1427,7 +1503,7 @@ class Dataset:
             old = self.contact(contact_id)
             if old is None:
                 raise KeyError(f"contact {contact_id} does not exist")
-            at = self.clock.now()
+            at = self._stamp()
             new = copy.deepcopy(old)
             self._contact_fields(new, changes)
             new["updated_at"], new["updated_by"] = at, API_USER_ID
@@ -1451,7 +1527,7 @@ class Dataset:
         Records ``contact_deleted``."""
         with self._lock:
             st = self._state
-            at = self.clock.now()
+            at = self._stamp()
             gone = sorted({int(x) for x in ids if self._contact_exists(int(x), st)})
             if gone:
                 self._state = replace(st, deleted_contacts=st.deleted_contacts | set(gone),
@@ -1497,8 +1573,13 @@ class Dataset:
         self.token = str(token)
 
     def apply_mutation(self, spec: Mapping) -> dict:
-        """Applies a JSON mutation ``{"op": ..., ...}``; used by the HTTP control API and mutate faults."""
+        """Applies a JSON mutation ``{"op": ..., ...}``; used by the HTTP control API and mutate faults.
+        ``late_s`` on any of them stamps it that many seconds before the clock (:meth:`late_stamps`)."""
         spec = dict(spec)
+        late = spec.pop("late_s", None)
+        if late:
+            with self.late_stamps(int(late)):
+                return self.apply_mutation(spec)
         op = spec.pop("op", None)
         if op == "delete_leads":
             return {"deleted": self.delete_leads(spec["ids"])}
@@ -1513,7 +1594,9 @@ class Dataset:
             created_at = spec.pop("created_at", None)
             return {"id": self.add_lead(None if created_at is None else int(created_at), **spec)}
         if op == "restore_leads":
-            return {"restored": self.restore_leads(spec["ids"])}
+            return {"restored": self.restore_leads(spec["ids"], touch=bool(spec.get("touch", True)))}
+        if op == "rename_option":
+            return {"field": self.rename_option(int(spec["field_id"]), int(spec["enum_id"]), spec["label"])}
         if op == "purge_leads":
             return {"purged": self.purge_leads(spec["ids"])}
         if op == "add_contact":
