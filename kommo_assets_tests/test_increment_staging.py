@@ -72,3 +72,31 @@ def test_deleted_restored_and_contacts(sim, database_url):
     assert after[0] == before[0] and after[1] is False  # the same row back
     assert fetch_all(database_url, "SELECT name FROM clients WHERE kommo_contact_id = %s", (contact_id,)) == [
         ("Renamed Client",)]
+
+
+def test_a_restore_and_a_relink_that_leave_updated_at_as_it_was_are_applied(sim, database_url):
+    """Kommo does not document that a restoration or a change of main contact moves a lead's updated_at: the
+    sync reads both from the events feed and fetches such a lead by id."""
+    full_refresh(database_url, sim)
+    restored, relinked = [lead for lead in sim.dataset.iter_leads(window=(
+        int(datetime(2025, 1, 1, tzinfo=UTC).timestamp()), int(datetime(2026, 1, 1, tzinfo=UTC).timestamp())))
+        if lead["status_id"] in (79790634, 79790637) and lead["_embedded"]["contacts"]][:2]
+    sim.dataset.clock.advance(5)
+    sim.dataset.delete_leads([restored["id"]])
+    increment(database_url, sim)
+    assert _sales_lead(database_url, restored["id"])[1] is True
+    other = next(c["id"] for lead in sim.dataset.iter_leads() for c in lead["_embedded"]["contacts"]
+                 if c["id"] != relinked["_embedded"]["contacts"][0]["id"] and sim.dataset.contact(c["id"]))
+    sim.dataset.clock.advance(600)  # both leads' updated_at now lie far behind the cursor and its margin
+    increment(database_url, sim)
+    sim.dataset.clock.advance(5)
+    sim.dataset.restore_leads([restored["id"]], touch=False)
+    sim.dataset.update_lead(relinked["id"], main_contact=other, touch=False)
+    counts = increment(database_url, sim)
+    assert counts["status"] == "succeeded"
+    assert _sales_lead(database_url, restored["id"])[1] is False
+    assert fetch_one(database_url, "SELECT c.kommo_contact_id FROM sales_leads s JOIN clients c ON c.id = s.client_id"
+                                   " WHERE s.lead_code = %s", (f"kommo:{relinked['id']}",))[0] == other
+    staged = fetch_one(database_url, "SELECT stats -> 'leads_fetched' FROM kommo_import_runs WHERE id = %s",
+                       (counts["run_id"],))[0]
+    assert staged == 2

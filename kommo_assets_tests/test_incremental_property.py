@@ -14,10 +14,9 @@ Hypothesis draws, per example:
 * batches of mutations: create (any second of 2025 or 2026, within the last hour, or at the current year's
   first second), edit, move status (143, the statuses that are no booking, the other pipeline), change the vehicle and the
   source, relink the main contact, edit a contact, delete, restore, and a delete and a restore in one second
-  (either last), the restores and relinks with ``QUIET_CHANGES`` also without moving the lead's
-  ``updated_at``; each stamped on time or up to 60 s before the clock at which it becomes visible (a late
+  (either last), the restores and relinks also without moving the lead's ``updated_at``; each stamped on time or up to 60 s before the clock at which it becomes visible (a late
   stamp, inside the margin);
-* with ``REDERIVES``: option renames in Kommo (source 823206, vehicle 1234163; no lead's ``updated_at``
+* option renames in Kommo (source 823206, vehicle 1234163; no lead's ``updated_at``
   moves) and edits of ``kommo_source_map`` / ``kommo_status_map`` / ``kommo_user_map`` (made in A and, as
   they are, in B before its final refresh);
 * a fault during each batch's sync: a spurious 204 on the leads, contacts, events or custom-field feed, or
@@ -29,8 +28,8 @@ Each example: a small account; the starting refreshes into database A; the batch
 every window in scope into database B, empty until then; A and B must hold the same live rows (natural keys,
 Kommo timestamps, no uuids or local timestamps). And the sensor's premise: when its probe finds nothing that
 the last sync has not read (every window in scope read, no mapping edit or rename in the batch), the sync
-changes nothing. A failing example prints its draw. What the sync and the probe are known to miss is pinned
-as expected failures (``@example(...).xfail``), each one a minimal sequence.
+changes nothing. A failing example prints its draw. What earlier editions of the sync and the probe missed is
+pinned as explicit examples, each one a minimal sequence.
 """
 
 import os
@@ -58,18 +57,6 @@ from kommo_assets.scope import YearScope
 from kommo_assets_tests.helpers import create_database, database_name, drop_database
 from kommo_assets_tests.sync_support import fast_client, full_refresh, increment, production_rows
 
-# Whether the sync re-derives production from Kommo's current state on each sync (issue 18, item 3: a
-# current-state mirror). Until it does, an option renamed in Kommo or a mapping row edited reaches only the
-# leads that change afterwards, so those two operation kinds are not drawn. Set it to True once the sync
-# re-derives: this test then checks that every affected row follows.
-REDERIVES = False
-# Whether the sync sees a restore or a relink (main contact changed) that does not move the lead's updated_at
-# (Kommo does not document that either moves it). It does not yet: it learns restorations from the events
-# feed but reads the restored lead only if its updated_at moved, and it reads no link events at all, so such
-# a lead stays archived, or linked to its old client, until it changes again (pinned below: the xfail
-# examples). Until it does, every drawn restore and relink moves updated_at; set it to True with the fix.
-QUIET_CHANGES = False
-
 SCOPE = "2025-"  # from 2025 through the current year on Kommo's clock
 NEW_YEAR = int(datetime(2027, 1, 1, tzinfo=UTC).timestamp())  # when 2027 enters the scope
 STATUSES = [79790634, 79790637, 79790640, 142, 143, 79790631, 91703923, 91703950]
@@ -87,7 +74,7 @@ FAULT_PATHS = {"leads": "/api/v4/leads", "contacts": "/api/v4/contacts", "events
                "fields": "/api/v4/leads/custom_fields/"}
 
 index = st.integers(min_value=0, max_value=10_000)
-touch = st.booleans() if QUIET_CHANGES else st.just(True)  # whether a restore or relink moves updated_at
+touch = st.booleans()  # whether a restore or relink moves updated_at (Kommo does not document it)
 _ops = [
     # created_at: any second of 2025 or 2026 up to now, within the last hour, or the current year's first
     # second (the first lead of a year that has just entered the scope)
@@ -101,12 +88,9 @@ _ops = [
     st.tuples(st.just("delete"), index),
     st.tuples(st.just("restore"), index, touch),
     st.tuples(st.just("flicker"), index, st.booleans(), touch),  # a delete and a restore in one second
+    st.tuples(st.just("rename"), st.sampled_from([SOURCE_FIELD_ID, VEHICLE_FIELD_ID]), index, st.integers(0, 3)),
+    st.tuples(st.just("map"), st.sampled_from(sorted(MAPPED)), index, st.one_of(st.none(), st.integers(0, 2))),
 ]
-if REDERIVES:
-    _ops += [
-        st.tuples(st.just("rename"), st.sampled_from([SOURCE_FIELD_ID, VEHICLE_FIELD_ID]), index, st.integers(0, 3)),
-        st.tuples(st.just("map"), st.sampled_from(sorted(MAPPED)), index, st.one_of(st.none(), st.integers(0, 2))),
-    ]
 mutation = st.one_of(*_ops)
 late = st.one_of(st.just(0), st.integers(1, 60))  # seconds the change is stamped before it becomes visible
 advance = st.one_of(st.integers(0, 2), st.integers(3, SYNC_MARGIN_S), st.integers(SYNC_MARGIN_S + 1, 6 * 3600),
@@ -410,31 +394,31 @@ def _assert_alike(pair: Pair, final_runs: list[str], account: Account, sequence)
                    (86_400, [(0, ("status", 2, 143)), (59, ("delete", 8)), (1, ("create", "recent", 77, 142, 9))],
                     ("status", 429, "leads", 0, 2))],
          before_new_year=60, refreshed="first", ties_oldest_first=True, seed=3)
-# The sync's known misses, pinned as expected failures while their switch is off (each must pass once it is on):
+# What the sync once missed (found by this test; each example fails without its fix):
 # a booking (20000006, of 2025) deleted, synced, then restored without its updated_at moving stays archived
 # (its updated_at older than the margin: a lead changed within it is read again anyway);
 @example(sequence=[(1, [(0, ("delete", 6))], None), (SYNC_MARGIN_S + 60, [(0, ("restore", 0, False))], None)],
          before_new_year=30 * 86_400, refreshed="all", ties_oldest_first=False, seed=1
-         ).xfail(not QUIET_CHANGES, raises=AssertionError, reason="a restore that keeps updated_at is not read")
+         )  # fixed: restored leads are fetched by id
 # the same booking relinked to another main contact (30000004) without its updated_at moving keeps its client;
 @example(sequence=[(1, [(0, ("relink", 6, 4, False))], None)],
          before_new_year=30 * 86_400, refreshed="all", ties_oldest_first=False, seed=1
-         ).xfail(not QUIET_CHANGES, raises=AssertionError, reason="a relink that keeps updated_at is not read")
+         )  # fixed: link events are read
 # a mapping row deleted (the sentinels' status, 79790637, falls back to 'pending') reaches no unchanged lead;
 @example(sequence=[(1, [(0, ("map", "status", 1, None))], None)],
          before_new_year=30 * 86_400, refreshed="all", ties_oldest_first=False, seed=1
-         ).xfail(not REDERIVES, raises=AssertionError, reason="mapping edits are not re-derived")
+         )  # fixed: the current-state mirror
 # every source option renamed in Kommo reaches no unchanged lead.
 @example(sequence=[(1, [(0, ("rename", SOURCE_FIELD_ID, k, 0)) for k in range(6)], None)],
          before_new_year=30 * 86_400, refreshed="all", ties_oldest_first=False, seed=1
-         ).xfail(not REDERIVES, raises=AssertionError, reason="option renames are not re-derived")
-# The probe's known miss, pinned as an expected failure: a booking's price changed (stamped 10 s late) and
+         )  # fixed: the current-state mirror
+# What the probe once missed: a booking's price changed (stamped 10 s late) and
 # synced, then changed again and stamped late into that very second (its index lagging 15 s): the probe
 # takes the second version for the one the sync read (same id, same updated_at) and calls the account idle,
-# so no run starts for it until some other change does (the sync itself reads it: it is inside the margin).
+# so no run starts for it until some other change does (fixed: the sync records each record's version).
 @example(sequence=[(1, [(10, ("edit", 6, 11, True))], None), (5, [(15, ("edit", 6, 22, True))], None)],
          before_new_year=30 * 86_400, refreshed="all", ties_oldest_first=False, seed=1
-         ).xfail(raises=AssertionError, reason="the probe cannot tell two versions stamped in one second apart")
+         )
 def test_syncs_after_each_batch_equal_a_full_refresh_of_every_window(sequence, before_new_year, refreshed,
                                                                     ties_oldest_first, seed, pair):
     pair.empty()

@@ -171,7 +171,7 @@ def stage_increment(
     events = _stage_removals(conn, run_id, tracker, since, windows, result, read)
     lead_contacts |= _stage_touched_leads(writer, client, events, windows, result, read)
     _stage_contacts(conn, writer, client, tracker, since, lead_contacts, result, read)
-    result.sync_to, result.seen = next_cursor(cursor, client.kommo_clock, client.latest_kommo_clock, read)
+    result.sync_to, result.seen = next_cursor(cursor, client.kommo_clock, read)
     if on_progress:
         on_progress("contacts", result)
     _, result.contacts, result.vehicle_links = writer.finish(keep_unreferenced_contacts=True)
@@ -183,8 +183,7 @@ def stage_increment(
     return result
 
 
-def next_cursor(cursor: datetime, earliest: datetime, latest: datetime | None, read: Seen
-                ) -> tuple[datetime, Seen]:
+def next_cursor(cursor: datetime, earliest: datetime, read: Seen) -> tuple[datetime, Seen]:
     """The cursor a run that read ``read`` (from ``cursor`` less the margin on) may store, and what it read
     from that cursor less the margin on, for the probe.
 
@@ -195,32 +194,17 @@ def next_cursor(cursor: datetime, earliest: datetime, latest: datetime | None, r
     stamps = [*read.leads.values(), *read.contacts.values(), *read.events.values()]
     moved = min(earliest, _at(max(stamps) + SYNC_MARGIN_S)) if stamps else cursor
     sync_to = max(cursor, moved)
-    first = int(earliest.timestamp())
-    last = int((latest or earliest).timestamp())
-
-    def settled(stamp: int) -> bool:
-        # Stamped before the second of the first read, or after the last answer (in the future).
-        return stamp < first or stamp > last
-
     bound = ceil_epoch(sync_to) - SYNC_MARGIN_S
-    seen = Seen(bound,
-                {i: t for i, t in read.leads.items() if t >= bound and settled(t)},
-                {i: t for i, t in read.contacts.items() if t >= bound and settled(t)},
-                {e: t for e, t in read.events.items() if t >= bound})
+    leads = {i: t for i, t in read.leads.items() if t >= bound}
+    contacts = {i: t for i, t in read.contacts.items() if t >= bound}
+    versions = {k: v for k, v in read.versions.items()
+                if int(k.partition(":")[2]) in (leads if k.startswith("leads:") else contacts)}
+    seen = Seen(bound, leads, contacts, {e: t for e, t in read.events.items() if t >= bound}, versions)
     return sync_to, seen
 
 
 def _at(epoch: int) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
-
-
-def _note(read: dict[int, int], record: dict) -> None:
-    """Notes the ``updated_at`` of a record a feed listed (the newest if listed twice)."""
-    record_id = positive_int(record.get("id"))
-    moment = extract_kommo_epoch(record.get("updated_at"))
-    if record_id is not None and moment is not None:
-        stamp = int(moment.timestamp())
-        read[record_id] = max(stamp, read.get(record_id, stamp))
 
 
 def _stage_changed_leads(writer: StagingWriter, tracker, since: datetime, windows: Sequence[Window],
@@ -231,7 +215,7 @@ def _stage_changed_leads(writer: StagingWriter, tracker, since: datetime, window
         result.leads_received += page.received
         result.skipped.update(page.skipped)
         for lead in page.leads:
-            _note(read.leads, lead)
+            read.note("leads", lead)
         kept = [lead for lead in page.leads if in_windows(lead, windows)]
         result.skipped["outside_windows"] += len(page.leads) - len(kept)
         written = writer.write_leads(kept, result.skipped)
@@ -284,7 +268,7 @@ def _stage_contacts(conn: psycopg.Connection, writer: StagingWriter, client: Kom
             contact_id = positive_int(contact.get("id"))
             if contact_id is not None:
                 changed_contacts[contact_id] = contact
-                _note(read.contacts, contact)
+                read.note("contacts", contact)
     clients = _existing_clients(conn, [*changed_contacts, *lead_contacts])
     wanted = {cid for cid in changed_contacts if cid in clients or cid in lead_contacts}
     writer.write_contacts([changed_contacts[cid] for cid in sorted(wanted)], result.skipped)

@@ -22,7 +22,9 @@ answers (:attr:`ChangeTracker.clock`), never this machine's.
 from __future__ import annotations
 
 import itertools
+import json
 import threading
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -87,21 +89,34 @@ class Seen:
     """What a sync read of the changes stamped at or after ``since`` (epoch seconds): leads and contacts by id
     with their ``updated_at``, lead events by id with their ``created_at``. The probe compares the feeds with it, so a change the sync
     already applied does not start another run, while one that came in after it (a late stamp, a record
-    changed again) does.
-
-    A record stamped in a second that its read may have shared (from the run's first answer's second to its
-    last answer's) is left out: a change made later in that same second would carry the same stamp. Such a
-    record is probed as new once more (one more run, which applies nothing). A record stamped after the run's
-    last answer is in the future on Kommo's clock and kept: a later change stamps it anew."""
+    changed again) does. A record changed again within the second of the version the sync read carries the
+    same stamp: its version (:func:`version`) tells the two apart."""
 
     since: int
     leads: dict[int, int] = field(default_factory=dict)
     contacts: dict[int, int] = field(default_factory=dict)
     events: dict[str, int] = field(default_factory=dict)
+    # The version of each lead and contact read (:func:`version`), by "leads:<id>" / "contacts:<id>": two
+    # versions of a record stamped in the same second (a late stamp, an index that lagged) have one
+    # updated_at, so the stamp alone cannot tell the probe that the second is new.
+    versions: dict[str, int] = field(default_factory=dict)
+
+    def note(self, kind: str, record: dict) -> None:
+        """Notes the ``updated_at`` and version of a lead or contact (``kind``: "leads" or "contacts") a feed
+        listed (the newest stamp if listed twice)."""
+        record_id = positive_int(record.get("id"))
+        moment = extract_kommo_epoch(record.get("updated_at"))
+        if record_id is None or moment is None:
+            return
+        stamps: dict[int, int] = getattr(self, kind)
+        stamp = int(moment.timestamp())
+        if stamp >= stamps.get(record_id, stamp):
+            stamps[record_id] = stamp
+            self.versions[f"{kind}:{record_id}"] = version(record)
 
     def as_json(self) -> dict:
         return {"since": self.since, "leads": sorted(self.leads.items()), "contacts": sorted(self.contacts.items()),
-                "events": sorted(self.events.items())}
+                "events": sorted(self.events.items()), "versions": sorted(self.versions.items())}
 
     @classmethod
     def from_json(cls, data: object) -> Seen | None:
@@ -111,7 +126,8 @@ class Seen:
         try:
             return cls(data["since"], {int(i): int(s) for i, s in data.get("leads", [])},
                        {int(i): int(s) for i, s in data.get("contacts", [])},
-                       {str(i): int(s) for i, s in data.get("events", [])})
+                       {str(i): int(s) for i, s in data.get("events", [])},
+                       {str(k): int(v) for k, v in data.get("versions", [])})
         except (TypeError, ValueError):
             return None
 
@@ -130,6 +146,14 @@ class Probe:
     @property
     def anything(self) -> bool:
         return bool(self.changed)
+
+
+def version(record: dict) -> int:
+    """A record's version as a feed lists it: a checksum of the record without ``_embedded`` (the probe asks
+    without the embeds a sync reads; a relink is an event of its own) and ``_links`` (they repeat each
+    request's query string)."""
+    body = {k: v for k, v in record.items() if k not in ("_embedded", "_links")}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode())
 
 
 def _epoch(moment: datetime) -> int:
@@ -266,7 +290,7 @@ class ChangeTracker:
                 continue
             items = read_list(body, key, path, 1, None).items
             fresh = [item for item in items if _stamped_since(item, stamp, start) and _counts(item, name)
-                     and not _was_read(item, name, stamp, read)]
+                     and not _was_read(item, name, stamp, read, known.versions)]
             # A full page of what the sync read when it read as much as a page holds: the rest is unknown.
             if fresh or (len(read) >= cap and len(items) >= limit):
                 result.changed.append(name)
@@ -279,14 +303,18 @@ def _read_since(stamps: dict, start: int) -> dict:
     return {item_id: stamp for item_id, stamp in stamps.items() if stamp >= start}
 
 
-def _was_read(item: dict, name: str, stamp: str, read: dict) -> bool:
-    """Whether the last sync read this very item: the same event, or the same record with the same stamp."""
+def _was_read(item: dict, name: str, stamp: str, read: dict, versions: dict[str, int]) -> bool:
+    """Whether the last sync read this very item: the same event, or the same record with the same stamp and
+    (when the sync recorded it) the same version."""
     if name == "lead_events":
         event = _lead_event(item)
         return event is not None and event.id in read
     moment = extract_kommo_epoch(item.get(stamp))
     item_id = positive_int(item.get("id"))
-    return moment is not None and item_id is not None and read.get(item_id) == int(moment.timestamp())
+    if moment is None or item_id is None or read.get(item_id) != int(moment.timestamp()):
+        return False
+    known = versions.get(f"{name}:{item_id}")
+    return known is None or known == version(item)
 
 
 def touched_by_events(events: Iterable[LeadEvent]) -> set[int]:

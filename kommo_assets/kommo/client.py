@@ -124,11 +124,6 @@ class KommoClient:
         is ahead of Kommo's servers cannot move a cursor taken from it past changes. None before any."""
         return self._transport.earliest_answer_date
 
-    @property
-    def latest_kommo_clock(self) -> datetime | None:
-        """The latest ``Date`` of Kommo's answers to this client so far; None before any."""
-        return self._transport.last_answer_date
-
     # --- leads ------------------------------------------------------------------------------------
 
     def iter_lead_pages(

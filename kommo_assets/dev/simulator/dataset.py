@@ -542,18 +542,6 @@ class Dataset:
             ]),
         ]
 
-    def rename_option(self, field_id: int, enum_id: int, value: str) -> None:
-        """Renames a select field's option, as an admin does in Kommo's settings: the field definitions list
-        the new label; no lead's ``updated_at`` moves and no event is recorded."""
-        with self._lock:
-            for option in self._fields[field_id]["enums"] or ():
-                if option["id"] == enum_id:
-                    option["value"] = value
-                    if field_id == VEHICLE_FIELD_ID:
-                        self._vehicle_labels[enum_id] = value
-                    return
-            raise KeyError(f"field {field_id} has no option {enum_id}")
-
     def _select_value(self, field_id: int, enum_id: int) -> dict:
         label = None
         if field_id == VEHICLE_FIELD_ID:
