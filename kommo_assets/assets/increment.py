@@ -168,8 +168,7 @@ def freshness(postgres: PostgresResource, minutes: float, scope: YearScope | Non
     probe of the sensor or a full refresh covered the last ``minutes`` (the database's clock on both sides)."""
     scope = scope or sync_scope()
     with postgres.connect() as conn:
-        covered = increment.covered_at(conn)
-        now = conn.execute("SELECT now()").fetchone()[0]
+        covered, now = increment.covered_at(conn)
         uncovered = windows.uncovered_windows(conn, scope.windows())
     age = None if covered is None else now - covered
     passed = not uncovered and age is not None and age <= timedelta(minutes=minutes)

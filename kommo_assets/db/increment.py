@@ -343,14 +343,17 @@ def record_idle_tick(conn: psycopg.Connection, probe: Probe) -> bool:
 _COVERED_AT = """
 SELECT greatest(
     (SELECT updated_at FROM kommo_sync_state),
-    (SELECT max(finished_at) FROM kommo_import_runs WHERE status = 'succeeded' AND kind IN ('full_refresh', 'increment')))
+    (SELECT max(finished_at) FROM kommo_import_runs WHERE status = 'succeeded' AND kind IN ('full_refresh', 'increment'))),
+    now()
 """
 
 
-def covered_at(conn: psycopg.Connection) -> datetime | None:
-    """When a successful sync, an idle probe or a full refresh last brought production up to date."""
+def covered_at(conn: psycopg.Connection) -> tuple[datetime | None, datetime]:
+    """When a successful sync, an idle probe or a full refresh last brought production up to date, and the
+    database's clock now (the two compared on one clock)."""
     with conn.transaction():
-        return conn.execute(_COVERED_AT).fetchone()[0]
+        covered, now = conn.execute(_COVERED_AT).fetchone()
+    return covered, now
 
 
 _LAST_INCREMENTS = """
