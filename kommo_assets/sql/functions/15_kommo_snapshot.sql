@@ -38,11 +38,11 @@ AS $$
 BEGIN
     RETURN QUERY
     WITH l AS (
+        -- (stg_kommo_booking_vehicles holds the same vehicle_enum_id, kept in step by the staging writer)
         SELECT s.lead_id, s.contact_id, s.status_id, s.pipeline_id, s.responsible_user_id, s.price, s.name,
-               bv.vehicle_enum_id, s.source_enum_id, s.delivery_at, s.collect_at, s.created_at, s.updated_at,
+               s.vehicle_enum_id, s.source_enum_id, s.delivery_at, s.collect_at, s.created_at, s.updated_at,
                s.closed_at
           FROM stg_kommo_leads s
-          LEFT JOIN stg_kommo_booking_vehicles bv ON bv.run_id = s.run_id AND bv.lead_id = s.lead_id
          WHERE p_run_id IS NOT NULL AND s.run_id = p_run_id
         UNION ALL
         SELECT m.lead_id, m.contact_id, m.status_id, m.pipeline_id, m.responsible_user_id, m.price, m.name,

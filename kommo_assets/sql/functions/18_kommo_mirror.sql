@@ -35,17 +35,16 @@ BEGIN
 
     WITH src AS MATERIALIZED (
         SELECT s.lead_id, s.contact_id, s.status_id, s.pipeline_id, s.responsible_user_id, s.price, s.name,
-               bv.vehicle_enum_id, s.source_enum_id, s.delivery_at, s.collect_at, s.created_at, s.updated_at,
+               s.vehicle_enum_id, s.source_enum_id, s.delivery_at, s.collect_at, s.created_at, s.updated_at,
                s.closed_at, m.lead_id IS NULL AS is_new,
                (m.contact_id, m.status_id, m.pipeline_id, m.responsible_user_id, m.price, m.name,
                 m.vehicle_enum_id, m.source_enum_id, m.delivery_at, m.collect_at, m.created_at, m.updated_at,
                 m.closed_at)
                IS DISTINCT FROM
                (s.contact_id, s.status_id, s.pipeline_id, s.responsible_user_id, s.price, s.name,
-                bv.vehicle_enum_id, s.source_enum_id, s.delivery_at, s.collect_at, s.created_at, s.updated_at,
+                s.vehicle_enum_id, s.source_enum_id, s.delivery_at, s.collect_at, s.created_at, s.updated_at,
                 s.closed_at) AS differs
           FROM stg_kommo_leads s
-          LEFT JOIN stg_kommo_booking_vehicles bv ON bv.run_id = s.run_id AND bv.lead_id = s.lead_id
           LEFT JOIN kommo_leads m ON m.lead_id = s.lead_id
          WHERE s.run_id = p_run_id
     ), upd AS (
