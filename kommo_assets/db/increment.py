@@ -40,7 +40,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 
 from kommo_assets.db.staging import StagingWriter
-from kommo_assets.db.windows import sync_cursor, window_params
+from kommo_assets.db.windows import coverage, sync_cursor, window_params
 from kommo_assets.kommo import KommoClient
 from kommo_assets.kommo.changes import LEAD_DELETED, LeadEvent, Probe, Seen, latest_by_lead, touched_by_events
 from kommo_assets.kommo.fields import SOURCE_FIELD_ID, VEHICLE_FIELD_ID, extract_kommo_epoch, positive_int
@@ -166,9 +166,14 @@ def stage_increment(
     since = cursor - timedelta(seconds=SYNC_MARGIN_S)
     result.sync_from = since
 
+    # Relinks matter only to the windows already covered (one read whole lists every lead of its own), from
+    # their coverage less the margin; the oldest such coverage is where they are read from.
+    covered = [moment for moment in coverage(conn, windows).values() if moment is not None]
+    links_since = min(covered) - timedelta(seconds=SYNC_MARGIN_S) if covered else None
+
     read = Seen(ceil_epoch(since))
     lead_contacts = _stage_changed_leads(writer, tracker, since, windows, result, on_progress, read)
-    events = _stage_removals(conn, run_id, tracker, since, windows, result, read)
+    events = _stage_removals(conn, run_id, tracker, since, links_since, windows, result, read)
     lead_contacts |= _stage_touched_leads(writer, client, events, windows, result, read)
     _stage_contacts(conn, writer, client, tracker, since, lead_contacts, result, read)
     result.sync_to, result.seen = next_cursor(cursor, client.kommo_clock, read)
@@ -225,11 +230,11 @@ def _stage_changed_leads(writer: StagingWriter, tracker, since: datetime, window
     return lead_contacts
 
 
-def _stage_removals(conn: psycopg.Connection, run_id: str, tracker, since: datetime,
+def _stage_removals(conn: psycopg.Connection, run_id: str, tracker, since: datetime, links_since: datetime | None,
                     windows: Sequence[Window], result: IncrementResult, read: Seen) -> list[LeadEvent]:
     """The leads deleted since ``since`` (each lead's newest event decides, ties by event id) leave the run's
     staging; those production or the mirror holds in a window become removals. Returns the events read."""
-    listed: list[LeadEvent] = tracker.lead_events(since)
+    listed: list[LeadEvent] = tracker.lead_events(since, links_since)
     read.events.update((e.id, int(e.created_at.timestamp())) for e in listed)
     events = latest_by_lead(listed)
     deleted = sorted(lead_id for lead_id, event in events.items() if event.type == LEAD_DELETED)
@@ -245,9 +250,13 @@ def _stage_removals(conn: psycopg.Connection, run_id: str, tracker, since: datet
 
 def _stage_touched_leads(writer: StagingWriter, client: KommoClient, events: list[LeadEvent],
                          windows: Sequence[Window], result: IncrementResult, read: Seen) -> set[int]:
-    """The leads the events say changed (restored, relinked) that the changed-leads feed did not list (Kommo
-    may leave ``updated_at`` as it was), fetched by id and staged; returns their new contact ids."""
-    missing = sorted(touched_by_events(events) - set(read.leads))
+    """The leads the events say changed (restored, relinked), fetched by id and staged (Kommo may leave their
+    ``updated_at`` as it was); returns their new contact ids. A lead the changed-leads feed listed is fetched
+    again when the version listed is stamped before the event: the feed is read before the events, so a
+    quiet relink after that read would be missed (one made in the listed version's very second is not
+    told apart)."""
+    missing = sorted(lead_id for lead_id, at in touched_by_events(events).items()
+                     if read.leads.get(lead_id, -1) < at)
     lead_contacts: set[int] = set()
     for batch in client.leads_by_id(missing):
         result.leads_fetched += len(batch)

@@ -74,6 +74,9 @@ def mirror_drift(conn: psycopg.Connection, window: Window) -> dict:
     """The local drift check of ``window`` (``kommo_mirror_drift``): what deriving production from the
     current-state mirror now would change in it, as the change preview counts it. No Kommo request."""
     with conn.transaction():
+        # One snapshot for every statement of the comparison: an increment committing meanwhile (the check
+        # can run beside one) must not look like drift.
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         return conn.execute("SELECT kommo_mirror_drift(%s, %s)",
                             (window.created_from, window.created_to)).fetchone()[0]
 

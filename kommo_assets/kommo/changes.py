@@ -148,11 +148,18 @@ class Probe:
         return bool(self.changed)
 
 
+# What a version covers: the fields of a lead or contact the import reads. Not the embeds (the probe asks
+# without the ones a sync reads; a relink is an event of its own), not `_links` (they repeat each request's
+# query string), and not what Kommo may change without moving updated_at that the import never reads
+# (closest_task_at, score, ...): such a change would start a run that applies nothing.
+VERSIONED_FIELDS = ("id", "name", "first_name", "last_name", "price", "status_id", "pipeline_id",
+                    "responsible_user_id", "created_at", "updated_at", "closed_at", "is_deleted",
+                    "custom_fields_values")
+
+
 def version(record: dict) -> int:
-    """A record's version as a feed lists it: a checksum of the record without ``_embedded`` (the probe asks
-    without the embeds a sync reads; a relink is an event of its own) and ``_links`` (they repeat each
-    request's query string)."""
-    body = {k: v for k, v in record.items() if k not in ("_embedded", "_links")}
+    """A record's version as the import reads it: a checksum of :data:`VERSIONED_FIELDS`."""
+    body = {k: record.get(k) for k in VERSIONED_FIELDS}
     return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode())
 
 
@@ -187,9 +194,11 @@ class ChangeTracker:
         paging = self._lead_paging(KeyRange.between("updated_at", since, None), ())
         return fan_out(Plan(leads=paging, ask_leads=self._ask_leads), self._max_in_flight, "kommo-changes")
 
-    def lead_events(self, since: datetime) -> list[LeadEvent]:
-        """Every lead deletion or restoration since ``since``, from the events feed, each once
-        (:func:`latest_by_lead` says which one decides a lead).
+    def lead_events(self, since: datetime, links_since: datetime | None = None) -> list[LeadEvent]:
+        """Every lead deletion or restoration since ``since`` and every relink (:data:`LINK_EVENTS`) since
+        ``links_since`` (None: none), from the events feed, each once (:func:`latest_by_lead` says which one
+        decides a lead). One read when both start in the same second (the usual case), else one each: a window
+        read whole needs no relinks, and its deletions go back to its first second.
 
         The feed lists the newest first and is paged by offset: an event recorded while it is read pushes
         the others down, so one may come twice (it is kept once) but none is skipped; one recorded after
@@ -199,6 +208,18 @@ class ChangeTracker:
         """
         start = _epoch(since)
         events: dict[str, LeadEvent] = {}
+        if links_since is None:
+            reads = [(start, REMOVAL_EVENTS)]
+        elif _epoch(links_since) <= start:
+            reads = [(start, LEAD_EVENTS)]
+        else:
+            reads = [(start, REMOVAL_EVENTS), (_epoch(links_since), LINK_EVENTS)]
+        for read_start, types in reads:
+            self._read_events(read_start, types, events)
+        return list(events.values())
+
+    def _read_events(self, start: int, types: tuple[str, ...], events: dict[str, LeadEvent]) -> None:
+        """The events of ``types`` from ``start`` on, into ``events`` by id."""
         for page in itertools.count(1):
             if page > MAX_EVENT_PAGES:
                 raise KommoResponseError(
@@ -206,13 +227,14 @@ class ChangeTracker:
                     "to ignore the feed's filters; the sync cannot tell which leads were deleted.",
                     method="GET", path=EVENTS_PATH, page=page,
                 )
-            answer = confirmed(lambda page=page: self._ask_events(start, page), f"GET {EVENTS_PATH} page {page}")
+            answer = confirmed(lambda page=page: self._ask_events(start, types, page),
+                               f"GET {EVENTS_PATH} page {page}")
             if answer is None:
                 break
             older = False
             for item in answer.items:
                 event = _lead_event(item)
-                if event is None:
+                if event is None or event.type not in types:
                     continue
                 if event.created_at.timestamp() < start:
                     older = True
@@ -220,11 +242,10 @@ class ChangeTracker:
                 events.setdefault(event.id, event)
             if answer.ends_range or older:
                 break
-        return list(events.values())
 
-    def _ask_events(self, start: int, page: int) -> ListPage | None:
-        """One page of the lead removal events from ``start``; None when it lists none (204 or empty)."""
-        params = _event_params(start, limit=EVENTS_PAGE_SIZE) + [("page", str(page))]
+    def _ask_events(self, start: int, types: tuple[str, ...], page: int) -> ListPage | None:
+        """One page of the lead events of ``types`` from ``start``; None when it lists none (204 or empty)."""
+        params = _event_params(start, limit=EVENTS_PAGE_SIZE, types=types) + [("page", str(page))]
         body = self._transport.get(EVENTS_PATH, params, page=page)
         if body is None:
             return None
@@ -317,18 +338,23 @@ def _was_read(item: dict, name: str, stamp: str, read: dict, versions: dict[str,
     return known is None or known == version(item)
 
 
-def touched_by_events(events: Iterable[LeadEvent]) -> set[int]:
+def touched_by_events(events: Iterable[LeadEvent]) -> dict[int, int]:
     """The leads whose current state the events say to read again, though their ``updated_at`` may not have
-    moved: restored (their newest removal event) or relinked, and not deleted."""
+    moved: restored (their newest removal event) or relinked, and not deleted; each with the epoch second of
+    its newest such event."""
+    events = list(events)
     newest = latest_by_lead(events)
-    relinked = {event.lead_id for event in events if event.type in LINK_EVENTS}
-    restored = {lead_id for lead_id, event in newest.items() if event.type == LEAD_RESTORED}
-    return {lead_id for lead_id in relinked | restored
+    touched: dict[int, int] = {}
+    for event in events:
+        if event.type in LINK_EVENTS or (event.type == LEAD_RESTORED and newest[event.lead_id] is event):
+            at = int(event.created_at.timestamp())
+            touched[event.lead_id] = max(at, touched.get(event.lead_id, at))
+    return {lead_id: at for lead_id, at in touched.items()
             if lead_id not in newest or newest[lead_id].type != LEAD_DELETED}
 
 
-def _event_params(start: int, *, limit: int) -> list[tuple[str, str]]:
-    return [("filter[type]", ",".join(LEAD_EVENTS)), ("filter[entity]", "lead"),
+def _event_params(start: int, *, limit: int, types: tuple[str, ...] = LEAD_EVENTS) -> list[tuple[str, str]]:
+    return [("filter[type]", ",".join(types)), ("filter[entity]", "lead"),
             ("filter[created_at][from]", str(start)), ("limit", str(limit))]
 
 

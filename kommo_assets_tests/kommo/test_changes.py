@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from kommo_assets.dev.simulator import KommoSimulator, SimulatorConfig
-from kommo_assets.kommo.changes import LEAD_DELETED, LEAD_RESTORED, latest_by_lead
+from kommo_assets.kommo.changes import LEAD_DELETED, LEAD_RESTORED, latest_by_lead, touched_by_events
 from kommo_assets_tests.kommo.support import TOKEN, fast_client
 
 T0 = 1_800_000_000  # after every generated date
@@ -87,3 +87,23 @@ def test_changed_contacts_are_keyset_paged_by_updated_at(sim: KommoSimulator) ->
     with fast_client(sim, page_size=2) as client:
         found = [c["id"] for page in client.changes().changed_contact_pages(_at(T0 + 120)) for c in page.leads]
     assert sorted(found) == contact_ids
+
+
+def test_relinks_are_read_from_their_own_start_and_deletions_from_theirs(sim: KommoSimulator) -> None:
+    """A window read whole needs no relinks (its every lead is listed), a covered one needs them from its
+    coverage: relinks are asked from ``links_since``, deletions from ``since``, in one read when both agree."""
+    first, second, other = [lead for lead in sim.dataset.iter_leads() if lead["_embedded"]["contacts"]][:3]
+    contact = other["_embedded"]["contacts"][0]["id"]
+    sim.dataset.clock.advance(10)
+    sim.dataset.delete_leads([first["id"]])
+    sim.dataset.update_lead(second["id"], main_contact=contact, touch=False)  # relinked at T0 + 10
+    with fast_client(sim) as client:
+        tracker = client.changes()
+        kinds = {(e.lead_id, e.type) for e in tracker.lead_events(_at(T0), _at(T0))}
+        assert (first["id"], LEAD_DELETED) in kinds and (second["id"], "entity_linked") in kinds
+        before = client.stats.requests
+        assert {e.type for e in tracker.lead_events(_at(T0), None)} == {LEAD_DELETED}
+        assert client.stats.requests - before == 1  # one read, of deletions and restorations only
+        later = {(e.lead_id, e.type) for e in tracker.lead_events(_at(T0), _at(T0 + 11))}
+        assert later == {(first["id"], LEAD_DELETED)}  # the relink is older than links_since
+        assert touched_by_events(tracker.lead_events(_at(T0), _at(T0))) == {second["id"]: T0 + 10}

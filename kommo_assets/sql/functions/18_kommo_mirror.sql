@@ -5,7 +5,7 @@
 -- read the whole window: the window's leads become exactly the ones it staged. An increment (p_from NULL)
 -- read what changed: its leads are upserted and the leads it removes (stg_kommo_lead_removals) leave.
 -- Contacts are upserted, never removed (a client stays a client). The select fields' options become the
--- ones the run read, field by field. An unchanged row is only read, not rewritten. The caller holds the
+-- ones the run read. An unchanged row is only read, not rewritten. The caller holds the
 -- swap's lock and owns the transaction.
 CREATE OR REPLACE FUNCTION kommo_mirror_write(p_run_id uuid, p_from timestamptz, p_to timestamptz) RETURNS jsonb
 LANGUAGE plpgsql
@@ -89,11 +89,13 @@ BEGIN
     )
     SELECT (SELECT count(*) FROM ins) + (SELECT count(*) FROM upd) INTO v_contacts;
 
+    -- Every run reads the options of both select fields the rules read (vehicle 1234163, source 823206): what
+    -- it staged for them is all Kommo lists, none at all included.
     WITH staged AS (
         SELECT o.field_id, o.enum_id, o.value FROM stg_kommo_field_options o WHERE o.run_id = p_run_id
     ), gone AS (
         DELETE FROM kommo_field_options m
-         WHERE m.field_id IN (SELECT DISTINCT field_id FROM staged)
+         WHERE m.field_id IN (1234163, 823206)
            AND NOT EXISTS (SELECT 1 FROM staged s WHERE s.field_id = m.field_id AND s.enum_id = m.enum_id)
         RETURNING 1
     ), put AS (
@@ -153,9 +155,16 @@ BEGIN
     IF NOT kommo_holds_lock('swap') THEN
         RAISE EXCEPTION 'kommo_take_rules_changes runs only inside run_kommo_full_refresh or run_kommo_increment';
     END IF;
-    CREATE TEMP TABLE kommo_changed_rules ON COMMIT DROP AS SELECT * FROM kommo_rules_changed();
+    -- The rules in force are read once: what is recorded is exactly what the changes were computed from, so
+    -- an edit committed meanwhile is left for the next sync (kommo_rules_changed still reports it).
+    CREATE TEMP TABLE kommo_rules_now ON COMMIT DROP AS SELECT * FROM kommo_rules_in_force();
+    CREATE TEMP TABLE kommo_changed_rules ON COMMIT DROP AS
+    SELECT coalesce(n.rule, d.rule) AS rule, coalesce(n.key, d.key) AS key
+      FROM kommo_rules_now n
+      FULL JOIN kommo_derived_rules d ON d.rule = n.rule AND d.key = n.key
+     WHERE n.value IS DISTINCT FROM d.value;
     IF NOT EXISTS (SELECT 1 FROM kommo_changed_rules) THEN
-        DROP TABLE kommo_changed_rules;
+        DROP TABLE kommo_changed_rules, kommo_rules_now;
         RETURN '{}';
     END IF;
     SELECT coalesce(array_agg(m.lead_id ORDER BY m.lead_id), '{}') INTO v_leads
@@ -164,9 +173,9 @@ BEGIN
         OR m.status_id IN (SELECT c.key FROM kommo_changed_rules c WHERE c.rule = 'status_map')
         OR m.responsible_user_id IN (SELECT c.key FROM kommo_changed_rules c WHERE c.rule = 'user_map'))
        AND NOT (p_except_from IS NOT NULL AND m.created_at >= p_except_from AND m.created_at < p_except_to);
-    DROP TABLE kommo_changed_rules;
     DELETE FROM kommo_derived_rules;
-    INSERT INTO kommo_derived_rules (rule, key, value) SELECT * FROM kommo_rules_in_force();
+    INSERT INTO kommo_derived_rules (rule, key, value) SELECT n.rule, n.key, n.value FROM kommo_rules_now n;
+    DROP TABLE kommo_changed_rules, kommo_rules_now;
     RETURN v_leads;
 END;
 $$;

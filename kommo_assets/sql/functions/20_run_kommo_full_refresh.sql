@@ -75,8 +75,10 @@ BEGIN
     IF v_window THEN
         v_leads := v_rederive;
     ELSE
-        SELECT coalesce(array_agg(s.lead_id), '{}') || v_rederive INTO v_leads
-          FROM stg_kommo_leads s WHERE s.run_id = p_run_id;
+        SELECT coalesce(array_agg(x.lead_id), '{}') INTO v_leads
+          FROM (SELECT s.lead_id FROM stg_kommo_leads s WHERE s.run_id = p_run_id
+                UNION
+                SELECT unnest(v_rederive)) x;
     END IF;
 
     -- The snapshot, resolved once from the mirror (see kommo_snapshot in 15_kommo_snapshot.sql).
