@@ -46,13 +46,6 @@ def sim():
         yield s
 
 
-@pytest.fixture()
-def http():
-    with requests.Session() as s:
-        s.headers["Authorization"] = f"Bearer {TOKEN}"
-        yield s
-
-
 def mutate(sim: KommoSimulator, *specs: dict) -> list[dict]:
     r = requests.post(f"{sim.base_url}/_simulator/mutations", json=list(specs))
     assert r.status_code == 200, r.text

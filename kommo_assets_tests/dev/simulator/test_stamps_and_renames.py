@@ -32,13 +32,6 @@ def sim():
         yield s
 
 
-@pytest.fixture()
-def http():
-    with requests.Session() as s:
-        s.headers["Authorization"] = f"Bearer {TOKEN}"
-        yield s
-
-
 def _get(sim, http, path: str, **params) -> requests.Response:
     return http.get(f"{sim.base_url}{path}", params=params)
 
