@@ -128,12 +128,14 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- The rules whose value changed since production was last derived (kommo_derived_rules): added, edited
--- or removed, by rule and key. Cheap (the mapping tables and the options are small): the sync sensor asks
--- it every tick, so a mapping edit starts a sync without asking Kommo.
-CREATE OR REPLACE FUNCTION kommo_rules_changed()
-RETURNS TABLE (rule text, key bigint)
+-- or removed, by rule and key, with the value in force (NULL: removed). Cheap (the mapping tables and the
+-- options are small): the sync sensor asks it every tick, so a mapping edit starts a sync without asking
+-- Kommo. (Dropped first: an earlier form returned no value.)
+DROP FUNCTION IF EXISTS kommo_rules_changed();
+CREATE FUNCTION kommo_rules_changed()
+RETURNS TABLE (rule text, key bigint, value text)
 LANGUAGE sql STABLE AS $$
-    SELECT coalesce(n.rule, d.rule), coalesce(n.key, d.key)
+    SELECT coalesce(n.rule, d.rule), coalesce(n.key, d.key), n.value
       FROM kommo_rules_in_force() n
       FULL JOIN kommo_derived_rules d ON d.rule = n.rule AND d.key = n.key
      WHERE n.value IS DISTINCT FROM d.value
@@ -155,16 +157,11 @@ BEGIN
     IF NOT kommo_holds_lock('swap') THEN
         RAISE EXCEPTION 'kommo_take_rules_changes runs only inside run_kommo_full_refresh or run_kommo_increment';
     END IF;
-    -- The rules in force are read once: what is recorded is exactly what the changes were computed from, so
-    -- an edit committed meanwhile is left for the next sync (kommo_rules_changed still reports it).
-    CREATE TEMP TABLE kommo_rules_now ON COMMIT DROP AS SELECT * FROM kommo_rules_in_force();
-    CREATE TEMP TABLE kommo_changed_rules ON COMMIT DROP AS
-    SELECT coalesce(n.rule, d.rule) AS rule, coalesce(n.key, d.key) AS key
-      FROM kommo_rules_now n
-      FULL JOIN kommo_derived_rules d ON d.rule = n.rule AND d.key = n.key
-     WHERE n.value IS DISTINCT FROM d.value;
+    -- The changes are read once, with their values: what is recorded is exactly what the leads were chosen
+    -- for, so an edit committed meanwhile is left for the next sync (kommo_rules_changed still reports it).
+    CREATE TEMP TABLE kommo_changed_rules ON COMMIT DROP AS SELECT * FROM kommo_rules_changed();
     IF NOT EXISTS (SELECT 1 FROM kommo_changed_rules) THEN
-        DROP TABLE kommo_changed_rules, kommo_rules_now;
+        DROP TABLE kommo_changed_rules;
         RETURN '{}';
     END IF;
     SELECT coalesce(array_agg(m.lead_id ORDER BY m.lead_id), '{}') INTO v_leads
@@ -173,9 +170,10 @@ BEGIN
         OR m.status_id IN (SELECT c.key FROM kommo_changed_rules c WHERE c.rule = 'status_map')
         OR m.responsible_user_id IN (SELECT c.key FROM kommo_changed_rules c WHERE c.rule = 'user_map'))
        AND NOT (p_except_from IS NOT NULL AND m.created_at >= p_except_from AND m.created_at < p_except_to);
-    DELETE FROM kommo_derived_rules;
-    INSERT INTO kommo_derived_rules (rule, key, value) SELECT n.rule, n.key, n.value FROM kommo_rules_now n;
-    DROP TABLE kommo_changed_rules, kommo_rules_now;
+    DELETE FROM kommo_derived_rules d USING kommo_changed_rules c WHERE d.rule = c.rule AND d.key = c.key;
+    INSERT INTO kommo_derived_rules (rule, key, value)
+    SELECT c.rule, c.key, c.value FROM kommo_changed_rules c WHERE c.value IS NOT NULL;
+    DROP TABLE kommo_changed_rules;
     RETURN v_leads;
 END;
 $$;
